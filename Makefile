@@ -1,0 +1,40 @@
+# The README's two commands: `make run` and `make test`. Everything they need installs here.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8080
+ADMIN_PASSWORD ?= secret
+export HOST PORT
+
+.PHONY: run test bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: requirements.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.dev-installed: requirements.txt requirements-dev.txt $(VENV)/.installed
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $@
+
+run: $(VENV)/.installed
+	@echo "changefeed: http://$(HOST):$(PORT)/  (embedded engine in $${DATA_DIR:-./data})"
+	@echo "log in with Basic auth: admin / $(if $(filter secret,$(ADMIN_PASSWORD)),secret (set ADMIN_PASSWORD to change it),the ADMIN_PASSWORD you set)"
+	@echo "try: curl -u admin:secret http://$(HOST):$(PORT)/"
+	$(BIN)/gunicorn -c gunicorn.conf.py
+
+test: $(VENV)/.dev-installed
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.dev-installed
+	$(BIN)/python -m bench
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/python -m pyflakes . 2>/dev/null || true
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

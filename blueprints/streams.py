@@ -1,0 +1,203 @@
+"""Change streams over SSE and WebSocket on one URL: `GET /<coll>/_streams/<uri>`.
+
+Everything that can fail (auth, unknown stream, bad avars, bad Last-Event-ID, bad
+handshake) is decided before the 200 or the 101 goes out, so a client never gets an
+open, silent stream. The view is registered twice, once with `websocket=True`, because
+Werkzeug routes a WebSocket handshake only to such rules (stack-probe §1.2, trap 1).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import socket as pysocket
+
+import gevent
+from flask import Blueprint, Response, current_app, g, request
+
+from services import sse
+from services.errors import BadRequest
+from services.hub import Control, Subscription, find_stream
+
+from .common import engine, hub, json_response
+
+log = logging.getLogger(__name__)
+bp = Blueprint("streams", __name__)
+
+_WS_VERSIONS = ("13", "8", "7")
+_OPCODE_PING = 0x9
+
+
+@bp.get("/<coll>/_streams")
+def list_streams(coll: str):
+    props = engine().get_collection(coll)
+    base = request.host_url.rstrip("/")
+    out = []
+    for stream in props.get("streams") or []:
+        if isinstance(stream, dict) and isinstance(stream.get("uri"), str):
+            out.append({"uri": stream["uri"], "url": f"{base}/{coll}/_streams/{stream['uri']}",
+                        "stages": stream.get("stages", [])})
+    return json_response(out)
+
+
+def is_websocket_handshake(environ: dict) -> bool:
+    upgrade = environ.get("HTTP_UPGRADE", "").lower()
+    connection = environ.get("HTTP_CONNECTION", "").lower()
+    return "websocket" in upgrade and "upgrade" in connection
+
+
+def _resume_token(raw: str | None):
+    """Parse a Last-Event-ID / lastEventId value; 400 when it is not a token we issue."""
+    if raw is None or not raw.strip():
+        return None
+    try:
+        token = json.loads(raw)
+    except ValueError:
+        raise BadRequest(f"Last-Event-ID is not a resume token (expected {{\"_data\": \"...\"}}): {raw[:200]}") from None
+    try:
+        engine().position(token)
+    except BadRequest as exc:
+        raise BadRequest(f"Last-Event-ID is not a valid resume token: {exc.message}") from None
+    return token
+
+
+def _check_ws_handshake(environ: dict) -> None:
+    if environ.get("SERVER_PROTOCOL") != "HTTP/1.1":
+        raise BadRequest("a WebSocket handshake needs HTTP/1.1")
+    version = environ.get("HTTP_SEC_WEBSOCKET_VERSION", "")
+    if version not in _WS_VERSIONS:
+        exc = BadRequest(f"unsupported Sec-WebSocket-Version '{version}'; use 13")
+        exc.headers = {"Sec-WebSocket-Version": ", ".join(_WS_VERSIONS)}
+        raise exc
+    key = environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
+    try:
+        ok = len(base64.b64decode(key, validate=True)) == 16
+    except ValueError:
+        ok = False
+    if not ok:
+        raise BadRequest("Sec-WebSocket-Key must be 16 bytes in base64")
+    if "changefeed.websocket_accept" not in environ:
+        raise BadRequest("this server cannot upgrade to WebSocket here (run it with gunicorn.conf.py)")
+
+
+def stream(coll: str, uri: str):
+    environ = request.environ
+    websocket = is_websocket_handshake(environ)
+    wants_sse = "text/event-stream" in request.headers.get("Accept", "")
+    if not websocket and not wants_sse:
+        find_stream(engine().get_collection(coll), uri)  # 404 for an unknown stream first
+        raise BadRequest(
+            "Change Stream requires WebSocket or SSE: send either 'Upgrade: websocket' "
+            "or 'Accept: text/event-stream'"
+        )
+    if websocket:
+        _check_ws_handshake(environ)
+        token = _resume_token(request.args.get("lastEventId"))
+    else:
+        token = _resume_token(request.headers.get("Last-Event-ID") or request.args.get("lastEventId"))
+    sub = hub().subscribe(coll, uri, request.args.get("avars"), token,
+                          "websocket" if websocket else "sse", getattr(g, "user", None))
+    if websocket:
+        return _serve_websocket(sub, environ)
+    return _sse_response(sub, environ)
+
+
+bp.add_url_rule("/<coll>/_streams/<uri>", "stream", stream, methods=["GET"])
+bp.add_url_rule("/<coll>/_streams/<uri>", "stream_ws", stream, methods=["GET"], websocket=True)
+
+
+def _watch_for_hangup(environ: dict, sub: Subscription):
+    """End the client as soon as its socket closes (stack-probe §2: ~1 ms, not 2×heartbeat)."""
+    sock = environ.get("gunicorn.sock")
+    if sock is None:
+        return None
+    raw = getattr(sock, "_sock", sock)
+    try:
+        watcher = gevent.get_hub().loop.io(sock.fileno(), 1)
+    except (OSError, ValueError):
+        return None
+
+    def on_readable():
+        try:
+            data = raw.recv(1, pysocket.MSG_PEEK | pysocket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        watcher.stop()
+        if not data:
+            sub.client.end("gone")
+
+    watcher.start(on_readable)
+    return watcher
+
+
+def _sse_response(sub: Subscription, environ: dict) -> Response:
+    config = current_app.config
+    heartbeat = config["SSE_HEARTBEAT_SECONDS"]
+    opening = sse.retry(config["SSE_RETRY_MS"]) + sse.comment("connected")
+    hangup = _watch_for_hangup(environ, sub)
+
+    def generate():
+        try:
+            yield opening
+            for batch in sub.items(heartbeat):
+                if not batch:
+                    yield sse.comment("hb")
+                    continue
+                last = batch[-1]
+                if isinstance(last, Control) and last.terminal:
+                    if last.cause == "gone":
+                        return
+                    yield b"".join(item.sse for item in batch)
+                    return
+                yield b"".join(item.sse for item in batch)
+        finally:
+            if hangup is not None:
+                hangup.stop()
+            sub.close()
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return Response(generate(), status=200, mimetype="text/event-stream", headers=headers)
+
+
+def _serve_websocket(sub: Subscription, environ: dict) -> Response:
+    ping_seconds = current_app.config["WS_PING_SECONDS"]
+    ws = environ["changefeed.websocket_accept"]()
+    if ws is None:
+        sub.close()
+        raise BadRequest("WebSocket handshake failed")
+
+    def read_until_closed():
+        # Client messages are ignored; receive() also answers pings and sees the close.
+        try:
+            while ws.receive() is not None:
+                pass
+        except Exception:
+            pass
+        sub.client.end("gone")
+
+    reader = gevent.spawn(read_until_closed)
+    try:
+        for batch in sub.items(ping_seconds):
+            if not batch:
+                ws.send_frame(b"", _OPCODE_PING)
+                continue
+            for item in batch:
+                if isinstance(item, Control) and item.terminal:
+                    if not ws.closed and item.cause != "gone":
+                        ws.close(item.ws_code, item.reason.encode()[:120])
+                    return Response(b"")
+                ws.send(item.ws)
+    except Exception as exc:  # the peer vanished mid-write
+        log.debug("websocket ended: %s", exc)
+    finally:
+        reader.kill(block=False)
+        sub.close()
+        if not ws.closed:
+            try:
+                ws.close(1000, b"")
+            except Exception:
+                pass
+    return Response(b"")

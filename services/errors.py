@@ -1,0 +1,80 @@
+"""Domain errors shared by services and engines.
+
+Each carries the HTTP status it maps to, so `blueprints/errors.py` can render any of them
+in RESTHeart's error format without a table of its own. Messages name the fault.
+"""
+
+from __future__ import annotations
+
+
+class ChangefeedError(Exception):
+    """Base of every error the app turns into an HTTP response."""
+
+    status = 500
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ChangefeedError):
+    status = 400
+
+
+class Unauthorized(ChangefeedError):
+    status = 401
+
+
+class Forbidden(ChangefeedError):
+    status = 403
+
+
+class NotFound(ChangefeedError):
+    status = 404
+
+
+class MethodNotAllowed(ChangefeedError):
+    status = 405
+
+
+class Conflict(ChangefeedError):
+    status = 409
+
+
+class PreconditionFailed(ChangefeedError):
+    status = 412
+
+
+class UnsupportedMediaType(ChangefeedError):
+    status = 415
+
+
+class Unavailable(ChangefeedError):
+    status = 503
+
+
+class CollectionNotFound(NotFound):
+    def __init__(self, coll: str):
+        super().__init__(f"Collection '{coll}' does not exist")
+        self.coll = coll
+
+
+class DocumentNotFound(NotFound):
+    def __init__(self, coll: str, doc_id):
+        super().__init__(f"Document '{doc_id}' does not exist in collection '{coll}'")
+
+
+class DuplicateKey(Conflict):
+    def __init__(self, coll: str, doc_id):
+        super().__init__(f"Duplicate key: a document with _id {doc_id} already exists in '{coll}'")
+
+
+class EtagMismatch(Conflict):
+    def __init__(self, what: str):
+        super().__init__(f"The ETag of {what} does not match the If-Match header")
+
+
+class HistoryLost(ChangefeedError):
+    """A resume token points before the retained change history (or to another store)."""
+
+    status = 400

@@ -1,0 +1,424 @@
+"""The stream hub: one watcher per stream key per process, fan-out, replay and resume.
+
+A stream key is (collection, stream uri, resolved pipeline). The first client of a key
+starts its watcher: a greenlet that reads the engine's change stream, encodes each event
+once (SSE frame bytes and WebSocket text) and hands the same objects to every client of
+the key, whatever its transport or user. The watcher keeps the last
+`STREAM_REPLAY_BUFFER` events so that a reconnecting client usually resumes from memory;
+older history comes from the engine through a private cursor. It stops
+`STREAM_LINGER_SECONDS` after its last client leaves.
+
+Delivery guarantees, per client:
+- change order: one greenlet produces every client's events, catch-up comes before live;
+- no gap and no duplicate on resume: the join happens without a yield between reading the
+  watcher's position and registering the client, and live events that arrive during an
+  engine catch-up wait behind it;
+- bounded memory: a client more than `STREAM_CLIENT_QUEUE` events behind is ended
+  (reason `overflow`); it resumes from its last event id and loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+import gevent.event
+from bson import json_util
+
+from . import pipeline as pipelines
+from . import sse
+from .errors import BadRequest, ChangefeedError, HistoryLost, NotFound
+from .storage import Change, Engine, MetaChange
+
+log = logging.getLogger(__name__)
+
+RELAXED = json_util.RELAXED_JSON_OPTIONS
+# Event fields that are the driver's or the server's, not the user's (issue 3, item 2).
+_INTERNAL_FIELDS = ("_id", "ns", "clusterTime", "txnNumber", "lsid", "collectionUUID")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One event, encoded once for every client of a watcher."""
+
+    position: Any
+    sse: bytes
+    ws: str
+
+
+@dataclass(frozen=True)
+class Control:
+    """An in-band message about the stream itself (reset, error, end)."""
+
+    kind: str  # "reset" | "error" | "end"
+    sse: bytes
+    ws: str | None
+    terminal: bool = False
+    ws_code: int = 1000
+    reason: str = ""
+    cause: str = ""  # for "end": the END_REASONS key
+
+
+# Why the hub ended a client, with the WebSocket close code that says so (issue 3, item 3).
+END_REASONS = {
+    "shutdown": (1001, "server shutting down"),
+    "removed": (4404, "stream removed or redefined"),
+    "overflow": (1008, "client fell behind; reconnect with lastEventId to resume"),
+    "revoked": (1008, "access withdrawn"),
+    "expired": (1008, "token expired"),
+    "error": (1011, "internal error"),
+    "gone": (1000, "client went away"),
+}
+
+
+def payload(event: dict) -> dict:
+    """The event as clients see it: the user's fields, without token, ns or clusterTime."""
+    return {k: v for k, v in event.items() if k not in _INTERNAL_FIELDS}
+
+
+def token_text(token: dict) -> str:
+    return json.dumps(token, separators=(",", ":"))
+
+
+def encode(change: Change) -> Delivery | Control:
+    """Encode one change once: SSE frame bytes and WebSocket text."""
+    tid = token_text(change.token)
+    if change.error is not None:
+        data = json.dumps({"error": change.error, "id": change.token})
+        return Control("error", sse.event(data, event="error", id=tid), data)
+    data = json_util.dumps(payload(change.event), json_options=RELAXED)
+    return Delivery(change.position, sse.event(data, event="change", id=tid), data)
+
+
+def end_control(reason: str, message: str = "") -> Control:
+    code, text = END_REASONS.get(reason, (1011, reason))
+    event_name = {"removed": "end", "shutdown": "end", "overflow": "end", "gone": "end"}.get(reason, reason)
+    data = json.dumps({"reason": reason, "message": message or text})
+    return Control("end", sse.event(data, event=event_name), data, terminal=True, ws_code=code,
+                   reason=message or text, cause=reason)
+
+
+class Client:
+    """One subscriber (SSE or WebSocket): a bounded queue of deliveries, woken on push."""
+
+    def __init__(self, watcher: Watcher, transport: str, limit: int, user: Any = None):
+        self.watcher = watcher
+        self.transport = transport
+        self.limit = limit
+        self.user = user
+        self.pending: deque = deque()
+        self.wake = gevent.event.Event()
+        self.ended: Control | None = None
+        self.skip_through: Any = None  # positions at or before this were already seen
+        self.catch_up_from: Any = None  # resume token to replay from the engine first
+
+    def push(self, item: Delivery | Control) -> None:
+        if self.ended is not None:
+            return
+        if isinstance(item, Delivery) and self.skip_through is not None:
+            if item.position <= self.skip_through:
+                return
+        if len(self.pending) >= self.limit:
+            self.end("overflow")
+            return
+        self.pending.append(item)
+        self.wake.set()
+
+    def end(self, reason: str, message: str = "") -> None:
+        """End this client after what it already has; the transport closes with `reason`."""
+        if self.ended is None:
+            self.ended = end_control(reason, message)
+            self.wake.set()
+
+
+class Watcher:
+    """The change-stream loop of one stream key, shared by all its clients in this process."""
+
+    def __init__(self, hub: Hub, key: tuple, coll: str, uri: str, definition: str, pipeline: Any):
+        self.hub = hub
+        self.key = key
+        self.coll = coll
+        self.uri = uri
+        self.definition = definition
+        self.pipeline = pipeline
+        self.clients: set[Client] = set()
+        self.buffer: deque[Delivery | Control] = deque(maxlen=max(hub.replay_size, 1))
+        self.stream = hub.engine.watch(coll, pipeline)
+        self.buffer_from = self.stream.position  # the buffer holds every event after this
+        self.idle_since = time.monotonic()
+        self.stopped = False
+        self.events = 0
+        self.greenlet = gevent.spawn(self._run)
+
+    @property
+    def position(self) -> Any:
+        return self.stream.position
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self.stopped:
+            try:
+                change = self.stream.try_next(timeout=min(1.0, max(self.hub.linger, 0.05)))
+                backoff = 0.1
+            except HistoryLost as exc:
+                self._broadcast_reset(str(exc))
+                continue
+            except gevent.GreenletExit:
+                raise
+            except Exception as exc:
+                log.exception("watcher %s/%s failed; reopening", self.coll, self.uri)
+                self._broadcast(Control("error", sse.event(json.dumps({"error": str(exc)}), event="error"),
+                                        json.dumps({"error": str(exc)})))
+                gevent.sleep(backoff + random.random() * backoff)
+                backoff = min(backoff * 2, 10.0)
+                self._reopen()
+                continue
+            if change is None:
+                if not self.clients and time.monotonic() - self.idle_since >= self.hub.linger:
+                    self.stop()
+                continue
+            self.events += 1
+            item = encode(change)
+            if len(self.buffer) == self.buffer.maxlen:
+                oldest = self.buffer[0]
+                if isinstance(oldest, Delivery):
+                    self.buffer_from = oldest.position
+            if self.hub.replay_size and isinstance(item, Delivery):
+                self.buffer.append(item)
+            elif isinstance(item, Control):
+                log.warning("stream %s/%s: pipeline error: %s", self.coll, self.uri, change.error)
+            self._broadcast(item)
+
+    def _reopen(self) -> None:
+        try:
+            old = self.stream
+            self.stream = self.hub.engine.watch(self.coll, self.pipeline, self.hub.engine_token(old.position))
+        except HistoryLost as exc:
+            self._broadcast_reset(str(exc))
+        except Exception:
+            log.exception("reopening %s/%s failed", self.coll, self.uri)
+
+    def _broadcast_reset(self, reason: str) -> None:
+        """History is gone under us: start again from now and tell every client in-band."""
+        self.stream = self.hub.engine.watch(self.coll, self.pipeline)
+        self.buffer.clear()
+        self.buffer_from = self.stream.position
+        self._broadcast(reset_control(reason, self.hub.engine.current_token()))
+
+    def _broadcast(self, item: Delivery | Control) -> None:
+        for client in list(self.clients):
+            client.push(item)
+
+    def stop(self) -> None:
+        """Stop the loop and end the remaining clients (they were told why by the caller)."""
+        self.stopped = True
+        if self.hub.watchers.get(self.key) is self:
+            del self.hub.watchers[self.key]
+        self.stream.close()
+        if gevent.getcurrent() is not self.greenlet:
+            self.greenlet.kill(block=False)
+
+    def end_clients(self, reason: str, message: str = "") -> None:
+        for client in list(self.clients):
+            client.end(reason, message)
+
+
+def reset_control(reason: str, token: dict) -> Control:
+    """`event:reset`: the resume point is gone; the stream goes on from `token` (now)."""
+    data = json.dumps({"reason": reason, "resumeFrom": token})
+    return Control("reset", sse.event(data, event="reset", id=token_text(token)), data)
+
+
+class Subscription:
+    """What a transport consumes: catch-up first, then live deliveries, then the end."""
+
+    def __init__(self, hub: Hub, client: Client):
+        self.hub = hub
+        self.client = client
+
+    def items(self, heartbeat: float) -> Iterator[list[Delivery | Control]]:
+        """Yield batches of items; an empty batch after `heartbeat` seconds of silence.
+
+        The last batch holds the terminal Control when the hub ends the client.
+        """
+        client = self.client
+        if client.catch_up_from is not None:
+            yield from self._catch_up()
+        while True:
+            if client.pending:
+                batch = list(client.pending)
+                client.pending.clear()
+                yield batch
+                continue
+            if client.ended is not None:
+                yield [client.ended]
+                return
+            client.wake.clear()
+            if not client.pending and client.ended is None:
+                if not client.wake.wait(heartbeat):
+                    yield []
+
+    def _catch_up(self) -> Iterator[list[Delivery | Control]]:
+        """Replay from the engine up to where the client joined the live stream."""
+        client, watcher = self.client, self.client.watcher
+        token, client.catch_up_from = client.catch_up_from, None
+        upto = client.skip_through
+        try:
+            stream = self.hub.engine.watch(watcher.coll, watcher.pipeline, token)
+        except HistoryLost as exc:
+            # Live events after `upto` are already queued; start the client's ids there.
+            yield [reset_control(str(exc), self.hub.engine_token(upto))]
+            return
+        try:
+            while stream.position < upto and client.ended is None:
+                batch = []
+                while len(batch) < 500:
+                    change = stream.try_next(timeout=0)
+                    if change is None or change.position > upto:
+                        break
+                    batch.append(encode(change))
+                    if stream.position >= upto:
+                        break
+                if batch:
+                    yield batch
+                elif stream.position < upto:
+                    change = stream.try_next(timeout=1.0)  # rows not yet in this process's feed
+                    if change is not None and change.position <= upto:
+                        yield [encode(change)]
+        except HistoryLost as exc:
+            yield [reset_control(str(exc), self.hub.engine_token(upto))]
+        finally:
+            stream.close()
+
+    def close(self) -> None:
+        self.hub.unsubscribe(self.client)
+
+
+class Hub:
+    """All watchers and clients of this worker process."""
+
+    def __init__(self, engine: Engine, config: dict):
+        self.engine = engine
+        self.queue_limit = config["STREAM_CLIENT_QUEUE"]
+        self.replay_size = config["STREAM_REPLAY_BUFFER"]
+        self.linger = config["STREAM_LINGER_SECONDS"]
+        self.watchers: dict[tuple, Watcher] = {}
+        self.closing = False
+        engine.on_meta_change(self._on_meta_change)
+
+    # -- opening --
+
+    def prepare(self, coll: str, uri: str, avars_raw: str | None) -> tuple[tuple, str, Any]:
+        """Find the stream definition and bind its variables; 404/400 before any response."""
+        props = self.engine.get_collection(coll)
+        definition = find_stream(props, uri)
+        try:
+            avars = pipelines.parse_avars(avars_raw)
+            compiled = pipelines.compile_pipeline(definition.get("stages", []), avars)
+        except (pipelines.AvarsError, pipelines.VariableError, pipelines.PipelineError) as exc:
+            raise BadRequest(str(exc)) from None
+        resolved = json_util.dumps(compiled.stages if hasattr(compiled, "stages") else definition,
+                                   json_options=json_util.CANONICAL_JSON_OPTIONS, sort_keys=False)
+        key = (coll, uri, resolved)
+        return key, json.dumps(definition, sort_keys=True), compiled
+
+    def subscribe(self, coll: str, uri: str, avars_raw: str | None, resume: dict | None,
+                  transport: str, user: Any = None) -> Subscription:
+        """Register a client on its stream key, resuming after `resume` when given."""
+        if self.closing:
+            raise ChangefeedError("server is shutting down")
+        key, definition, compiled = self.prepare(coll, uri, avars_raw)
+        resume_pos = self.engine.position(resume) if resume is not None else None
+        # From here to the registration nothing may yield, so no event slips between.
+        watcher = self.watchers.get(key)
+        if watcher is None or watcher.stopped:
+            watcher = Watcher(self, key, coll, uri, definition, compiled)
+            self.watchers[key] = watcher
+        client = Client(watcher, transport, self.queue_limit, user)
+        live_from = watcher.position
+        if resume is not None:
+            if resume_pos >= live_from:
+                client.skip_through = resume_pos
+            elif watcher.buffer_from is not None and resume_pos >= watcher.buffer_from and self.replay_size:
+                for item in watcher.buffer:
+                    if item.position > resume_pos:
+                        client.pending.append(item)
+            else:
+                client.catch_up_from = resume
+                client.skip_through = live_from
+        watcher.clients.add(client)
+        return Subscription(self, client)
+
+    def engine_token(self, position: Any) -> dict:
+        token = getattr(self.engine, "token", None)
+        return token(position) if token else position
+
+    def unsubscribe(self, client: Client) -> None:
+        watcher = client.watcher
+        watcher.clients.discard(client)
+        if not watcher.clients:
+            watcher.idle_since = time.monotonic()
+            if self.linger <= 0:
+                watcher.stop()
+
+    # -- lifecycle --
+
+    def _on_meta_change(self, change: MetaChange) -> None:
+        affected = [w for w in self.watchers.values() if w.coll == change.coll]
+        if not affected:
+            return
+        if change.kind == "drop":
+            for watcher in affected:
+                watcher.end_clients("removed", f"collection '{change.coll}' was dropped")
+                watcher.stop()
+            return
+        gevent.spawn(self._recheck_definitions, change.coll, affected)
+
+    def _recheck_definitions(self, coll: str, watchers: list[Watcher]) -> None:
+        try:
+            props = self.engine.get_collection(coll)
+        except NotFound:
+            props = {}
+        for watcher in watchers:
+            try:
+                current = json.dumps(find_stream(props, watcher.uri), sort_keys=True)
+            except NotFound:
+                current = None
+            if current != watcher.definition:
+                watcher.end_clients("removed", f"stream '{watcher.uri}' of '{coll}' was removed or redefined")
+                watcher.stop()
+
+    def close_all(self, reason: str = "shutdown") -> None:
+        """End every client (SIGTERM drain): SSE responses end cleanly, WebSockets get 1001."""
+        self.closing = True
+        for watcher in list(self.watchers.values()):
+            watcher.end_clients(reason)
+
+    def status(self) -> dict:
+        streams = []
+        for watcher in self.watchers.values():
+            kinds = [c.transport for c in watcher.clients]
+            streams.append({
+                "collection": watcher.coll, "uri": watcher.uri, "clients": len(kinds),
+                "sse": kinds.count("sse"), "websocket": kinds.count("websocket"), "events": watcher.events,
+            })
+        return {
+            "watchers": len(self.watchers),
+            "clients": sum(s["clients"] for s in streams),
+            "streams": streams,
+        }
+
+
+def find_stream(props: dict, uri: str) -> dict:
+    """The stream definition named `uri` in collection properties, or 404."""
+    for stream in props.get("streams") or []:
+        if isinstance(stream, dict) and stream.get("uri") == uri:
+            return stream
+    raise NotFound("Change Stream does not exist")

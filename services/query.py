@@ -1,0 +1,176 @@
+"""Query arguments of `GET /<coll>`: parsing `filter`, `sort`, `keys`, and running them in memory.
+
+Parsing is shared by both engines (the mongo engine sends the parsed values to the
+server); `run_query` is the embedded engine's evaluator. Matching uses mongomock's query
+engine (`filter_applies`), a maintained implementation of MongoDB's query language, rather
+than a hand-written matcher.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from bson import json_util
+from bson.errors import InvalidId
+from mongomock import filtering
+from mongomock.collection import _combine_projection_spec, _project_by_spec
+
+from .errors import BadRequest
+
+FORBIDDEN_OPERATORS = ("$where", "$function", "$accumulator")
+
+
+def forbidden_operator(value: Any) -> str | None:
+    """Return the first of $where/$function/$accumulator used anywhere in `value`, or None."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and key.lower() in FORBIDDEN_OPERATORS:
+                return key
+            found = forbidden_operator(item)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for item in value:
+            found = forbidden_operator(item)
+            if found:
+                return found
+    return None
+
+
+def loads_json(raw: str, what: str) -> Any:
+    """Parse Extended JSON from a query parameter, or raise BadRequest naming it."""
+    try:
+        return json_util.loads(raw)
+    except (ValueError, TypeError, InvalidId) as exc:
+        raise BadRequest(f"illegal {what} parameter, it is not valid JSON: {raw} ({exc})") from None
+
+
+def parse_filter(values: list[str]) -> dict:
+    """Combine one or more `filter` parameters (RESTHeart ANDs them) into one filter."""
+    filters = []
+    for raw in values:
+        value = loads_json(raw, "filter")
+        if not isinstance(value, dict):
+            raise BadRequest(f"illegal filter parameter, it is not a json object: {raw}")
+        op = forbidden_operator(value)
+        if op:
+            raise BadRequest(f"illegal filter parameter: the {op} operator is not allowed")
+        filters.append(value)
+    if not filters:
+        return {}
+    combined = filters[0] if len(filters) == 1 else {"$and": filters}
+    try:
+        filtering.filter_applies(combined, {})
+    except Exception as exc:  # mongomock raises several types for bad operators
+        raise BadRequest(f"illegal filter parameter: {_reason(exc)}") from None
+    return combined
+
+
+def parse_sort(values: list[str]) -> list[tuple[str, int]]:
+    """Parse `sort` given as `{"a": 1, "b": -1}` or as RESTHeart's `a`, `-b` shorthand."""
+    sort: list[tuple[str, int]] = []
+    for raw in values:
+        raw = raw.strip()
+        if raw.startswith("{"):
+            spec = loads_json(raw, "sort")
+            if not isinstance(spec, dict) or not spec:
+                raise BadRequest(f"illegal sort parameter, it is not a non-empty json object: {raw}")
+            for key, direction in spec.items():
+                if direction not in (1, -1) or isinstance(direction, bool):
+                    raise BadRequest(f"illegal sort parameter: direction of {key!r} must be 1 or -1")
+                sort.append((_field_name(key, "sort"), direction))
+        else:
+            for part in raw.split(","):
+                part = part.strip()
+                if not part:
+                    raise BadRequest("illegal sort parameter: empty field name")
+                direction = -1 if part.startswith("-") else 1
+                sort.append((_field_name(part.lstrip("+-"), "sort"), direction))
+    return sort
+
+
+def parse_keys(values: list[str]) -> dict | None:
+    """Parse `keys` (a projection, one or more JSON objects) into one projection."""
+    if not values:
+        return None
+    projection: dict = {}
+    for raw in values:
+        spec = loads_json(raw, "keys")
+        if not isinstance(spec, dict):
+            raise BadRequest(f"illegal keys parameter, it is not a json object: {raw}")
+        for key, flag in spec.items():
+            if flag not in (0, 1, True, False):
+                raise BadRequest(f"illegal keys parameter: {key!r} must be 0 or 1")
+            projection[_field_name(key, "keys")] = int(flag)
+    flags = {v for k, v in projection.items() if k != "_id"}
+    if len(flags) > 1:
+        raise BadRequest("illegal keys parameter: cannot mix inclusion and exclusion")
+    return projection
+
+
+def _field_name(key: str, what: str) -> str:
+    if not key or key.startswith("$") or "\0" in key or any(not p for p in key.split(".")):
+        raise BadRequest(f"illegal {what} parameter: invalid field name {key!r}")
+    return key
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.replace('"', "'")
+
+
+def matches(filter: dict, doc: dict) -> bool:
+    """True if `doc` matches `filter` in MongoDB's query language."""
+    return filtering.filter_applies(filter, doc)
+
+
+def sort_documents(docs: list[dict], sort: list[tuple[str, int]]) -> list[dict]:
+    """Sort by BSON order, stable, last key first (MongoDB's multi-key order)."""
+    for key, direction in reversed(sort):
+        docs.sort(key=lambda d, k=key: filtering.resolve_sort_key(k, d), reverse=direction < 0)
+    return docs
+
+
+def project(doc: dict, projection: dict | None) -> dict:
+    """Apply an inclusion or exclusion projection; `_id` is kept unless excluded."""
+    if not projection:
+        return doc
+    spec = dict(projection)
+    include_id = spec.pop("_id", 1)
+    if not spec:
+        out = dict(doc)
+        if not include_id:
+            out.pop("_id", None)
+        return out
+    is_include = bool(next(iter(spec.values())))
+    combined = _combine_projection_spec(spec)
+    out = _project_by_spec(doc, combined, is_include, dict)
+    if is_include and include_id and "_id" in doc:
+        out = {"_id": doc["_id"], **out}
+    if not include_id:
+        out.pop("_id", None)
+    return out
+
+
+def run_query(
+    docs: list[dict],
+    filter: dict,
+    sort: list[tuple[str, int]],
+    projection: dict | None,
+    skip: int,
+    limit: int,
+) -> list[dict]:
+    """Filter, sort, page and project documents in memory."""
+    try:
+        selected = [d for d in docs if not filter or filtering.filter_applies(filter, d)]
+        sort_documents(selected, sort)
+    except Exception as exc:
+        raise BadRequest(f"cannot run the query: {_reason(exc)}") from None
+    page = selected[skip : skip + limit] if limit else selected[skip:]
+    return [project(d, projection) for d in page]
+
+
+def compact_json(value: Any) -> str:
+    """Compact JSON for tokens and messages (no spaces), deterministic key order as given."""
+    return json.dumps(value, separators=(",", ":"))

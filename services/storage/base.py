@@ -1,0 +1,172 @@
+"""The engine port: what the REST API, the auth layer and the stream hub need from storage.
+
+An engine owns documents, collection properties and the change feed. Two engines
+implement it: `embedded` (SQLite, the default) and `mongo` (PyMongo on a replica set).
+Both must produce identical change events and raise the same domain errors
+(`services.errors`), so nothing above this package knows which one runs.
+
+Concurrency: engines are used from many greenlets of one gevent worker at once. Calls may
+block the calling greenlet but never the gevent hub. Every worker process opens its own
+engine after the fork (`open_engine` is called by `create_app`, never at import time).
+
+Tokens: a resume token is the event's `_id`, `{"_data": "<hex>"}`, opaque to clients.
+`position(token)` turns one into a value the hub can compare (later events compare
+greater); it raises `BadRequest` for a token the engine could never have issued.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class MetaChange:
+    """A change to something other than documents: collection properties, a drop.
+
+    Every worker is told of every MetaChange, wherever it was made, so that streams of a
+    redefined collection close everywhere and caches of users and ACL stay exact.
+    """
+
+    kind: str  # "props" (collection properties written) or "drop" (collection dropped)
+    coll: str
+
+
+@dataclass
+class Change:
+    """One change event as the engine produced it, with its position."""
+
+    position: Any
+    token: dict
+    event: dict | None  # the event after the stream's pipeline; None when filtered out
+    error: str | None = None  # a run-time pipeline error for this event, reported in-band
+
+
+class ChangeStream(ABC):
+    """A cursor over one collection's change events, after a pipeline, like PyMongo's."""
+
+    @abstractmethod
+    def try_next(self, timeout: float) -> Change | None:
+        """Return the next change (possibly filtered: `event` None) or None after `timeout` seconds.
+
+        :raise HistoryLost: the stream's position is no longer in the retained history.
+        """
+
+    @property
+    @abstractmethod
+    def position(self) -> Any:
+        """The position of the last change returned (or where the stream started)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the cursor."""
+
+
+class Engine(ABC):
+    """The storage engine interface. See the module docstring for the contract."""
+
+    name = "engine"
+
+    def start(self) -> None:
+        """Start per-process background work (change-log tailing). Called once per worker."""
+
+    def close(self) -> None:
+        """Stop background work and release connections."""
+
+    # -- collections -------------------------------------------------------------------
+
+    @abstractmethod
+    def list_collections(self) -> list[str]: ...
+
+    @abstractmethod
+    def get_collection(self, coll: str) -> dict:
+        """Return the collection's properties as stored, with `_id: "_meta"` and `_etag`.
+
+        :raise CollectionNotFound:
+        """
+
+    @abstractmethod
+    def put_collection(self, coll: str, props: dict, if_match: str | None = None) -> tuple[bool, dict]:
+        """Create the collection or replace its properties; return (created, stored props)."""
+
+    @abstractmethod
+    def patch_collection(self, coll: str, props: dict, if_match: str | None = None) -> dict:
+        """Merge top-level properties into an existing collection's; return the stored props."""
+
+    @abstractmethod
+    def drop_collection(self, coll: str, if_match: str) -> None:
+        """Drop the collection, its documents and its properties; emits a `drop` event."""
+
+    # -- documents ---------------------------------------------------------------------
+
+    @abstractmethod
+    def find(
+        self,
+        coll: str,
+        filter: dict,
+        sort: list[tuple[str, int]],
+        projection: dict | None,
+        skip: int,
+        limit: int,
+    ) -> list[dict]: ...
+
+    @abstractmethod
+    def count(self, coll: str, filter: dict) -> int: ...
+
+    @abstractmethod
+    def get_document(self, coll: str, doc_id: Any) -> dict:
+        """:raise DocumentNotFound: (or CollectionNotFound)"""
+
+    @abstractmethod
+    def insert_documents(self, coll: str, docs: list[dict]) -> list[dict]:
+        """Insert all or nothing; return the stored documents (with `_id` and `_etag`).
+
+        :raise DuplicateKey:
+        """
+
+    @abstractmethod
+    def replace_document(
+        self, coll: str, doc_id: Any, doc: dict, upsert: bool, if_match: str | None = None
+    ) -> tuple[bool, dict]:
+        """Replace (or, with upsert, create) a document; return (created, stored document)."""
+
+    @abstractmethod
+    def update_document(
+        self, coll: str, doc_id: Any, spec: dict, if_match: str | None = None, upsert: bool = False
+    ) -> tuple[bool, dict]:
+        """Apply an operator update (see services.updates); return (created, stored document)."""
+
+    @abstractmethod
+    def delete_document(self, coll: str, doc_id: Any, if_match: str | None = None) -> None: ...
+
+    # -- change streams ----------------------------------------------------------------
+
+    @abstractmethod
+    def watch(self, coll: str, pipeline: Any, resume_after: dict | None = None) -> ChangeStream:
+        """Open a change stream on `coll` through a compiled pipeline (services.pipeline).
+
+        Without `resume_after` the stream starts at the current end of the feed.
+        :raise HistoryLost: `resume_after` is older than the retained history.
+        """
+
+    @abstractmethod
+    def position(self, token: dict) -> Any:
+        """Return the comparable position of a token; :raise BadRequest: if malformed."""
+
+    @abstractmethod
+    def current_token(self) -> dict:
+        """A token for "now": resuming after it yields only later changes."""
+
+    def on_meta_change(self, listener: Callable[[MetaChange], None]) -> None:
+        """Call `listener` in this process for every MetaChange made by any process."""
+        self._meta_listeners.append(listener)
+
+    def on_document_change(self, listener: Callable[[str, Any], None]) -> None:
+        """Call `listener(coll, document_key)` for every document change (users/acl caches)."""
+        self._doc_listeners.append(listener)
+
+    def __init__(self) -> None:
+        self._meta_listeners: list[Callable[[MetaChange], None]] = []
+        self._doc_listeners: list[Callable[[str, Any], None]] = []

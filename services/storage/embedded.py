@@ -1,0 +1,663 @@
+"""The embedded engine: documents and their change log in one SQLite file (WAL mode).
+
+Every write appends its change events to the `changes` table in the same transaction as
+the document write, so a change is never lost nor reported for a write that failed. The
+row's sequence number is the position; the token is `{"_data": <epoch><seq>}` in hex,
+where the epoch is random per data directory, so that a token from another store is
+recognised instead of being silently misread.
+
+Several gunicorn workers may share one data directory. Each process tails the change log:
+a local write wakes its tailer at once, writes of other processes are found by a short
+poll (`EMBEDDED_POLL_SECONDS`). The tailer keeps the recent rows in memory (`_Feed`),
+where every change stream of the process reads them; a stream that falls behind the
+in-memory window reads from the table instead.
+
+sqlite3 calls are not cooperative under gevent (a lock wait would freeze the worker), so
+they run in gevent's threadpool when the process is monkey-patched (stack-probe §5).
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import json
+import datetime as dt
+import logging
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import gevent.event
+from bson import json_util
+from bson.objectid import ObjectId
+from bson.timestamp import Timestamp
+
+from .. import blocking, updates
+from ..errors import (
+    BadRequest,
+    CollectionNotFound,
+    Conflict,
+    DocumentNotFound,
+    DuplicateKey,
+    EtagMismatch,
+    HistoryLost,
+)
+from ..query import run_query
+from .base import Change, ChangeStream, Engine, MetaChange
+
+log = logging.getLogger(__name__)
+
+_CANONICAL = json_util.CANONICAL_JSON_OPTIONS
+_FEED_ROWS = 20_000  # rows each process keeps in memory for its streams
+_DB_BATCH = 1_000
+_PRUNE_EVERY_SECONDS = 30.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS collections (
+    name TEXT PRIMARY KEY, props TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS documents (
+    coll TEXT NOT NULL, key TEXT NOT NULL, doc TEXT NOT NULL, PRIMARY KEY (coll, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY, coll TEXT NOT NULL, kind TEXT NOT NULL,
+    ts REAL NOT NULL, event TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS changes_by_coll ON changes (coll, seq);
+"""
+
+
+def encode(value: Any) -> str:
+    """Canonical Extended JSON: keeps every BSON type (int32 vs int64, Decimal128, dates)."""
+    return json_util.dumps(value, json_options=_CANONICAL)
+
+
+def decode(text: str) -> Any:
+    return json_util.loads(text, json_options=_CANONICAL)
+
+
+def now_utc() -> dt.datetime:
+    """Naive UTC at millisecond precision, as BSON dates (and PyMongo) have them."""
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+class _Row:
+    """One change-log row; the event is decoded once, on first use, and shared."""
+
+    __slots__ = ("seq", "coll", "kind", "text", "_event")
+
+    def __init__(self, seq: int, coll: str, kind: str, text: str):
+        self.seq, self.coll, self.kind, self.text = seq, coll, kind, text
+        self._event = None
+
+    def event(self) -> dict:
+        if self._event is None:
+            self._event = decode(self.text)
+        return self._event
+
+
+class _Feed:
+    """The recent change-log rows of this process, complete after `start_seq`."""
+
+    def __init__(self, start_seq: int):
+        self.start_seq = start_seq
+        self.tail = start_seq
+        self.seqs: list[int] = []
+        self.rows: list[_Row] = []
+        self._changed = gevent.event.Event()
+
+    def extend(self, rows: list[_Row]) -> None:
+        for row in rows:
+            self.seqs.append(row.seq)
+            self.rows.append(row)
+            self.tail = row.seq
+        if len(self.rows) > _FEED_ROWS * 1.25:
+            drop = len(self.rows) - _FEED_ROWS
+            self.start_seq = self.seqs[drop - 1]
+            del self.seqs[:drop], self.rows[:drop]
+        changed, self._changed = self._changed, gevent.event.Event()
+        changed.set()
+
+    def wait(self, timeout: float) -> None:
+        self._changed.wait(timeout)
+
+    def after(self, seq: int) -> int:
+        """Index of the first row after `seq` (caller checks `seq >= start_seq`)."""
+        return bisect.bisect_right(self.seqs, seq)
+
+
+class _Txn:
+    """What one write transaction may do: change documents and append change events."""
+
+    def __init__(self, conn: sqlite3.Connection, engine: EmbeddedEngine):
+        self.conn = conn
+        self.engine = engine
+        self.now = now_utc()
+        self.ts = time.time()
+        row = conn.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()
+        self.seq = int(row[0])
+        self.wrote = False
+
+    def _next_seq(self) -> int:
+        self.seq += 1
+        self.conn.execute("UPDATE meta SET value=? WHERE key='last_seq'", (str(self.seq),))
+        self.wrote = True
+        return self.seq
+
+    def emit(self, coll: str, op: str, doc_id: Any = None, full: dict | None = None, desc: dict | None = None) -> None:
+        seq = self._next_seq()
+        event: dict[str, Any] = {
+            "operationType": op,
+            "clusterTime": Timestamp(int(self.ts), seq & 0x7FFFFFFF),
+            "wallTime": self.now,
+        }
+        if full is not None:
+            event["fullDocument"] = full
+        event["ns"] = {"db": self.engine.db_name, "coll": coll}
+        if op != "drop":
+            event["documentKey"] = {"_id": doc_id}
+        if desc is not None:
+            event["updateDescription"] = desc
+        self.conn.execute(
+            "INSERT INTO changes (seq, coll, kind, ts, event) VALUES (?, ?, 'event', ?, ?)",
+            (seq, coll, self.ts, encode(event)),
+        )
+
+    def meta(self, kind: str, coll: str) -> None:
+        seq = self._next_seq()
+        self.conn.execute(
+            "INSERT INTO changes (seq, coll, kind, ts, event) VALUES (?, ?, ?, ?, '{}')",
+            (seq, coll, kind, self.ts),
+        )
+
+    # -- reads and writes inside the transaction --
+
+    def collection(self, coll: str) -> dict:
+        row = self.conn.execute("SELECT props FROM collections WHERE name=?", (coll,)).fetchone()
+        if row is None:
+            raise CollectionNotFound(coll)
+        return json.loads(row[0])
+
+    def document(self, coll: str, doc_id: Any) -> dict | None:
+        row = self.conn.execute(
+            "SELECT doc FROM documents WHERE coll=? AND key=?", (coll, encode(doc_id))
+        ).fetchone()
+        return None if row is None else decode(row[0])
+
+    def store(self, coll: str, doc: dict, new: bool) -> None:
+        key = encode(doc["_id"])
+        if new:
+            try:
+                self.conn.execute("INSERT INTO documents (coll, key, doc) VALUES (?, ?, ?)", (coll, key, encode(doc)))
+            except sqlite3.IntegrityError:
+                raise DuplicateKey(coll, json_util.dumps(doc["_id"])) from None
+        else:
+            self.conn.execute("UPDATE documents SET doc=? WHERE coll=? AND key=?", (encode(doc), coll, key))
+
+
+def _check_etag(stored: dict, if_match: str | None, what: str) -> None:
+    if if_match is None:
+        return
+    etag = stored.get("_etag")
+    if isinstance(etag, dict):  # collection properties keep it as plain {"$oid": hex}
+        etag = etag.get("$oid")
+    tags = {t.strip().strip('"') for t in if_match.split(",")}
+    if "*" in tags:
+        return
+    if etag is None or str(etag) not in tags:
+        raise EtagMismatch(what)
+
+
+class EmbeddedEngine(Engine):
+    """SQLite storage with an in-transaction change log. See the module docstring."""
+
+    name = "embedded"
+
+    def __init__(self, data_dir: str, db_name: str = "restheart", retention_days: float = 7.0,
+                 max_events: int = 1_000_000, poll_seconds: float = 0.02):
+        super().__init__()
+        os.makedirs(data_dir, exist_ok=True)
+        self.path = os.path.join(data_dir, "changefeed.sqlite3")
+        self.db_name = db_name
+        self.retention_seconds = retention_days * 86400
+        self.max_events = max_events
+        self.poll_seconds = poll_seconds
+        self._pool: list[sqlite3.Connection] = []
+        self._pool_lock = threading.Lock()
+        self._local_write = gevent.event.Event()
+        self._tailer: gevent.Greenlet | None = None
+        self._last_prune = 0.0
+        self._run(self._init_schema)
+        self.epoch, last_seq, _ = self._run(self._read_meta)
+        self._feed = _Feed(last_seq)
+
+    # -- connections and threads --
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    def _run(self, fn: Callable[[sqlite3.Connection], Any], *args: Any) -> Any:
+        """Run `fn(conn, *args)` on a pooled connection, in the threadpool under gevent."""
+        with self._pool_lock:
+            conn = self._pool.pop() if self._pool else None
+        if conn is None:
+            conn = self._connect()
+        try:
+            return blocking.run(fn, conn, *args)
+        finally:
+            with self._pool_lock:
+                self._pool.append(conn)
+
+    def _write(self, fn: Callable[[_Txn], Any]) -> Any:
+        """Run `fn` in one IMMEDIATE transaction; its change events commit with it."""
+
+        def run(conn: sqlite3.Connection) -> Any:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                txn = _Txn(conn, self)
+                result = fn(txn)
+                if txn.wrote and time.time() - self._last_prune > _PRUNE_EVERY_SECONDS:
+                    self._last_prune = time.time()
+                    self._prune(conn, txn.seq)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return result, txn.wrote
+
+        result, wrote = self._run(run)
+        if wrote:
+            self._local_write.set()
+        return result
+
+    def _init_schema(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(_SCHEMA)  # idempotent; executescript manages its own transaction
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (secrets.token_hex(8).upper(),))
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('last_seq', '0')")
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('pruned_through', '0')")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _read_meta(conn: sqlite3.Connection) -> tuple[str, int, int]:
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        return meta["epoch"], int(meta["last_seq"]), int(meta["pruned_through"])
+
+    def _prune(self, conn: sqlite3.Connection, last_seq: int) -> None:
+        """Drop change-log rows older than the window or beyond the size cap."""
+        cutoff_ts = time.time() - self.retention_seconds
+        cutoff_seq = last_seq - self.max_events
+        row = conn.execute(
+            "SELECT MAX(seq) FROM changes WHERE seq < ? AND (ts < ? OR seq <= ?)",
+            (last_seq, cutoff_ts, cutoff_seq),
+        ).fetchone()
+        if row[0] is None:
+            return
+        conn.execute("DELETE FROM changes WHERE seq <= ?", (row[0],))
+        conn.execute(
+            "UPDATE meta SET value=? WHERE key='pruned_through' AND CAST(value AS INTEGER) < ?",
+            (str(row[0]), row[0]),
+        )
+
+    def prune(self) -> None:
+        """Apply the retention window now (also done every 30 s by writes)."""
+
+        def run(txn: _Txn) -> None:
+            self._prune(txn.conn, txn.seq)
+
+        self._write(run)
+
+    # -- lifecycle --
+
+    def start(self) -> None:
+        if self._tailer is None:
+            self._tailer = gevent.spawn(self._tail_forever)
+
+    def close(self) -> None:
+        if self._tailer is not None:
+            self._tailer.kill(block=False)
+            self._tailer = None
+
+    def _tail_forever(self) -> None:
+        while True:
+            try:
+                self._local_write.wait(self.poll_seconds)
+                self._local_write.clear()
+                self.tail_once()
+            except gevent.GreenletExit:
+                raise
+            except Exception:
+                log.exception("change-log tailer failed; retrying")
+                gevent.sleep(1)
+
+    def tail_once(self) -> None:
+        """Pull new change-log rows into the feed and tell the listeners."""
+        rows = self._run(self._fetch_after, self._feed.tail)
+        if not rows:
+            return
+        self._feed.extend(rows)
+        for row in rows:
+            if row.kind != "event":
+                for listener in self._meta_listeners:
+                    self._call(listener, MetaChange(row.kind, row.coll))
+            elif self._doc_listeners and row.coll in ("users", "acl"):
+                key = row.event().get("documentKey", {}).get("_id")
+                for listener in self._doc_listeners:
+                    self._call(listener, row.coll, key)
+
+    @staticmethod
+    def _call(listener: Callable, *args: Any) -> None:
+        try:
+            listener(*args)
+        except Exception:
+            log.exception("change listener failed")
+
+    @staticmethod
+    def _fetch_after(conn: sqlite3.Connection, seq: int) -> list[_Row]:
+        cur = conn.execute(
+            "SELECT seq, coll, kind, event FROM changes WHERE seq > ? ORDER BY seq LIMIT 5000", (seq,)
+        )
+        return [_Row(*r) for r in cur.fetchall()]
+
+    # -- collections --
+
+    def list_collections(self) -> list[str]:
+        rows = self._run(lambda c: c.execute("SELECT name FROM collections ORDER BY name").fetchall())
+        return [r[0] for r in rows]
+
+    def get_collection(self, coll: str) -> dict:
+        row = self._run(lambda c: c.execute("SELECT props FROM collections WHERE name=?", (coll,)).fetchone())
+        if row is None:
+            raise CollectionNotFound(coll)
+        return json.loads(row[0])
+
+    def put_collection(self, coll: str, props: dict, if_match: str | None = None) -> tuple[bool, dict]:
+        def run(txn: _Txn) -> tuple[bool, dict]:
+            try:
+                old = txn.collection(coll)
+            except CollectionNotFound:
+                old = None
+            if old is not None:
+                _check_etag(old, if_match, f"collection '{coll}'")
+            stored = {"_id": "_meta", **{k: v for k, v in props.items() if k not in ("_id", "_etag")}}
+            stored["_etag"] = _new_etag()
+            if old is None:
+                txn.conn.execute("INSERT INTO collections VALUES (?, ?, ?)", (coll, json.dumps(stored), txn.ts))
+            else:
+                txn.conn.execute("UPDATE collections SET props=? WHERE name=?", (json.dumps(stored), coll))
+            txn.meta("props", coll)
+            return old is None, stored
+
+        return self._write(run)
+
+    def patch_collection(self, coll: str, props: dict, if_match: str | None = None) -> dict:
+        def run(txn: _Txn) -> dict:
+            old = txn.collection(coll)
+            _check_etag(old, if_match, f"collection '{coll}'")
+            stored = {**old, **{k: v for k, v in props.items() if k not in ("_id", "_etag")}}
+            stored["_etag"] = _new_etag()
+            txn.conn.execute("UPDATE collections SET props=? WHERE name=?", (json.dumps(stored), coll))
+            txn.meta("props", coll)
+            return stored
+
+        return self._write(run)
+
+    def drop_collection(self, coll: str, if_match: str) -> None:
+        def run(txn: _Txn) -> None:
+            old = txn.collection(coll)
+            if not if_match:
+                raise Conflict("The collection's ETag must be provided using the 'If-Match' header")
+            _check_etag(old, if_match, f"collection '{coll}'")
+            txn.conn.execute("DELETE FROM documents WHERE coll=?", (coll,))
+            txn.conn.execute("DELETE FROM collections WHERE name=?", (coll,))
+            txn.emit(coll, "drop")
+            txn.meta("drop", coll)
+
+        self._write(run)
+
+    # -- documents --
+
+    def _all_documents(self, coll: str) -> list[dict]:
+        def run(conn: sqlite3.Connection) -> list[str] | None:
+            if conn.execute("SELECT 1 FROM collections WHERE name=?", (coll,)).fetchone() is None:
+                return None
+            return [r[0] for r in conn.execute("SELECT doc FROM documents WHERE coll=?", (coll,))]
+
+        texts = self._run(run)
+        if texts is None:
+            raise CollectionNotFound(coll)
+        return [decode(t) for t in texts]
+
+    def find(self, coll, filter, sort, projection, skip, limit):
+        docs = self._all_documents(coll)
+        return run_query(docs, filter, sort or [("_id", -1)], projection, skip, limit)
+
+    def count(self, coll: str, filter: dict) -> int:
+        return len(run_query(self._all_documents(coll), filter, [], None, 0, 0))
+
+    def get_document(self, coll: str, doc_id: Any) -> dict:
+        def run(conn: sqlite3.Connection) -> tuple[bool, str | None]:
+            exists = conn.execute("SELECT 1 FROM collections WHERE name=?", (coll,)).fetchone()
+            row = conn.execute("SELECT doc FROM documents WHERE coll=? AND key=?", (coll, encode(doc_id))).fetchone()
+            return exists is not None, row[0] if row else None
+
+        exists, text = self._run(run)
+        if not exists:
+            raise CollectionNotFound(coll)
+        if text is None:
+            raise DocumentNotFound(coll, _show_id(doc_id))
+        return decode(text)
+
+    def insert_documents(self, coll: str, docs: list[dict]) -> list[dict]:
+        def run(txn: _Txn) -> list[dict]:
+            txn.collection(coll)
+            stored = []
+            for doc in docs:
+                doc = dict(doc)
+                doc.setdefault("_id", ObjectId())
+                doc = {"_id": doc.pop("_id"), **doc, "_etag": ObjectId()}
+                txn.store(coll, doc, new=True)
+                txn.emit(coll, "insert", doc["_id"], full=doc)
+                stored.append(doc)
+            return stored
+
+        return self._write(run)
+
+    def replace_document(self, coll, doc_id, doc, upsert, if_match=None):
+        def run(txn: _Txn) -> tuple[bool, dict]:
+            txn.collection(coll)
+            old = txn.document(coll, doc_id)
+            if old is None and not upsert:
+                raise DocumentNotFound(coll, _show_id(doc_id))
+            if old is not None:
+                _check_etag(old, if_match, f"document '{_show_id(doc_id)}'")
+            new = {"_id": doc_id, **{k: v for k, v in doc.items() if k not in ("_id", "_etag")}}
+            new["_etag"] = ObjectId()
+            txn.store(coll, new, new=old is None)
+            txn.emit(coll, "insert" if old is None else "replace", doc_id, full=new)
+            return old is None, new
+
+        return self._write(run)
+
+    def update_document(self, coll, doc_id, spec, if_match=None, upsert=False):
+        def run(txn: _Txn) -> tuple[bool, dict]:
+            txn.collection(coll)
+            old = txn.document(coll, doc_id)
+            if old is None:
+                if not upsert:
+                    raise DocumentNotFound(coll, _show_id(doc_id))
+                base = {"_id": doc_id}
+                insert_spec = dict(spec)
+                if "$setOnInsert" in insert_spec:
+                    insert_spec["$set"] = {**insert_spec.get("$set", {}), **insert_spec.pop("$setOnInsert")}
+                new, _ = updates.apply_update(base, _with_etag(insert_spec), txn.now)
+                txn.store(coll, new, new=True)
+                txn.emit(coll, "insert", doc_id, full=new)
+                return True, new
+            _check_etag(old, if_match, f"document '{_show_id(doc_id)}'")
+            probe, desc = updates.apply_update(old, spec, txn.now)
+            if desc is None:
+                return False, old  # a no-op update writes nothing and emits nothing (MongoDB §2.6)
+            new, desc = updates.apply_update(old, _with_etag(spec), txn.now)
+            txn.store(coll, new, new=False)
+            txn.emit(coll, "update", doc_id, full=new, desc=desc)
+            return False, new
+
+        return self._write(run)
+
+    def delete_document(self, coll: str, doc_id: Any, if_match: str | None = None) -> None:
+        def run(txn: _Txn) -> None:
+            txn.collection(coll)
+            old = txn.document(coll, doc_id)
+            if old is None:
+                raise DocumentNotFound(coll, _show_id(doc_id))
+            _check_etag(old, if_match, f"document '{_show_id(doc_id)}'")
+            txn.conn.execute("DELETE FROM documents WHERE coll=? AND key=?", (coll, encode(doc_id)))
+            txn.emit(coll, "delete", doc_id)
+
+        self._write(run)
+
+    def ensure_collection(self, coll: str) -> None:
+        """Create an empty collection if it does not exist (users, acl at start-up)."""
+
+        def run(txn: _Txn) -> None:
+            if txn.conn.execute("SELECT 1 FROM collections WHERE name=?", (coll,)).fetchone() is None:
+                stored = {"_id": "_meta", "_etag": _new_etag()}
+                txn.conn.execute("INSERT INTO collections VALUES (?, ?, ?)", (coll, json.dumps(stored), txn.ts))
+                txn.meta("props", coll)
+
+        self._write(run)
+
+    # -- change streams --
+
+    def token(self, seq: int) -> dict:
+        return {"_data": f"{self.epoch}{seq:016X}"}
+
+    def position(self, token: dict) -> int:
+        if not isinstance(token, dict) or set(token) != {"_data"} or not isinstance(token["_data"], str):
+            raise BadRequest('resume token must be a JSON object {"_data": "<hex>"}')
+        data = token["_data"]
+        if len(data) != 32 or any(c not in "0123456789ABCDEFabcdef" for c in data):
+            raise BadRequest("resume token _data must be 32 hexadecimal digits")
+        return int(data[16:], 16)
+
+    def current_token(self) -> dict:
+        return self.token(self._feed.tail)
+
+    def watch(self, coll: str, pipeline: Any, resume_after: dict | None = None) -> ChangeStream:
+        if resume_after is None:
+            return _EmbeddedStream(self, coll, pipeline, self._feed.tail)
+        seq = self.position(resume_after)
+        if resume_after["_data"][:16].upper() != self.epoch:
+            raise HistoryLost("the resume token was issued by another data store (or before it was reset)")
+        _, last_seq, pruned = self._run(self._read_meta)
+        if seq > last_seq:
+            raise HistoryLost("the resume token is ahead of every change this store has made")
+        if seq < pruned:
+            raise HistoryLost("the resume token is older than the retained change history")
+        return _EmbeddedStream(self, coll, pipeline, seq)
+
+    def read_batch(self, coll: str, after: int, upto: int) -> list[_Row]:
+        """Rows of `coll` in (after, upto], from the table; :raise HistoryLost: if pruned."""
+
+        def run(conn: sqlite3.Connection) -> tuple[int, list[_Row]]:
+            pruned = int(conn.execute("SELECT value FROM meta WHERE key='pruned_through'").fetchone()[0])
+            cur = conn.execute(
+                "SELECT seq, coll, kind, event FROM changes WHERE coll=? AND seq > ? AND seq <= ? "
+                "ORDER BY seq LIMIT ?",
+                (coll, after, upto, _DB_BATCH),
+            )
+            return pruned, [_Row(*r) for r in cur.fetchall()]
+
+        pruned, rows = self._run(run)
+        if after < pruned:
+            raise HistoryLost("the stream fell behind the retained change history")
+        return rows
+
+
+class _EmbeddedStream(ChangeStream):
+    """A change stream over the process feed (or the table when behind), through a pipeline."""
+
+    def __init__(self, engine: EmbeddedEngine, coll: str, pipeline: Any, start: int):
+        self.engine = engine
+        self.coll = coll
+        self.pipeline = pipeline
+        self._pos = start
+        self._backlog: list[_Row] = []
+        self._closed = False
+
+    @property
+    def position(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        self._closed = True
+
+    def _next_row(self) -> _Row | None:
+        if self._backlog:
+            return self._backlog.pop(0)
+        feed = self.engine._feed
+        if self._pos < feed.start_seq:
+            rows = self.engine.read_batch(self.coll, self._pos, feed.start_seq)
+            if len(rows) < _DB_BATCH:
+                rows.append(_Row(feed.start_seq, "", "skip", ""))  # advance to the feed's window
+            self._backlog = rows
+            return self._backlog.pop(0)
+        i = feed.after(self._pos)
+        if i < len(feed.rows):
+            return feed.rows[i]
+        return None
+
+    def try_next(self, timeout: float) -> Change | None:
+        deadline = time.monotonic() + timeout
+        while not self._closed:
+            row = self._next_row()
+            if row is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self.engine._feed.wait(remaining)
+                continue
+            self._pos = max(self._pos, row.seq)
+            if row.kind != "event" or row.coll != self.coll:
+                continue
+            token = self.engine.token(row.seq)
+            event = {"_id": token, **row.event()}
+            if self.pipeline is None:
+                return Change(row.seq, token, copy.deepcopy(event))
+            try:
+                out = self.pipeline.apply(event)
+            except Exception as exc:  # EventError or an evaluator bug: report in-band, go on
+                return Change(row.seq, token, None, error=str(exc))
+            if out is not None:
+                return Change(row.seq, token, out)
+        return None
+
+
+def _new_etag() -> dict:
+    """Collection properties are plain JSON as sent, so their ETag is kept as {"$oid": hex}."""
+    return {"$oid": str(ObjectId())}
+
+
+def _with_etag(spec: dict) -> dict:
+    spec = dict(spec)
+    spec["$set"] = {**spec.get("$set", {}), "_etag": ObjectId()}
+    return spec
+
+
+def _show_id(doc_id: Any) -> str:
+    return str(doc_id)

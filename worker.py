@@ -1,0 +1,75 @@
+"""The gunicorn worker: gevent's pywsgi server with gevent-websocket, the app deciding first.
+
+The stock GeventWebSocketWorker answers every handshake with 101 before the app runs, so
+a wrong password gets 101 and a close instead of 401, and it drops gunicorn's access log
+(stack-probe §1.4). Here a handshake runs the Flask app like any request; the app calls
+`environ["changefeed.websocket_accept"]()` only after auth, the stream lookup and every
+other check passed, and that call writes the 101 and returns gevent-websocket's
+WebSocket. Until then any error is an ordinary HTTP response.
+"""
+
+from __future__ import annotations
+
+import re
+
+from gevent import pywsgi
+from geventwebsocket.handler import WebSocketHandler
+from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
+
+_SECRET_PARAMS = re.compile(r"(?i)((?:^|[?&])(?:access_token|token)=)[^&\s]*")
+
+
+def scrub(text: str) -> str:
+    """Hide token values in a request line or query string (access logs never show tokens)."""
+    return _SECRET_PARAMS.sub(r"\1***", text)
+
+
+class Handler(WebSocketHandler, PyWSGIHandler):
+    """pywsgi handler that upgrades to WebSocket only when the app says so."""
+
+    def log_request(self):
+        self.environ["QUERY_STRING"] = scrub(self.environ.get("QUERY_STRING", ""))
+        self.environ["RAW_URI"] = scrub(self.environ.get("RAW_URI", ""))
+        if getattr(self, "requestline", None):
+            self.requestline = scrub(self.requestline)
+        PyWSGIHandler.log_request(self)
+
+    def run_application(self):
+        upgrade = self.environ.get("HTTP_UPGRADE", "").lower()
+        connection = self.environ.get("HTTP_CONNECTION", "").lower()
+        if "websocket" not in upgrade or "upgrade" not in connection:
+            return pywsgi.WSGIHandler.run_application(self)
+        self._upgraded = False
+        self.environ["changefeed.websocket_accept"] = self._accept_websocket
+        self.result = self.application(self.environ, self._start_response_unless_upgraded)
+        if not self._upgraded:
+            self.process_result()
+            return
+        try:
+            close = getattr(self.result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self.result = None
+            websocket = getattr(self, "websocket", None)
+            if websocket is not None and not websocket.closed:
+                websocket.close()
+            self.close_connection = True
+
+    def _accept_websocket(self):
+        self.upgrade_websocket()
+        websocket = getattr(self, "websocket", None)
+        if websocket is None:
+            return None
+        self.write(b"")  # sends the 101 and its headers
+        self._upgraded = True
+        return websocket
+
+    def _start_response_unless_upgraded(self, status, headers, exc_info=None):
+        if self._upgraded:
+            return lambda data: None  # the socket speaks WebSocket now; drop the HTTP body
+        return self.start_response(status, headers, exc_info)
+
+
+class Worker(GeventPyWSGIWorker):
+    wsgi_handler = Handler
