@@ -1,0 +1,893 @@
+"""Stream pipelines: validation, variable binding and evaluation of change-stream stages.
+
+What: a collection's metadata defines streams (``{"uri": ..., "stages": [...]}``, RESTHeart
+format, keys possibly escaped as ``_$match`` / ``fullDocument::name``). A client opens one
+stream, optionally passing ``?avars={...}``. This module
+
+* checks the stored definition (``validate_streams``) so that faults become 400s with a
+  message naming the stream, instead of RESTHeart's 500s or silent, never-opening cursors;
+* parses ``avars`` (``parse_avars``) and binds ``{"$var": ...}`` placeholders
+  (``bind_variables``) so that a client-supplied value can never become an operator or a
+  field path (no query/expression injection);
+* evaluates the bound pipeline on each change event (``Pipeline.apply``) with mongomock's
+  matcher and aggregation stages, because the embedded engine has no MongoDB server to run
+  the ``$changeStream`` pipeline for it.
+
+Why mongomock: it is the only small pure-Python evaluator whose ``$match`` semantics were
+verified to match MongoDB for the operators streams use (stack-probe §4.1). Its gaps are
+closed here: ``$unset``/``$replaceWith`` are rewritten to ``$project``/``$replaceRoot``,
+``$redact`` is implemented here, and a few process-wide, additive patches are applied to
+mongomock at import (see ``_patch_mongomock``): bson ``Timestamp`` ordering (so
+``clusterTime`` can be compared), ``$type`` by number / by list / ``"null"``/``"timestamp"``/
+``"regex"``, ``$mod`` in queries, aggregation comparisons (``$eq``, ``$gt``, ``$cmp`` ...)
+that treat a missing field as MongoDB's "missing" value instead of raising ``KeyError``, and a
+short-circuiting aggregation ``$and``.
+The patches only turn mongomock exceptions into MongoDB-like results; they affect every
+user of mongomock in the process (e.g. ``services/query.py``), which is intended.
+
+Deliberate departures from RESTHeart / MongoDB:
+
+1. Definitions are validated (``validate_streams``): RESTHeart stores anything and answers
+   500 on open; MongoDB rejects a bad stage only asynchronously. Here every fault is a
+   ``PipelineError`` (HTTP 400) naming the stream, and stages outside the change-stream
+   allow-list, ``$where``/``$function``/``$accumulator``, and stages that statically remove or
+   change ``_id`` are refused up front, as are aggregation-expression operators the embedded
+   engine cannot evaluate (``$getField``, ``$mergeObjects``, ``$dateAdd`` ...). ``uri`` must be URL-safe (``[A-Za-z0-9._~-]``,
+   <= 100 chars) and unique (RESTHeart: first match wins).
+2. ``$ifvar`` and ``$changeStreamSplitLargeEvent`` are not supported (refused as stages).
+3. ``$var`` placement is stricter: a variable may only supply a *value*. It cannot stand for
+   a whole stage argument, a whole query document or ``$unset`` field names. A bound value is
+   wrapped in ``{"$eq": v}`` (query field-equality position, when it is an object or a
+   ``$``-string) or ``{"$literal": v}`` (expression context), so ``"$fullDocument.secret"``
+   is only ever that literal string. RESTHeart substitutes the raw value.
+4. ``avars`` is strict JSON (standard ``json`` module); RESTHeart's lenient reader also takes
+   single quotes and shell syntax. Keys starting with ``$`` are refused at any depth (as
+   RESTHeart's default), which also refuses Extended JSON such as ``{"$oid": ...}``. Top-level
+   keys starting with ``@`` are refused (reserved for server-side variables; RESTHeart lets a
+   client spoof unset ``@user.*`` keys). A non-object (array, number, empty string) is a 400,
+   not RESTHeart's 500.
+5. The ``_id`` rule (MongoDB error 280) is checked per event and raises ``EventError``; the
+   caller decides what to do with the stream (MongoDB kills the cursor).
+6. For a pipeline made only of ``$match`` stages, ``apply`` returns a shallow copy of the
+   input event (nested values are shared): treat results as read-only.
+7. Errors raised while evaluating a ``$match`` that mean "value missing" inside ``$expr``
+   (mongomock ``KeyError``) count as "no match" rather than an error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import operator
+import re
+from datetime import datetime
+from typing import Any, Callable
+
+from bson import json_util
+from bson.timestamp import Timestamp
+
+import mongomock
+from mongomock import aggregate as _mm_aggregate  # also registers $expr support in filtering
+from mongomock import filtering as _mm_filtering
+from mongomock import helpers as _mm_helpers
+
+__all__ = [
+    "ALLOWED_STAGES",
+    "PipelineError",
+    "VariableError",
+    "AvarsError",
+    "EventError",
+    "unescape",
+    "validate_streams",
+    "parse_avars",
+    "bind_variables",
+    "Pipeline",
+    "compile_pipeline",
+]
+
+ALLOWED_STAGES = ("$match", "$project", "$addFields", "$set", "$unset", "$replaceRoot", "$replaceWith", "$redact")
+FORBIDDEN_OPERATORS = ("$where", "$function", "$accumulator")
+
+_URI_RE = re.compile(r"[A-Za-z0-9._~-]{1,100}")
+_LOGICAL = ("$and", "$or", "$nor")
+_MISSING = object()
+
+
+class PipelineError(ValueError):
+    """Invalid stream definition; the message names the stream uri and the fault (HTTP 400)."""
+
+    status = 400
+
+
+class VariableError(ValueError):
+    """A ``$var`` is malformed, misplaced or not bound, e.g. ``variable n not bound`` (HTTP 400)."""
+
+    status = 400
+
+
+class AvarsError(ValueError):
+    """The ``?avars=`` query parameter is not acceptable (HTTP 400)."""
+
+    status = 400
+
+
+class EventError(Exception):
+    """Evaluating the pipeline on one event failed (message modelled on MongoDB's)."""
+
+
+# --------------------------------------------------------------------------------------------
+# mongomock patches (process-wide, additive, idempotent)
+# --------------------------------------------------------------------------------------------
+
+_TYPE_CODES = {
+    1: "double", 2: "string", 3: "object", 4: "array", 5: "binData", 6: "undefined", 7: "objectId",
+    8: "bool", 9: "date", 10: "null", 11: "regex", 13: "javascript", 16: "int", 17: "timestamp",
+    18: "long", 19: "decimal", -1: "minKey", 127: "maxKey",
+}
+
+
+def _patch_mongomock() -> None:
+    """Close the mongomock gaps that matter for change events (see module docstring)."""
+    if getattr(_mm_filtering, "_changefeed_patched", False):
+        return
+
+    original_compare_type = _mm_filtering._get_compare_type
+
+    def _get_compare_type(val: Any) -> int:
+        # BSON order: ... ObjectId(35) < Boolean(40) < Date(45) < Timestamp < Regex(50)
+        if isinstance(val, Timestamp):
+            return 47
+        return original_compare_type(val)
+
+    _mm_filtering._get_compare_type = _get_compare_type
+
+    type_map = _mm_filtering.TYPE_MAP
+    re_types = _mm_filtering._RE_TYPES
+    type_map["timestamp"] = lambda v: isinstance(v, Timestamp)
+    type_map["null"] = lambda v: v is None
+    type_map["regex"] = lambda v: isinstance(v, re_types)
+
+    original_type_op = _mm_filtering._type_op
+
+    def _type_op(doc_val: Any, search_val: Any) -> bool:
+        wanted = search_val if isinstance(search_val, (list, tuple)) else [search_val]
+        for alias in wanted:
+            if isinstance(alias, numbers.Number) and not isinstance(alias, bool):
+                alias = _TYPE_CODES.get(int(alias), alias)
+            if original_type_op(doc_val, alias):
+                return True
+        return False
+
+    def _mod(doc_val: Any, search_val: Any) -> bool:
+        if not isinstance(search_val, (list, tuple)) or len(search_val) != 2:
+            raise mongomock.OperationFailure("malformed mod, needs to be an array of 2 elements")
+        divisor, remainder = search_val
+        if not isinstance(divisor, numbers.Number) or not isinstance(remainder, numbers.Number):
+            raise mongomock.OperationFailure("malformed mod, divisor and remainder must be numbers")
+        if int(divisor) == 0:
+            raise mongomock.OperationFailure("divisor cannot be 0")
+        if isinstance(doc_val, bool) or not isinstance(doc_val, numbers.Number):
+            return False
+        if isinstance(doc_val, float) and not math.isfinite(doc_val):
+            return False
+        value, div = int(doc_val), int(divisor)
+        rest = abs(value) % abs(div)  # truncated modulo, like MongoDB
+        return (-rest if value < 0 else rest) == int(remainder)
+
+    op_map = _mm_filtering._filterer_inst._operator_map
+    op_map["$type"] = _type_op
+    op_map["$mod"] = _mm_filtering._not_nothing_and(_mm_filtering._list_expand(_mod))
+
+    def _handle_comparison_operator(self: Any, op: str, values: Any) -> Any:
+        if not isinstance(values, (list, tuple)) or len(values) != 2:
+            raise mongomock.OperationFailure("Expression %s takes exactly 2 arguments" % op)
+        a, b = self._parse_or_nothing(values[0]), self._parse_or_nothing(values[1])
+        if a is _mm_filtering.NOTHING or b is _mm_filtering.NOTHING:
+            # "missing" sorts before every value (including null) and equals only itself
+            rank_a = 0 if a is _mm_filtering.NOTHING else 1
+            rank_b = 0 if b is _mm_filtering.NOTHING else 1
+            cmp = (rank_a > rank_b) - (rank_a < rank_b)
+        elif op in ("$eq", "$ne"):
+            cmp = 0 if a == b else 1
+        else:
+            cmp = 0 if a == b else (1 if _mm_filtering.bson_compare(operator.gt, a, b) else -1)
+        return {
+            "$eq": cmp == 0, "$ne": cmp != 0, "$gt": cmp > 0, "$gte": cmp >= 0,
+            "$lt": cmp < 0, "$lte": cmp <= 0, "$cmp": cmp,
+        }[op]
+
+    original_boolean = _mm_aggregate._Parser._handle_boolean_operator
+
+    def _handle_boolean_operator(self: Any, op: str, values: Any) -> Any:
+        if op == "$and":  # short-circuit like MongoDB (mongomock evaluates every operand)
+            return all(self._parse_to_bool(value) for value in values)
+        return original_boolean(self, op, values)
+
+    _mm_aggregate._Parser._handle_comparison_operator = _handle_comparison_operator
+    _mm_aggregate._Parser._handle_boolean_operator = _handle_boolean_operator
+    _mm_filtering._changefeed_patched = True
+
+
+_patch_mongomock()
+
+
+# --------------------------------------------------------------------------------------------
+# unescape
+# --------------------------------------------------------------------------------------------
+
+def _unescape_key(key: Any) -> Any:
+    if not isinstance(key, str):
+        return key
+    if key.startswith("_$"):
+        key = key[1:]
+    return key.replace("::", ".") if "::" in key else key
+
+
+def unescape(value: Any) -> Any:
+    """Return a copy with RESTHeart escapes resolved.
+
+    Keys starting with ``_$`` lose the ``_``; ``::`` in keys becomes ``.``; string values
+    starting with ``_$`` lose the ``_``. Unescaped input passes through unchanged.
+    """
+    if isinstance(value, dict):
+        return {_unescape_key(k): unescape(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [unescape(v) for v in value]
+    if isinstance(value, str) and value.startswith("_$"):
+        return value[1:]
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# variables
+# --------------------------------------------------------------------------------------------
+
+def _is_var(value: Any) -> bool:
+    return isinstance(value, dict) and "$var" in value
+
+
+def _var_spec(value: dict) -> tuple[str, bool, Any]:
+    """Return (name, has_default, default) of a ``$var`` placeholder or raise VariableError."""
+    if len(value) != 1:
+        raise VariableError("wrong variable name %s: a $var object must have exactly one key" % _show(value))
+    spec = value["$var"]
+    if isinstance(spec, str) and spec:
+        return spec, False, None
+    if isinstance(spec, (list, tuple)) and len(spec) == 2 and isinstance(spec[0], str) and spec[0]:
+        return spec[0], True, spec[1]
+    raise VariableError(
+        "wrong variable name %s: use {'$var': 'name'} or {'$var': ['name', default]}" % _show(value))
+
+
+def _lookup(avars: dict, name: str) -> Any:
+    if name in avars:
+        return avars[name]
+    current: Any = avars
+    for part in name.split("."):
+        if isinstance(current, dict) and part in current:
+            current = current[part]
+        elif isinstance(current, list) and part.isdigit() and int(part) < len(current):
+            current = current[int(part)]
+        else:
+            return _MISSING
+    return current
+
+
+_Resolver = Callable[[str, bool, Any], Any]
+
+
+def _avars_resolver(avars: dict) -> _Resolver:
+    def resolve(name: str, has_default: bool, default: Any) -> Any:
+        value = _lookup(avars, name)
+        if value is _MISSING:
+            if not has_default:
+                raise VariableError("variable %s not bound" % name)
+            return default
+        return value
+    return resolve
+
+
+def _resolve(placeholder: dict, resolver: _Resolver) -> Any:
+    name, has_default, default = _var_spec(placeholder)
+    return resolver(name, has_default, default)
+
+
+def _no_var_here(value: Any, where: str) -> None:
+    if _is_var(value):
+        name = value.get("$var")
+        raise VariableError(
+            "variable %s cannot be used as %s: variables can only supply values" % (_show(name), where))
+
+
+def _bind_literal(value: Any, resolver: _Resolver) -> Any:
+    """Literal position: placeholders become the raw value."""
+    if isinstance(value, dict):
+        if _is_var(value):
+            return _resolve(value, resolver)
+        return {k: _bind_literal(v, resolver) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_bind_literal(v, resolver) for v in value]
+    return value
+
+
+def _bind_expr(value: Any, resolver: _Resolver) -> Any:
+    """Aggregation-expression context: placeholders become ``{"$literal": value}``."""
+    if isinstance(value, dict):
+        if _is_var(value):
+            return {"$literal": _resolve(value, resolver)}
+        return {k: (_bind_literal(v, resolver) if k == "$literal" else _bind_expr(v, resolver))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_bind_expr(v, resolver) for v in value]
+    return value
+
+
+def _bind_query(query: Any, resolver: _Resolver) -> Any:
+    """Query-document context (``$match``, ``$elemMatch`` on documents, ``$and``/``$or``/``$nor``)."""
+    _no_var_here(query, "a query document")
+    if not isinstance(query, dict):
+        return query
+    out = {}
+    for key, value in query.items():
+        if key in _LOGICAL:
+            if isinstance(value, list):
+                out[key] = [_bind_query(q, resolver) for q in value]
+            else:
+                _no_var_here(value, "the argument of %s" % key)
+                out[key] = value
+        elif key == "$expr":
+            out[key] = _bind_expr(value, resolver)
+        elif isinstance(key, str) and key.startswith("$"):
+            out[key] = _bind_literal(value, resolver)
+        else:
+            out[key] = _bind_field_value(value, resolver)
+    return out
+
+
+def _is_operator_dict(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(k, str) and k.startswith("$") for k in value)
+
+
+def _bind_field_value(value: Any, resolver: _Resolver) -> Any:
+    """Value of a field in a query: equality value or operator document."""
+    if _is_var(value):
+        bound = _resolve(value, resolver)
+        if isinstance(bound, dict) or (isinstance(bound, str) and bound.startswith("$")):
+            return {"$eq": bound}
+        return bound
+    if _is_operator_dict(value):
+        return _bind_operators(value, resolver)
+    return _bind_literal(value, resolver)
+
+
+def _bind_operators(ops: dict, resolver: _Resolver) -> dict:
+    out = {}
+    for op, arg in ops.items():
+        if op == "$elemMatch":
+            _no_var_here(arg, "the argument of $elemMatch")
+            out[op] = _bind_operators(arg, resolver) if _is_operator_dict(arg) else _bind_query(arg, resolver)
+        elif op == "$not":
+            out[op] = _bind_operators(arg, resolver) if _is_operator_dict(arg) else _bind_literal(arg, resolver)
+        elif op == "$all" and isinstance(arg, list):
+            out[op] = [
+                {"$elemMatch": _bind_field_value(x["$elemMatch"], resolver)}
+                if isinstance(x, dict) and set(x) == {"$elemMatch"} else _bind_literal(x, resolver)
+                for x in arg
+            ]
+        else:  # $eq/$gt/$in/$nin/$regex/... : the argument is always a literal in the query language
+            out[op] = _bind_literal(arg, resolver)
+    return out
+
+
+def _bind_stage(name: str, arg: Any, resolver: _Resolver) -> Any:
+    if name == "$match":
+        return _bind_query(arg, resolver)
+    if name in ("$replaceWith", "$redact"):
+        return _bind_expr(arg, resolver)
+    _no_var_here(arg, "the argument of %s" % name)
+    if name == "$unset":
+        if isinstance(arg, list):
+            for x in arg:
+                _no_var_here(x, "a field name of $unset")
+        return arg
+    return _bind_expr(arg, resolver)  # $project, $addFields, $set, $replaceRoot {newRoot: ...}
+
+
+def _bind_stages(stages: list, resolver: _Resolver) -> list:
+    out = []
+    for stage in stages:
+        if isinstance(stage, dict) and len(stage) == 1:
+            (name, arg), = stage.items()
+            out.append({name: _bind_stage(name, arg, resolver)})
+        else:
+            out.append(stage)
+    return out
+
+
+def bind_variables(stages: list, avars: dict) -> list:
+    """Return the unescaped stages with every ``$var`` placeholder replaced by its value.
+
+    ``{"$var": "n"}`` or ``{"$var": ["n", default]}``; dotted names read nested avars (a
+    literal key containing a dot wins). A missing variable without default raises
+    ``VariableError("variable n not bound")``. A bound value is always a value: in a query
+    field-equality position an object or ``$``-string becomes ``{"$eq": v}``; in expression
+    context (``$expr``, ``$addFields``/``$set``, ``$project``, ``$replaceRoot``/``$replaceWith``,
+    ``$redact``) it becomes ``{"$literal": v}``; operator arguments (``$in``, ``$gt`` ...) take it
+    as-is.
+    """
+    return _bind_stages(unescape(stages), _avars_resolver(avars or {}))
+
+
+# --------------------------------------------------------------------------------------------
+# avars
+# --------------------------------------------------------------------------------------------
+
+def _has_dollar_key(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for k, v in item.items():
+                if k.startswith("$"):
+                    return True
+                stack.append(v)
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def parse_avars(raw: str | None) -> dict:
+    """Parse the ``?avars=`` query value into a dict of variables (``None`` -> ``{}``).
+
+    Raises ``AvarsError`` if it is not JSON, not a JSON object, contains a key starting with
+    ``$`` at any depth, or a top-level key starting with ``@`` (reserved names).
+    """
+    if raw is None:
+        return {}
+    if not raw.strip():
+        raise AvarsError("illegal avars parameter, it is empty; expected a json object")
+    try:
+        plain = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise AvarsError("illegal avars parameter, it is not a json object: %s" % raw) from None
+    if not isinstance(plain, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+            type(plain), "a number")
+        raise AvarsError("illegal avars parameter, it is %s, not a json object: %s" % (kind, raw))
+    if _has_dollar_key(plain):
+        raise AvarsError("illegal avars parameter: aggregation variables cannot include operators")
+    reserved = sorted(k for k in plain if k.startswith("@"))
+    if reserved:
+        raise AvarsError("illegal avars parameter: variable names starting with '@' are reserved "
+                         "for server-side variables: %s" % ", ".join(reserved))
+    try:
+        return json_util.loads(raw)
+    except (ValueError, TypeError, RecursionError) as exc:  # pragma: no cover - plain JSON re-parse
+        raise AvarsError("illegal avars parameter, it is not a json object: %s" % raw) from exc
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+
+def _show(value: Any) -> str:
+    try:
+        text = json_util.dumps(value)
+    except Exception:  # noqa: BLE001 - best-effort rendering for messages
+        text = repr(value)
+    text = text.replace('"', "'")
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _find_forbidden(value: Any) -> str | None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for k, v in item.items():
+                if isinstance(k, str) and k.lower() in FORBIDDEN_OPERATORS:
+                    return k
+                stack.append(v)
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def _known_expression_operators() -> frozenset[str]:
+    names: set[str] = set()
+    for attr in ("arithmetic_operators", "project_operators", "projection_operators", "date_operators",
+                 "array_operators", "conditional_operators", "control_flow_operators", "set_operators",
+                 "string_operators", "type_convertion_operators", "type_operators", "boolean_operators",
+                 "comparison_operators"):
+        names.update(getattr(_mm_aggregate, attr, ()))
+    return frozenset(names)
+
+
+_EXPRESSION_OPERATORS = _known_expression_operators()
+
+
+def _unknown_expression_operator(expr: Any) -> str | None:
+    """First operator in an aggregation expression that the embedded engine cannot evaluate."""
+    if isinstance(expr, dict):
+        if _is_var(expr):
+            return None
+        for key, value in expr.items():
+            if isinstance(key, str) and key.startswith("$"):
+                if key not in _EXPRESSION_OPERATORS:
+                    return key
+                if key == "$literal":
+                    continue
+            found = _unknown_expression_operator(value)
+            if found:
+                return found
+    elif isinstance(expr, list):
+        for value in expr:
+            found = _unknown_expression_operator(value)
+            if found:
+                return found
+    return None
+
+
+def _check_expression(expr: Any, where: str) -> None:
+    unknown = _unknown_expression_operator(expr)
+    if unknown:
+        raise PipelineError("%s uses the expression operator %s, which is unknown or not supported"
+                            % (where, unknown))
+
+
+def _expressions_in_query(query: Any) -> list:
+    if not isinstance(query, dict):
+        return []
+    found = []
+    for key, value in query.items():
+        if key == "$expr":
+            found.append(value)
+        elif key in _LOGICAL and isinstance(value, list):
+            for sub in value:
+                found.extend(_expressions_in_query(sub))
+    return found
+
+
+def _touches_id(path: Any) -> bool:
+    return isinstance(path, str) and (path == "_id" or path.startswith("_id."))
+
+
+def _check_projection(spec: dict, where: str, top: bool = True) -> list[bool]:
+    """Return the include(True)/exclude(False) flags of a projection, rejecting _id changes."""
+    flags: list[bool] = []
+    for key, value in spec.items():
+        if top and _touches_id(key):
+            if key != "_id" or value is not True and not (
+                    isinstance(value, numbers.Number) and not isinstance(value, bool) and value == 1):
+                raise PipelineError("%s: $project must not remove or change _id (found %s: %s)"
+                                    % (where, key, _show(value)))
+            continue
+        if isinstance(value, bool) or (isinstance(value, numbers.Number) and value in (0, 1)):
+            flags.append(bool(value))
+        elif isinstance(value, dict) and value and not _is_operator_dict(value) and not _is_var(value):
+            flags.extend(_check_projection(value, where, top=False))
+        else:
+            flags.append(True)  # computed value
+    return flags
+
+
+def _check_new_root(new_root: Any, where: str, stage: str) -> None:
+    if not (isinstance(new_root, dict) and not _is_operator_dict(new_root) and new_root.get("_id") == "$_id"):
+        raise PipelineError("%s: %s must produce an object literal that keeps the resume token, "
+                            "e.g. {'_id': '$_id', ...}; found %s" % (where, stage, _show(new_root)))
+
+
+def _check_stage(name: str, arg: Any, where: str) -> None:
+    if name == "$match":
+        if not isinstance(arg, dict):
+            raise PipelineError("%s: $match takes a query object, found %s" % (where, _show(arg)))
+        for expr in _expressions_in_query(arg):
+            _check_expression(expr, where)
+        return
+    if name == "$project":
+        if not isinstance(arg, dict) or not arg:
+            raise PipelineError("%s: $project takes a non-empty object, found %s" % (where, _show(arg)))
+        flags = _check_projection(arg, where)
+        if True in flags and False in flags:
+            raise PipelineError("%s: $project cannot mix inclusion and exclusion of fields other than _id"
+                                % where)
+    elif name in ("$addFields", "$set"):
+        if not isinstance(arg, dict) or not arg:
+            raise PipelineError("%s: %s takes a non-empty object, found %s" % (where, name, _show(arg)))
+        for key in arg:
+            if _touches_id(key):
+                raise PipelineError("%s: %s must not change _id (found field %s)" % (where, name, key))
+    elif name == "$unset":
+        fields = [arg] if isinstance(arg, str) else arg
+        if not isinstance(fields, list) or not fields or not all(isinstance(f, str) and f for f in fields):
+            raise PipelineError("%s: $unset takes a field name or an array of field names, found %s"
+                                % (where, _show(arg)))
+        for field in fields:
+            if _touches_id(field):
+                raise PipelineError("%s: $unset must not remove _id (found %s)" % (where, field))
+    elif name == "$replaceRoot":
+        if not isinstance(arg, dict) or set(arg) != {"newRoot"}:
+            raise PipelineError("%s: $replaceRoot takes {'newRoot': <object>}, found %s" % (where, _show(arg)))
+        _check_new_root(arg["newRoot"], where, "$replaceRoot")
+    elif name == "$replaceWith":
+        _check_new_root(arg, where, "$replaceWith")
+    _check_expression(arg, where)  # every other allowed stage holds expressions (or field names)
+
+
+def _check_stages(stages: Any, label: str) -> None:
+    """Structural checks shared by validate_streams (escaped input unescaped first) and Pipeline."""
+    if not isinstance(stages, list):
+        raise PipelineError("%s: 'stages' must be an array of stage objects, found %s" % (label, _show(stages)))
+    for index, stage in enumerate(stages, start=1):
+        where = "%s: stage %d" % (label, index)
+        if not isinstance(stage, dict) or len(stage) != 1:
+            raise PipelineError("%s must be an object with exactly one key (the stage name), found %s"
+                                % (where, _show(stage)))
+        (name, arg), = stage.items()
+        if name not in ALLOWED_STAGES:
+            raise PipelineError("%s uses %s, allowed stages are %s" % (where, name, ", ".join(ALLOWED_STAGES)))
+        forbidden = _find_forbidden(arg)
+        if forbidden:
+            raise PipelineError("%s uses the forbidden operator %s" % (where, forbidden))
+        _check_stage(name, arg, where)
+
+
+def _check_stage_vars(stages: list, label: str) -> None:
+    """Dry-run the binder: rejects malformed and misplaced ``$var`` placeholders."""
+    for index, stage in enumerate(stages, start=1):
+        try:
+            _bind_stages([stage], lambda name, has_default, default: default)
+        except VariableError as exc:
+            raise PipelineError("%s: stage %d: %s" % (label, index, exc)) from None
+
+
+def validate_streams(streams: Any) -> list[dict]:
+    """Validate the ``streams`` value of collection metadata as written (escaped or not).
+
+    Returns ``streams`` unchanged when valid; otherwise raises ``PipelineError`` naming the
+    stream and the fault (shape, uri, disallowed stage or operator, ``_id`` change, bad ``$var``).
+    """
+    if not isinstance(streams, list):
+        raise PipelineError("'streams' must be an array of stream definitions, found %s" % _show(streams))
+    seen: set[str] = set()
+    for position, entry in enumerate(streams, start=1):
+        if not isinstance(entry, dict):
+            raise PipelineError("stream #%d: a stream definition must be an object, found %s"
+                                % (position, _show(entry)))
+        if "uri" not in entry:
+            raise PipelineError("stream #%d: missing 'uri'" % position)
+        uri = entry["uri"]
+        if not isinstance(uri, str):
+            raise PipelineError("stream #%d: 'uri' must be a string, found %s" % (position, _show(uri)))
+        if not uri:
+            raise PipelineError("stream #%d: 'uri' must not be empty" % position)
+        if not _URI_RE.fullmatch(uri):
+            raise PipelineError("stream '%s': 'uri' must be 1 to 100 characters among A-Z a-z 0-9 . _ ~ -"
+                                % uri[:100])
+        if uri in seen:
+            raise PipelineError("stream '%s': 'uri' is defined more than once" % uri)
+        seen.add(uri)
+        label = "stream '%s'" % uri
+        if "stages" not in entry:
+            raise PipelineError("%s: missing 'stages'" % label)
+        try:
+            stages = unescape(entry["stages"])
+            _check_stages(stages, label)
+            _check_stage_vars(stages, label)
+        except RecursionError:
+            raise PipelineError("%s: 'stages' is nested too deeply" % label) from None
+    return streams
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation
+# --------------------------------------------------------------------------------------------
+
+def _copy(value: Any) -> Any:
+    """Deep copy of dicts/lists; leaves (str, numbers, bson scalars, datetime) are immutable."""
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+def _contains_datetime(value: Any) -> bool:
+    if isinstance(value, datetime):
+        return True
+    if isinstance(value, dict):
+        return any(_contains_datetime(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_contains_datetime(v) for v in value)
+    return False
+
+
+def _find_var(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "$var" in value:
+            return value["$var"]
+        for k, v in value.items():
+            if k != "$literal":
+                found = _find_var(v)
+                if found is not _MISSING:
+                    return found
+    elif isinstance(value, list):
+        for v in value:
+            found = _find_var(v)
+            if found is not _MISSING:
+                return found
+    return _MISSING
+
+
+def _strip_expr(query: dict) -> dict:
+    """The query without ``$expr`` (expressions may legitimately fail on an empty document)."""
+    out = {}
+    for key, value in query.items():
+        if key == "$expr":
+            continue
+        if key in _LOGICAL and isinstance(value, list):
+            value = [_strip_expr(q) if isinstance(q, dict) else q for q in value]
+        out[key] = value
+    return out
+
+
+_REDACT_KEEP, _REDACT_PRUNE, _REDACT_DESCEND = object(), object(), object()
+_REDACT_VARS = {"KEEP": _REDACT_KEEP, "PRUNE": _REDACT_PRUNE, "DESCEND": _REDACT_DESCEND}
+
+
+def _redact_value(value: Any, expr: Any, root: dict) -> Any:
+    if isinstance(value, dict):
+        return _redact_doc(value, expr, root)
+    if isinstance(value, list):
+        out = []
+        for item in value:
+            kept = _redact_value(item, expr, root)
+            if kept is not _REDACT_PRUNE:
+                out.append(kept)
+        return out
+    return value
+
+
+def _redact_doc(doc: dict, expr: Any, root: dict) -> Any:
+    verdict = _mm_aggregate._Parser(doc, dict(_REDACT_VARS, ROOT=root)).parse(expr)
+    if verdict is _REDACT_KEEP:
+        return doc
+    if verdict is _REDACT_PRUNE:
+        return _REDACT_PRUNE
+    if verdict is _REDACT_DESCEND:
+        out = {}
+        for key, value in doc.items():
+            kept = _redact_value(value, expr, root)
+            if kept is not _REDACT_PRUNE:
+                out[key] = kept
+        return out
+    raise mongomock.OperationFailure(
+        "$redact's expression should not return anything aside from the variables $$KEEP, "
+        "$$DESCEND, and $$PRUNE, but returned %s" % _show(verdict))
+
+
+def _engine_stage(name: str, arg: Any) -> dict:
+    """Rewrite a stage into one mongomock implements."""
+    if name == "$unset":
+        return {"$project": {field: 0 for field in ([arg] if isinstance(arg, str) else arg)}}
+    if name == "$replaceWith":
+        return {"$replaceRoot": {"newRoot": arg}}
+    if name == "$set":
+        return {"$addFields": arg}
+    return {name: arg}
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, mongomock.OperationFailure):
+        return str(exc)
+    if isinstance(exc, NotImplementedError):
+        return "not supported by the embedded engine: %s" % exc
+    return "%s: %s" % (type(exc).__name__, exc)
+
+
+class Pipeline:
+    """A compiled, bound stream pipeline.
+
+    ``$match`` stages are evaluated with ``filter_applies`` (a leading run of them on the event
+    as is, without copying); reshaping stages run on one deep copy through mongomock's
+    ``process_pipeline`` (``$unset``/``$replaceWith`` rewritten) and the local ``$redact``.
+    """
+
+    def __init__(self, stages: list):
+        """Compile already unescaped and bound ``stages``; raise ``PipelineError`` if invalid."""
+        _check_stages(stages, "pipeline")
+        leftover = _find_var(stages)
+        if leftover is not _MISSING:
+            raise PipelineError("pipeline: unbound variable placeholder %s" % _show({"$var": leftover}))
+        self.stages = stages
+        # segments: ("match", (spec, needs_datetime_patch)), ("engine", [mongomock stages]),
+        # ("redact", expression)
+        self._segments: list[tuple[str, Any]] = []
+        for stage in stages:
+            (name, arg), = stage.items()
+            if name == "$match":
+                self._dry_run(arg)
+                if _contains_datetime(arg):
+                    self._segments.append(("match", (_mm_helpers.patch_datetime_awareness_in_document(arg), True)))
+                else:
+                    self._segments.append(("match", (arg, False)))
+            elif name == "$redact":
+                self._segments.append(("redact", arg))
+            elif self._segments and self._segments[-1][0] == "engine":
+                self._segments[-1][1].append(_engine_stage(name, arg))
+            else:
+                self._segments.append(("engine", [_engine_stage(name, arg)]))
+        self._filters_only = all(kind == "match" for kind, _ in self._segments)
+
+    @staticmethod
+    def _dry_run(spec: dict) -> None:
+        """Surface unknown operators and malformed arguments at compile time."""
+        try:
+            _mm_filtering.filter_applies(_strip_expr(spec), {})
+        except KeyError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - any engine complaint is a definition fault
+            raise PipelineError("pipeline: invalid $match %s: %s" % (_show(spec), _describe(exc))) from None
+
+    @property
+    def filters_only(self) -> bool:
+        """True when the pipeline only filters (no copy is made per event)."""
+        return self._filters_only
+
+    @staticmethod
+    def _matches(doc: dict, spec: dict, needs_dt: bool) -> bool:
+        if needs_dt:
+            doc = _mm_helpers.patch_datetime_awareness_in_document(doc)
+        try:
+            return bool(_mm_filtering.filter_applies(spec, doc))
+        except KeyError:  # mongomock's "value is missing" inside $expr
+            return False
+
+    def apply(self, event: dict) -> dict | None:
+        """Evaluate on one change event; return the transformed event, or None if filtered out.
+
+        ``event`` is never mutated (one deep copy is made before the first reshaping stage; a
+        filter-only pipeline returns a shallow copy). Raises ``EventError`` when evaluation fails
+        or the output's ``_id`` (the resume token) differs from the input's (MongoDB error 280).
+        """
+        doc: Any = event
+        copied = False
+        try:
+            for kind, segment in self._segments:
+                if kind == "match":
+                    if not self._matches(doc, *segment):
+                        return None
+                    continue
+                if not copied:
+                    doc, copied = _copy(event), True
+                if kind == "redact":
+                    doc = _redact_doc(doc, segment, doc)
+                    if doc is _REDACT_PRUNE:
+                        return None
+                else:
+                    docs = list(_mm_aggregate.process_pipeline([doc], None, segment, None))
+                    if not docs:
+                        return None
+                    doc = docs[0]
+        except Exception as exc:  # noqa: BLE001 - mongomock raises many types
+            raise EventError("PlanExecutor error during aggregation :: caused by :: %s" % _describe(exc)) from None
+        if not copied:
+            return dict(event)
+        expected = event.get("_id", _MISSING)
+        found = doc.get("_id", _MISSING) if isinstance(doc, dict) else _MISSING
+        if found is _MISSING or expected is _MISSING or found != expected:
+            raise EventError(
+                "Encountered an event whose _id field, which contains the resume token, was modified by "
+                "the pipeline. Modifying the _id field of an event makes it impossible to resume the stream "
+                "from that point. Only transformations that retain the unmodified _id field are allowed. "
+                "Expected: {_id: %s} but found: %s" % (
+                    _show(None if expected is _MISSING else expected),
+                    "{_id: missing}" if found is _MISSING else "{_id: %s}" % _show(found)))
+        return doc
+
+
+def compile_pipeline(stages_as_stored: list, avars: dict) -> Pipeline:
+    """Unescape the stored stages, bind ``avars`` and compile them into a ``Pipeline``."""
+    return Pipeline(_bind_stages(unescape(stages_as_stored), _avars_resolver(avars or {})))
