@@ -24,8 +24,17 @@ def scrub(text: str) -> str:
     return _SECRET_PARAMS.sub(r"\1***", text)
 
 
+KEEPALIVE_SECONDS = 5.0
+
+
 class Handler(WebSocketHandler, PyWSGIHandler):
     """pywsgi handler that upgrades to WebSocket only when the app says so."""
+
+    def handle(self):
+        # pywsgi waits for the next request on a kept-alive socket forever, which holds a
+        # stopping worker for its whole graceful_timeout; gunicorn's keepalive is 5 s.
+        self.socket.settimeout(KEEPALIVE_SECONDS)
+        return super().handle()
 
     def log_request(self):
         self.environ["QUERY_STRING"] = scrub(self.environ.get("QUERY_STRING", ""))
@@ -62,6 +71,7 @@ class Handler(WebSocketHandler, PyWSGIHandler):
         if websocket is None:
             return None
         self.write(b"")  # sends the 101 and its headers
+        self.socket.settimeout(None)  # a WebSocket may be quiet for long; pings find dead peers
         self._upgraded = True
         return websocket
 

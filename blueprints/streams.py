@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 import socket as pysocket
+import struct
 
 import gevent
 from flask import Blueprint, Response, current_app, g, request
@@ -138,6 +139,10 @@ def _sse_response(sub: Subscription, environ: dict) -> Response:
     heartbeat = config["SSE_HEARTBEAT_SECONDS"]
     opening = sse.retry(config["SSE_RETRY_MS"]) + sse.comment("connected")
     hangup = _watch_for_hangup(environ, sub)
+    sock = environ.get("gunicorn.sock")
+    if sock is not None:
+        # A peer that accepts no byte for this long is gone; its greenlet must not wait forever.
+        sock.settimeout(max(30.0, 2 * heartbeat))
 
     def generate():
         try:
@@ -158,7 +163,9 @@ def _sse_response(sub: Subscription, environ: dict) -> Response:
                 hangup.stop()
             sub.close()
 
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    # A stream's connection is not reused: when the stream ends (redefinition, shutdown)
+    # the socket closes too, so a draining worker is not held by idle keep-alive sockets.
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "close"}
     return Response(generate(), status=200, mimetype="text/event-stream", headers=headers)
 
 
@@ -187,7 +194,7 @@ def _serve_websocket(sub: Subscription, environ: dict) -> Response:
             for item in batch:
                 if isinstance(item, Control) and item.terminal:
                     if not ws.closed and item.cause != "gone":
-                        ws.close(item.ws_code, item.reason.encode()[:120])
+                        _close_websocket(ws, item.ws_code, item.reason)
                     return Response(b"")
                 ws.send(item.ws)
     except Exception as exc:  # the peer vanished mid-write
@@ -196,8 +203,15 @@ def _serve_websocket(sub: Subscription, environ: dict) -> Response:
         reader.kill(block=False)
         sub.close()
         if not ws.closed:
-            try:
-                ws.close(1000, b"")
-            except Exception:
-                pass
+            _close_websocket(ws, 1000, "")
     return Response(b"")
+
+
+def _close_websocket(ws, code: int, reason: str) -> None:
+    """Send a close frame with a status code (gevent-websocket's close() drops the code)."""
+    payload = struct.pack("!H", code) + reason.encode("utf-8")[:120]
+    try:
+        ws.send_frame(payload, ws.OPCODE_CLOSE)
+    except Exception:
+        pass
+    ws.closed = True

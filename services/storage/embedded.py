@@ -232,6 +232,7 @@ class EmbeddedEngine(Engine):
         self._local_write = gevent.event.Event()
         self._tailer: gevent.Greenlet | None = None
         self._last_prune = 0.0
+        self._last_prune_seq = 0
         self._run(self._init_schema)
         self.epoch, last_seq, _ = self._run(self._read_meta)
         self._feed = _Feed(last_seq)
@@ -251,8 +252,19 @@ class EmbeddedEngine(Engine):
             conn = self._pool.pop() if self._pool else None
         if conn is None:
             conn = self._connect()
+        def guarded() -> tuple[bool, Any]:
+            # Errors travel back as values: an exception raised in a threadpool thread is
+            # printed with a traceback by gevent (every 404/409 would spam the log).
+            try:
+                return True, fn(conn, *args)
+            except Exception as exc:
+                return False, exc
+
         try:
-            return blocking.run(fn, conn, *args)
+            ok, result = blocking.run(guarded)
+            if not ok:
+                raise result
+            return result
         finally:
             with self._pool_lock:
                 self._pool.append(conn)
@@ -265,8 +277,11 @@ class EmbeddedEngine(Engine):
             try:
                 txn = _Txn(conn, self)
                 result = fn(txn)
-                if txn.wrote and time.time() - self._last_prune > _PRUNE_EVERY_SECONDS:
-                    self._last_prune = time.time()
+                if txn.wrote and (
+                    time.time() - self._last_prune > _PRUNE_EVERY_SECONDS
+                    or txn.seq - self._last_prune_seq >= max(100, self.max_events // 10)
+                ):
+                    self._last_prune, self._last_prune_seq = time.time(), txn.seq
                     self._prune(conn, txn.seq)
                 conn.execute("COMMIT")
             except BaseException:

@@ -1,0 +1,399 @@
+"""Streams over real sockets against gunicorn with the real gunicorn.conf.py (issue 3)."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import struct
+import threading
+import time
+
+import pytest
+import requests
+import websocket
+
+from .conftest import ADMIN, ADMIN_HEADER
+from .sseclient import SSEClient
+
+pytestmark = pytest.mark.live
+
+TUTORIAL_STREAMS = {
+    "streams": [
+        {"uri": "all", "stages": [{"_$match": {"_$or": [{"operationType": "insert"}, {"operationType": "update"}]}}]},
+        {"uri": "mine", "stages": [{"_$match": {"fullDocument::name": {"_$var": "n"}}}]},
+    ]
+}
+AUTH = {"Authorization": ADMIN_HEADER}
+
+
+def put_streams(base: str, coll: str = "messages", body: dict = TUTORIAL_STREAMS) -> int:
+    return requests.put(f"{base}/{coll}", auth=ADMIN, json=body, timeout=10).status_code
+
+
+def post(base: str, doc, coll: str = "messages") -> requests.Response:
+    r = requests.post(f"{base}/{coll}", auth=ADMIN, json=doc, timeout=10)
+    assert r.status_code == 201, r.text
+    return r
+
+
+def open_sse(base: str, path: str, headers: dict | None = None, **kw) -> SSEClient:
+    client = SSEClient(base + path, headers={**AUTH, **(headers or {})}, **kw)
+    if client.status == 200:
+        first = client.next(10)
+        assert first.retry == 3000 and "connected" in first.comments
+    return client
+
+
+def ws_url(base: str, path: str) -> str:
+    return base.replace("http://", "ws://") + path
+
+
+def open_ws(base: str, path: str, timeout: float = 10) -> websocket.WebSocket:
+    return websocket.create_connection(ws_url(base, path), header=[f"Authorization: {ADMIN_HEADER}"], timeout=timeout)
+
+
+def wait_for(predicate, timeout: float = 5.0, interval: float = 0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def test_seed_tutorial_sse_and_websocket(live):
+    base = live.url
+    assert put_streams(base) == 201
+    sse = open_sse(base, "/messages/_streams/all")
+    assert sse.headers["Content-Type"].startswith("text/event-stream")
+    assert sse.headers["Cache-Control"] == "no-cache"
+    assert sse.headers["X-Accel-Buffering"] == "no"
+    ws = open_ws(base, "/messages/_streams/all")
+
+    # SSE and WebSocket clients of one stream share one watcher.
+    status = wait_for(lambda: (s := live.status())["clients"] == 2 and s)
+    assert status["watchers"] == 1
+    assert status["streams"][0]["sse"] == 1 and status["streams"][0]["websocket"] == 1
+
+    r = post(base, {"message": "Hello SSE!", "name": "uji"})
+    doc_id = r.json()["_id"]["$oid"]
+    ev = sse.next_event()
+    assert ev.event == "change"
+    token = json.loads(ev.id)
+    assert set(token) == {"_data"}
+    data = ev.json()
+    assert data["operationType"] == "insert"
+    assert data["fullDocument"]["message"] == "Hello SSE!" and data["fullDocument"]["name"] == "uji"
+    assert data["fullDocument"]["_id"] == {"$oid": doc_id}
+    assert data["documentKey"] == {"_id": {"$oid": doc_id}}
+    assert "$date" in data["wallTime"]
+    for internal in ("_id", "ns", "clusterTime"):
+        assert internal not in data
+    assert json.loads(ws.recv()) == data  # the same JSON on both transports
+
+    r = requests.patch(f"{base}/messages/{doc_id}", auth=ADMIN, json={"message": "Hello SSE! (edited)"})
+    assert r.status_code == 200
+    upd = sse.next_event().json()
+    assert upd["operationType"] == "update"
+    assert upd["fullDocument"]["message"] == "Hello SSE! (edited)"
+    assert upd["updateDescription"]["updatedFields"]["message"] == "Hello SSE! (edited)"
+    assert upd["updateDescription"]["removedFields"] == []
+    assert json.loads(ws.recv()) == upd
+
+    # deletes are filtered out by the tutorial's $match; nothing arrives for them
+    requests.delete(f"{base}/messages/{doc_id}", auth=ADMIN)
+    post(base, {"message": "after delete"})
+    assert sse.next_event().json()["fullDocument"]["message"] == "after delete"
+    sse.close()
+    ws.close()
+
+
+def test_heartbeat_comments_keep_an_idle_stream_alive(live):
+    put_streams(live.url)
+    sse = open_sse(live.url, "/messages/_streams/all")
+    block = sse.next(5)  # SSE_HEARTBEAT_SECONDS=1 in the live fixture
+    assert block.comments == ["hb"] and block.data == ""
+    sse.close()
+
+
+def test_avars_filter_and_variable_errors(live):
+    base = live.url
+    put_streams(base)
+    mine = open_sse(base, '/messages/_streams/mine?avars={"n":"uji"}')
+    post(base, {"name": "someone else"})
+    post(base, {"name": "uji", "message": "for uji"})
+    ev = mine.next_event()
+    assert ev.json()["fullDocument"]["name"] == "uji"
+    mine.close()
+
+    missing = SSEClient(base + "/messages/_streams/mine", headers=AUTH)
+    assert missing.status == 400
+    assert json.loads(missing.body())["message"] == "variable n not bound"
+
+    for avars in ("not-json", "[1]", '{"$where":1}', '{"a":{"$ne":null}}', '""'):
+        bad = SSEClient(base + "/messages/_streams/mine?avars=" + requests.utils.quote(avars), headers=AUTH)
+        assert bad.status == 400, avars
+        body = json.loads(bad.body())
+        assert set(body) == {"http status code", "http status description", "message"}
+        assert "avars" in body["message"]
+
+
+def test_injection_through_avars_stays_a_value(live):
+    base = live.url
+    put_streams(base)
+    secret_stream = open_sse(base, '/messages/_streams/mine?avars={"n":"$fullDocument.name"}')
+    post(base, {"name": "uji"})  # would match if the string became a field path
+    post(base, {"name": "$fullDocument.name", "marker": 1})
+    ev = secret_stream.next_event()
+    assert ev.json()["fullDocument"]["marker"] == 1
+    secret_stream.close()
+
+
+def test_bad_requests_are_4xx_before_any_stream(live):
+    base = live.url
+    put_streams(base)
+    r = requests.get(f"{base}/messages/_streams/all", auth=ADMIN)
+    assert r.status_code == 400 and "text/event-stream" in r.json()["message"]
+    assert requests.get(f"{base}/messages/_streams/nope", auth=ADMIN).status_code == 404
+    assert requests.get(f"{base}/nocoll/_streams/all", auth=ADMIN, headers={"Accept": "text/event-stream"}).status_code == 404
+    for bad in ("garbage", '{"_data": "xyz"}', "[1,2]", '{"_data": 5}'):
+        c = SSEClient(base + "/messages/_streams/all", headers={**AUTH, "Last-Event-ID": bad})
+        assert c.status == 400, bad
+        assert "Last-Event-ID" in json.loads(c.body())["message"]
+    assert requests.get(f"{base}/messages/_streams/all", headers={"Accept": "text/event-stream"}).status_code == 401
+    # a refused WebSocket handshake is an HTTP error, never a 101
+    with pytest.raises(websocket.WebSocketBadStatusException) as exc:
+        websocket.create_connection(ws_url(base, "/messages/_streams/all"),
+                                    header=["Authorization: Basic YWRtaW46d3Jvbmc="])
+    assert exc.value.status_code == 401
+    with pytest.raises(websocket.WebSocketBadStatusException) as exc:
+        open_ws(base, "/messages/_streams/all?lastEventId=nonsense")
+    assert exc.value.status_code == 400
+    # a handshake with a broken key
+    s = socket.create_connection(("127.0.0.1", live.port))
+    s.sendall(b"GET /messages/_streams/all HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: short\r\nAuthorization: " + ADMIN_HEADER.encode() + b"\r\n\r\n")
+    assert s.recv(100).startswith(b"HTTP/1.1 400")
+    s.close()
+    # bad stream definitions are refused when written, naming the stream
+    r = requests.put(f"{base}/other", auth=ADMIN, json={"streams": [{"uri": "x", "stages": [{"$group": {}}]}]})
+    assert r.status_code == 400 and "'x'" in r.json()["message"]
+
+
+def _seq_of(ev) -> int:
+    return ev.json()["fullDocument"]["seq"]
+
+
+def test_resume_under_concurrent_writes_loses_and_repeats_nothing(live):
+    base = live.url
+    put_streams(base, body={"streams": [{"uri": "all", "stages": []}]})
+    total = 200
+    received: list[int] = []
+    rng = random.Random(7)
+
+    def writer():
+        for i in range(total):
+            post(base, {"seq": i})
+            if i % 10 == 0:
+                time.sleep(0.01)
+
+    sse = open_sse(base, "/messages/_streams/all")
+    t = threading.Thread(target=writer)
+    t.start()
+    last_id = None
+    reconnects = 0
+    deadline = time.time() + 60
+    while len(received) < total and time.time() < deadline:
+        ev = sse.next_event(timeout=10)
+        assert ev is not None and ev.event == "change", ev
+        received.append(_seq_of(ev))
+        last_id = ev.id
+        if rng.random() < 0.05:  # drop the connection at a random point, resume
+            sse.close()
+            reconnects += 1
+            sse = open_sse(base, "/messages/_streams/all", headers={"Last-Event-ID": last_id})
+    t.join()
+    sse.close()
+    assert reconnects >= 3
+    assert received == list(range(total))
+
+
+def test_resume_from_engine_after_watcher_is_gone_and_across_restart(live_factory, tmp_path):
+    data_dir = str(tmp_path / "data")
+    server = live_factory(data_dir, STREAM_LINGER_SECONDS=0, STREAM_REPLAY_BUFFER=0)
+    base = server.url
+    put_streams(base, body={"streams": [{"uri": "all", "stages": [{"$match": {"operationType": "insert"}}]}]})
+    sse = open_sse(base, "/messages/_streams/all")
+    post(base, {"seq": 0})
+    first = sse.next_event()
+    sse.close()
+    for i in range(1, 6):
+        post(base, {"seq": i})
+    server.stop()
+    server2 = live_factory(data_dir)
+    for i in range(6, 9):
+        post(server2.url, {"seq": i})
+    sse = open_sse(server2.url, "/messages/_streams/all", headers={"Last-Event-ID": first.id})
+    got = [_seq_of(sse.next_event()) for _ in range(8)]
+    assert got == list(range(1, 9))
+    post(server2.url, {"seq": 9})
+    assert _seq_of(sse.next_event()) == 9
+    sse.close()
+
+
+def test_history_lost_gets_reset_then_live(live_factory):
+    server = live_factory(CHANGE_LOG_MAX_EVENTS=100, STREAM_LINGER_SECONDS=0)
+    base = server.url
+    put_streams(base, body={"streams": [{"uri": "all", "stages": []}]})
+    sse = open_sse(base, "/messages/_streams/all")
+    post(base, {"seq": 0})
+    old = sse.next_event().id
+    sse.close()
+    r = requests.post(f"{base}/messages", auth=ADMIN, json=[{"seq": i} for i in range(1, 400)])
+    assert r.status_code == 201
+    post(base, {"seq": 400})  # the retention cap drops the oldest events
+    sse = open_sse(base, "/messages/_streams/all", headers={"Last-Event-ID": old})
+    reset = sse.next_event()
+    assert reset.event == "reset"
+    assert "history" in reset.json()["reason"]
+    assert reset.id and json.loads(reset.id)["_data"]
+    post(base, {"seq": "live"})
+    assert sse.next_event().json()["fullDocument"]["seq"] == "live"
+    sse.close()
+    # the reset's id is a valid position: reconnecting with it does not loop
+    sse = open_sse(base, "/messages/_streams/all", headers={"Last-Event-ID": reset.id})
+    ev = sse.next_event()
+    assert ev.event == "change" and ev.json()["fullDocument"]["seq"] == "live"
+    sse.close()
+    # a token from another data store is reset too, never silently skipped
+    foreign = json.dumps({"_data": "0" * 32})
+    sse = open_sse(base, "/messages/_streams/all", headers={"Last-Event-ID": foreign})
+    assert sse.next_event().event == "reset"
+    sse.close()
+
+
+def test_disconnected_client_is_cleaned_up_within_two_seconds(live):
+    put_streams(live.url)
+    clients = [open_sse(live.url, "/messages/_streams/all") for _ in range(3)]
+    assert wait_for(lambda: live.status()["clients"] == 3)
+    for c in clients:
+        c.close()
+    t0 = time.time()
+    assert wait_for(lambda: live.status()["clients"] == 0, timeout=2.0)
+    assert time.time() - t0 < 2.0
+    # the watcher itself stops after its linger (0.5 s in the fixture)
+    assert wait_for(lambda: live.status()["watchers"] == 0, timeout=3.0)
+
+
+def test_slow_client_is_dropped_and_resumes_without_loss(live_factory):
+    server = live_factory(STREAM_CLIENT_QUEUE=5, STREAM_REPLAY_BUFFER=0)
+    base = server.url
+    put_streams(base, body={"streams": [{"uri": "all", "stages": []}]})
+    slow = open_sse(base, "/messages/_streams/all")  # never read until the end: it falls behind
+    fast = open_sse(base, "/messages/_streams/all")
+    blob = "x" * 60_000
+    n = 300  # 18 MB: more than the kernel's socket buffers absorb for the stalled reader
+    got_fast: list[int] = []
+    reader = threading.Thread(target=lambda: got_fast.extend(_seq_of(fast.next_event()) for _ in range(n)))
+    reader.start()
+    for i in range(0, n, 5):
+        requests.post(f"{base}/messages", auth=ADMIN, json=[{"seq": j, "blob": blob} for j in range(i, i + 5)])
+        time.sleep(0.02)
+    reader.join(30)
+    assert got_fast == list(range(n))  # the slow one never held the others back
+    # the slow client was ended (overflow) after some events; it resumes from its last id
+    seen, last_id = [], None
+    while True:
+        ev = slow.next_event(timeout=10)
+        if ev is None or ev.event == "end":
+            break
+        seen.append(_seq_of(ev))
+        last_id = ev.id
+    assert len(seen) < n
+    assert seen == list(range(len(seen)))
+    resumed = open_sse(base, "/messages/_streams/all", headers={"Last-Event-ID": last_id})
+    rest = [_seq_of(resumed.next_event()) for _ in range(n - len(seen))]
+    assert seen + rest == list(range(n))
+    resumed.close()
+    fast.close()
+
+
+def test_pipeline_error_is_reported_in_band_and_the_stream_goes_on(live):
+    base = live.url
+    body = {"streams": [{"uri": "div", "stages": [
+        {"_$match": {"operationType": "insert"}},
+        {"_$addFields": {"fullDocument::div": {"_$divide": [1, "$fullDocument.n"]}}},
+    ]}]}
+    assert put_streams(base, body=body) == 201
+    sse = open_sse(base, "/messages/_streams/div")
+    post(base, {"n": 1})
+    assert sse.next_event().json()["fullDocument"]["div"] == 1
+    post(base, {"n": "string"})
+    err = sse.next_event()
+    assert err.event == "error" and err.json()["error"]
+    assert err.id  # the failed event's position, so a reconnect does not replay it forever
+    post(base, {"n": 2})
+    assert sse.next_event().json()["fullDocument"]["div"] == 0.5
+    sse.close()
+
+
+def _ws_close_code(ws) -> int:
+    op, data = ws.recv_data(control_frame=True)
+    while op != websocket.ABNF.OPCODE_CLOSE:
+        op, data = ws.recv_data(control_frame=True)
+    return struct.unpack("!H", data[:2])[0]
+
+
+def test_redefining_a_stream_closes_only_its_clients_in_every_worker(live_factory):
+    server = live_factory(WORKERS=4, STREAM_LINGER_SECONDS=0.5)
+    base = server.url
+    body = {"streams": [{"uri": "a", "stages": []}, {"uri": "b", "stages": []}]}
+    assert put_streams(base, body=body) == 201
+    a_clients = [open_sse(base, "/messages/_streams/a") for _ in range(8)]
+    b_clients = [open_sse(base, "/messages/_streams/b") for _ in range(8)]
+    a_ws = open_ws(base, "/messages/_streams/a")
+    pids = set()
+    for _ in range(40):
+        pids.add(requests.get(base + "/_status", auth=ADMIN).json()["pid"])
+    assert len(pids) >= 2  # the clients are spread over several processes
+    body2 = {"streams": [{"uri": "a", "stages": [{"$match": {"operationType": "delete"}}]}, {"uri": "b", "stages": []}]}
+    assert put_streams(base, body=body2) == 200
+    for c in a_clients:
+        ev = c.next_event(timeout=5)
+        assert ev is not None and ev.event == "end"
+        assert c.next(5) is None  # the response ended
+    assert _ws_close_code(a_ws) == 4404
+    post(base, {"still": "open"})
+    for c in b_clients:
+        assert c.next_event(timeout=5).json()["fullDocument"]["still"] == "open"
+        c.close()
+
+
+def test_dropping_the_collection_closes_its_streams(live):
+    base = live.url
+    put_streams(base)
+    sse = open_sse(base, "/messages/_streams/all")
+    etag = requests.get(f"{base}/messages/_meta", auth=ADMIN).headers["ETag"]
+    assert requests.delete(f"{base}/messages", auth=ADMIN).status_code == 409
+    assert requests.delete(f"{base}/messages", auth=ADMIN, headers={"If-Match": etag}).status_code == 204
+    ev = sse.next_event(timeout=5)
+    assert ev.event == "end" and "dropped" in ev.json()["message"]
+    sse.close()
+
+
+def test_sigterm_ends_streams_cleanly(live_factory):
+    server = live_factory()
+    put_streams(server.url)
+    sse = open_sse(server.url, "/messages/_streams/all")
+    ws = open_ws(server.url, "/messages/_streams/all")
+    assert wait_for(lambda: server.status()["clients"] == 2)
+    t0 = time.time()
+    server.proc.send_signal(15)
+    ev = sse.next_event(timeout=10)
+    assert ev is not None and ev.event == "end" and ev.json()["reason"] == "shutdown"
+    assert sse.next(10) is None  # a clean end of the chunked body, no truncation error
+    assert _ws_close_code(ws) == 1001
+    assert server.proc.wait(15) == 0
+    assert time.time() - t0 < 8
