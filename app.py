@@ -8,11 +8,12 @@ from typing import Any
 
 from flask import Flask
 
-from blueprints import collections, documents, errors, health, security, streams
+from blueprints import collections, cors, demo, documents, errors, health, security, streams, tokens
 from services import config as settings
 from services.auth import Users
 from services.hub import Hub
 from services.storage import open_engine
+from services.tokens import Tokens, load_key
 
 log = logging.getLogger("changefeed")
 
@@ -39,9 +40,15 @@ def create_app(config: Mapping[str, Any] | None = None, engine=None) -> Flask:
     app.extensions["changefeed.engine"] = engine
     app.extensions["changefeed.users"] = users
     app.extensions["changefeed.hub"] = hub
+    app.extensions["changefeed.tokens"] = Tokens(load_key(conf["JWT_SECRET"], conf["DATA_DIR"]),
+                                                 conf["TOKEN_TTL_SECONDS"])
 
+    cors.init_app(app)
     security.init_app(app)
+    hub.access_changes_from(engine)
     app.register_blueprint(health.bp)
+    app.register_blueprint(demo.bp)
+    app.register_blueprint(tokens.bp)
     app.register_blueprint(streams.bp)
     app.register_blueprint(collections.bp)
     app.register_blueprint(documents.bp)

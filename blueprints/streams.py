@@ -13,6 +13,7 @@ import json
 import logging
 import socket as pysocket
 import struct
+import time
 
 import gevent
 from flask import Blueprint, Response, current_app, g, request
@@ -21,6 +22,7 @@ from services import sse
 from services.errors import BadRequest
 from services.hub import Control, Subscription, find_stream
 
+from . import security
 from .common import engine, hub, json_response
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,11 @@ def stream(coll: str, uri: str):
     else:
         token = _resume_token(request.headers.get("Last-Event-ID") or request.args.get("lastEventId"))
     sub = hub().subscribe(coll, uri, request.args.get("avars"), token,
-                          "websocket" if websocket else "sse", getattr(g, "user", None))
+                          "websocket" if websocket else "sse", g.user, read_filter=security.read_filter())
+    sub.client.access_check = security.access_checker(current_app._get_current_object())
+    if g.auth_expires is not None:
+        delay = max(0.0, g.auth_expires - time.time())
+        sub.expiry = gevent.spawn_later(delay, sub.client.end, "expired", "the token expired")
     if websocket:
         return _serve_websocket(sub, environ)
     return _sse_response(sub, environ)

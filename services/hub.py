@@ -118,6 +118,7 @@ class Client:
         self.ended: Control | None = None
         self.skip_through: Any = None  # positions at or before this were already seen
         self.catch_up_from: Any = None  # resume token to replay from the engine first
+        self.access_check: Any = None  # callable: does the client still have access?
 
     def push(self, item: Delivery | Control) -> None:
         if self.ended is not None:
@@ -242,6 +243,7 @@ class Subscription:
     def __init__(self, hub: Hub, client: Client):
         self.hub = hub
         self.client = client
+        self.expiry: gevent.Greenlet | None = None  # ends the client when its token expires
 
     def items(self, heartbeat: float) -> Iterator[list[Delivery | Control]]:
         """Yield batches of items; an empty batch after `heartbeat` seconds of silence.
@@ -298,6 +300,8 @@ class Subscription:
             stream.close()
 
     def close(self) -> None:
+        if self.expiry is not None:
+            self.expiry.kill(block=False)
         self.hub.unsubscribe(self.client)
 
 
@@ -315,26 +319,36 @@ class Hub:
 
     # -- opening --
 
-    def prepare(self, coll: str, uri: str, avars_raw: str | None) -> tuple[tuple, str, Any]:
-        """Find the stream definition and bind its variables; 404/400 before any response."""
+    def prepare(self, coll: str, uri: str, avars_raw: str | None,
+                read_filter: dict | None = None) -> tuple[tuple, str, Any]:
+        """Find the stream definition and bind its variables; 404/400 before any response.
+
+        `read_filter` (an ACL permission's, already interpolated) is applied to
+        `fullDocument` before the stream's own stages, as it is to GETs.
+        """
         props = self.engine.get_collection(coll)
         definition = find_stream(props, uri)
+        stages = list(definition.get("stages", []))
+        if read_filter:
+            stages.insert(0, {"$match": read_filter_on_events(read_filter)})
         try:
             avars = pipelines.parse_avars(avars_raw)
-            compiled = pipelines.compile_pipeline(definition.get("stages", []), avars)
+            compiled = pipelines.compile_pipeline(stages, avars)
         except (pipelines.AvarsError, pipelines.VariableError, pipelines.PipelineError) as exc:
             raise BadRequest(str(exc)) from None
+        if coll == "users":
+            compiled = _WithoutPasswords(compiled)
         resolved = json_util.dumps(compiled.stages if hasattr(compiled, "stages") else definition,
                                    json_options=json_util.CANONICAL_JSON_OPTIONS, sort_keys=False)
         key = (coll, uri, resolved)
         return key, json.dumps(definition, sort_keys=True), compiled
 
     def subscribe(self, coll: str, uri: str, avars_raw: str | None, resume: dict | None,
-                  transport: str, user: Any = None) -> Subscription:
+                  transport: str, user: Any = None, read_filter: dict | None = None) -> Subscription:
         """Register a client on its stream key, resuming after `resume` when given."""
         if self.closing:
             raise ChangefeedError("server is shutting down")
-        key, definition, compiled = self.prepare(coll, uri, avars_raw)
+        key, definition, compiled = self.prepare(coll, uri, avars_raw, read_filter)
         resume_pos = self.engine.position(resume) if resume is not None else None
         # From here to the registration nothing may yield, so no event slips between.
         watcher = self.watchers.get(key)
@@ -367,6 +381,34 @@ class Hub:
             watcher.idle_since = time.monotonic()
             if self.linger <= 0:
                 watcher.stop()
+
+    # -- access --
+
+    def access_changes_from(self, engine: Engine) -> None:
+        """Re-check every client's access when users or the ACL change, in any process."""
+        engine.on_document_change(self._on_security_change)
+        self._recheck_pending = False
+
+    def _on_security_change(self, coll: str, key: Any) -> None:
+        if coll not in ("users", "acl") or self._recheck_pending:
+            return
+        self._recheck_pending = True
+        gevent.spawn(self._recheck_access)
+
+    def _recheck_access(self) -> None:
+        self._recheck_pending = False
+        for watcher in list(self.watchers.values()):
+            for client in list(watcher.clients):
+                check = client.access_check
+                if check is None or client.ended is not None:
+                    continue
+                try:
+                    allowed = check()
+                except Exception:
+                    log.exception("access re-check failed; ending the client")
+                    allowed = False
+                if not allowed:
+                    client.end("revoked", "access to this stream was withdrawn")
 
     # -- lifecycle --
 
@@ -414,6 +456,42 @@ class Hub:
             "clients": sum(s["clients"] for s in streams),
             "streams": streams,
         }
+
+
+class _WithoutPasswords:
+    """Wraps a users stream's pipeline: password hashes never reach any stage or client."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.stages = getattr(inner, "stages", [])
+
+    def apply(self, event: dict) -> dict | None:
+        event = dict(event)
+        if isinstance(event.get("fullDocument"), dict):
+            event["fullDocument"] = {k: v for k, v in event["fullDocument"].items() if k != "password"}
+        desc = event.get("updateDescription")
+        if isinstance(desc, dict):
+            desc = dict(desc)
+            desc["updatedFields"] = {k: v for k, v in (desc.get("updatedFields") or {}).items()
+                                     if k != "password" and not k.startswith("password.")}
+            desc["removedFields"] = [f for f in desc.get("removedFields") or [] if f != "password"]
+            event["updateDescription"] = desc
+        return self.inner.apply(event) if self.inner is not None else event
+
+
+def read_filter_on_events(read_filter: dict) -> dict:
+    """Rewrite a document filter to match change events' `fullDocument` (deletes never match)."""
+    out: dict = {}
+    for key, value in read_filter.items():
+        if key in ("$and", "$or", "$nor"):
+            if not isinstance(value, list):
+                raise BadRequest(f"readFilter: {key} needs an array")
+            out[key] = [read_filter_on_events(v) for v in value]
+        elif key.startswith("$"):
+            raise BadRequest(f"readFilter: {key} cannot be applied to a stream")
+        else:
+            out[f"fullDocument.{key}"] = value
+    return out
 
 
 def find_stream(props: dict, uri: str) -> dict:

@@ -99,6 +99,10 @@ class Engine(ABC):
     def drop_collection(self, coll: str, if_match: str) -> None:
         """Drop the collection, its documents and its properties; emits a `drop` event."""
 
+    @abstractmethod
+    def ensure_collection(self, coll: str) -> None:
+        """Create an empty collection if it does not exist (users and acl at start-up)."""
+
     # -- documents ---------------------------------------------------------------------
 
     @abstractmethod
@@ -150,6 +154,10 @@ class Engine(ABC):
         Without `resume_after` the stream starts at the current end of the feed.
         :raise HistoryLost: `resume_after` is older than the retained history.
         """
+
+    @abstractmethod
+    def collection_version(self, coll: str) -> Any:
+        """A value that changes whenever the collection's documents change (ACL cache key)."""
 
     @abstractmethod
     def position(self, token: dict) -> Any:

@@ -546,6 +546,11 @@ class EmbeddedEngine(Engine):
 
         self._write(run)
 
+    def collection_version(self, coll: str) -> int:
+        """The position of the collection's last change: equal values mean nothing changed."""
+        row = self._run(lambda c: c.execute("SELECT MAX(seq) FROM changes WHERE coll=?", (coll,)).fetchone())
+        return row[0] or 0
+
     def ensure_collection(self, coll: str) -> None:
         """Create an empty collection if it does not exist (users, acl at start-up)."""
 
