@@ -1,0 +1,278 @@
+"""`make bench`: run changefeed under its real gunicorn config and measure it from another process.
+
+Usage: python -m bench [--sizes 1000,5000,10000] [--bursts 8] [--out bench/RESULTS.md] [--smoke]
+
+Scenarios: insert-to-client latency with 100 SSE clients; fan-out to N SSE clients;
+mixed SSE/WebSocket; catch-up of 10,000 missed events; RSS per idle connection and after
+the clients leave. Load goes to 127.0.0.1 only; every loop is bounded in count and time;
+the server is stopped by its process id at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import closing
+
+from . import loadgen
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, data_dir: str, **env):
+        self.port = free_port()
+        self.env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "DATA_DIR": data_dir,
+                    "LOG_LEVEL": "warning", **{k: str(v) for k, v in env.items()}}
+        self.log = open(os.path.join(data_dir + ".log"), "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "gunicorn.conf.py")],
+                                     cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                self.get("/_health")
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("server did not start")
+        self.worker_pid = self.get("/_status")["pid"]
+
+    def get(self, path: str):
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", headers={"Authorization": loadgen.AUTH})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    def put(self, path: str, body) -> None:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=json.dumps(body).encode(),
+                                     method="PUT", headers={"Authorization": loadgen.AUTH,
+                                                            "Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=10).read()
+
+    def rss_kb(self) -> int:
+        with open(f"/proc/{self.worker_pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.worker_pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def bursts(server: Server, clients: loadgen.Clients, n_bursts: int, per_burst: int = 1, gap: float = 0.3) -> dict:
+    """Insert `per_burst` marked documents per burst; time each client's receipt of the last."""
+    from_resp, from_send, last_client, cpu = [], [], [], 0.0
+    deliveries = 0
+    for b in range(n_bursts + 1):  # burst 0 warms up and is not counted
+        markers = [f"mk-{b}-{i}" for i in range(per_burst)]
+        body = [{"marker": m} for m in markers] if per_burst > 1 else {"marker": markers[0]}
+        c0 = server.cpu_seconds()
+        t_send, t_resp = loadgen.post("127.0.0.1", server.port, "/bench", body)
+        clients.wait_markers(markers, time.time() + 30)
+        arrivals = [c.seen.get(markers[-1]) for c in clients.conns.values()]
+        missing = sum(a is None for a in arrivals)
+        if missing:
+            raise RuntimeError(f"burst {b}: {missing} clients missed the marker")
+        time.sleep(0.05)
+        if b == 0:
+            time.sleep(gap)
+            continue
+        cpu += server.cpu_seconds() - c0
+        deliveries += len(arrivals) * per_burst
+        from_resp += [max(0.0, (a - t_resp) * 1000) for a in arrivals]
+        from_send += [(a - t_send) * 1000 for a in arrivals]
+        last_client.append((max(arrivals) - t_send) * 1000)
+        time.sleep(gap)
+    return {
+        "from_response": loadgen.summarize(from_resp),
+        "from_send": loadgen.summarize(from_send),
+        "last_client_ms": loadgen.summarize(last_client),
+        "cpu_us_per_delivery": round(cpu / deliveries * 1e6, 2) if deliveries else None,
+        "deliveries": deliveries,
+    }
+
+
+def scenario_latency(data_root: str, n: int, n_bursts: int) -> dict:
+    server = Server(os.path.join(data_root, f"lat{n}"))
+    try:
+        server.put("/bench", {"streams": [{"uri": "all", "stages": [{"$match": {"operationType": "insert"}}]}]})
+        clients = loadgen.Clients("127.0.0.1", server.port)
+        clients.open(n, "/bench/_streams/all", ["sse"])
+        result = bursts(server, clients, n_bursts, gap=0.1)
+        clients.close()
+        return result
+    finally:
+        server.stop()
+
+
+def scenario_fanout(data_root: str, n: int, kinds: list[str], n_bursts: int) -> dict:
+    server = Server(os.path.join(data_root, f"fan{n}{''.join(kinds)}"))
+    try:
+        server.put("/bench", {"streams": [{"uri": "all", "stages": []}]})
+        rss0 = server.rss_kb()
+        clients = loadgen.Clients("127.0.0.1", server.port)
+        connect_s = clients.open(n, "/bench/_streams/all", kinds)
+        time.sleep(1)
+        rss1 = server.rss_kb()
+        single = bursts(server, clients, n_bursts)
+        batch = bursts(server, clients, max(3, n_bursts // 2), per_burst=10)
+        # deliveries/s: one burst of 10 events reached every client in `last` ms
+        dps = round(n * 10 / (batch["last_client_ms"]["p50"] / 1000)) if batch["last_client_ms"]["p50"] else None
+        clients.close()
+        time.sleep(2.5)
+        rss2 = server.rss_kb()
+        status = server.get("/_status")
+        return {
+            "n": n, "kinds": kinds, "connect_s": round(connect_s, 2),
+            "rss_per_conn_kb": round((rss1 - rss0) / n, 1), "rss_after_leave_mb": round(rss2 / 1024, 1),
+            "rss_open_mb": round(rss1 / 1024, 1), "clients_after_leave": status["clients"],
+            "single": single, "batch10": batch, "deliveries_per_s": dps,
+        }
+    finally:
+        server.stop()
+
+
+def _read_until(sock: socket.socket, marker: bytes, deadline: float) -> bytes:
+    buf = b""
+    while marker not in buf and time.time() < deadline:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def scenario_catch_up(data_root: str, missed: int) -> dict:
+    """A client that missed `missed` events reconnects with Last-Event-ID: time to the last one."""
+    server = Server(os.path.join(data_root, "catchup"), STREAM_LINGER_SECONDS=0)
+    try:
+        server.put("/bench", {"streams": [{"uri": "all", "stages": []}]})
+        s = socket.create_connection(("127.0.0.1", server.port))
+        s.sendall(loadgen._request("/bench/_streams/all", "sse", "bench"))
+        _read_until(s, b"connected", time.time() + 10)
+        loadgen.post("127.0.0.1", server.port, "/bench", {"marker": "mk-first"})
+        buf = _read_until(s, b"mk-first", time.time() + 10)
+        token = buf.split(b"id:", 1)[1].split(b"\n", 1)[0].decode()
+        s.close()
+        for i in range(0, missed, 1000):
+            loadgen.post("127.0.0.1", server.port, "/bench", [{"i": j} for j in range(i, min(missed, i + 1000))])
+        loadgen.post("127.0.0.1", server.port, "/bench", {"marker": "mk-last"})
+        time.sleep(0.5)
+        s = socket.create_connection(("127.0.0.1", server.port))
+        t0 = time.perf_counter()
+        s.sendall(loadgen._request("/bench/_streams/all", "sse", "bench", f"Last-Event-ID: {token}\r\n"))
+        buf = _read_until(s, b"mk-last", time.time() + 60)
+        elapsed = time.perf_counter() - t0
+        s.close()
+        return {"missed": missed, "events_received": buf.count(b"event:change"),
+                "seconds_to_last": round(elapsed, 3)}
+    finally:
+        server.stop()
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Python {platform.python_version()}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="1000,5000,10000")
+    ap.add_argument("--bursts", type=int, default=8)
+    ap.add_argument("--catch-up", type=int, default=10000)
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "RESULTS.md"))
+    ap.add_argument("--smoke", action="store_true", help="N=50, a few bursts, no report file")
+    args = ap.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    sizes = [50] if args.smoke else [int(x) for x in args.sizes.split(",")]
+    n_bursts = 3 if args.smoke else args.bursts
+    missed = 200 if args.smoke else args.catch_up
+    data_root = tempfile.mkdtemp(prefix="changefeed-bench-")
+    results: dict = {"machine": machine(), "command": " ".join(["python -m bench", *sys.argv[1:]])}
+    try:
+        results["latency_100"] = scenario_latency(data_root, 10 if args.smoke else 100, n_bursts * 2)
+        results["fanout"] = [scenario_fanout(data_root, n, ["sse"], n_bursts) for n in sizes]
+        mixed_n = sizes[0] if args.smoke else min(5000, max(sizes))
+        results["mixed"] = scenario_fanout(data_root, mixed_n, ["sse", "ws"], n_bursts)
+        results["catch_up"] = scenario_catch_up(data_root, missed)
+    finally:
+        shutil.rmtree(data_root, ignore_errors=True)
+    print(json.dumps(results, indent=1))
+    if not args.smoke:
+        with open(args.out, "a") as f:
+            f.write(report(results))
+    return 0
+
+
+def report(r: dict) -> str:
+    lines = [f"\n## Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n",
+             f"Command: `{r['command']}` (make bench). Machine: {r['machine']}. Load generator: a separate "
+             "process on the same 2 cores (raw sockets + epoll). One gunicorn worker, real gunicorn.conf.py, "
+             "embedded engine.\n",
+             "| scenario | N | p50 ms | p99 ms | max ms | last client p50 ms | CPU µs/delivery | deliveries/s | RSS/conn KB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lat = r["latency_100"]
+    lines.append(f"| insert→client (from POST response), SSE | 100 | {lat['from_response']['p50']} | "
+                 f"{lat['from_response']['p99']} | {lat['from_response']['max']} | {lat['last_client_ms']['p50']} | "
+                 f"{lat['cpu_us_per_delivery']} | | |")
+    for f in [*r["fanout"], r["mixed"]]:
+        name = "fan-out SSE" if f["kinds"] == ["sse"] else "fan-out half SSE / half WS"
+        s = f["single"]
+        lines.append(f"| {name}, 1 event | {f['n']} | {s['from_send']['p50']} | {s['from_send']['p99']} | "
+                     f"{s['from_send']['max']} | {s['last_client_ms']['p50']} | {s['cpu_us_per_delivery']} | | "
+                     f"{f['rss_per_conn_kb']} |")
+        b = f["batch10"]
+        lines.append(f"| {name}, bursts of 10 events | {f['n']} | {b['from_send']['p50']} | {b['from_send']['p99']} | "
+                     f"{b['from_send']['max']} | {b['last_client_ms']['p50']} | {b['cpu_us_per_delivery']} | "
+                     f"{f['deliveries_per_s']} | |")
+    c = r["catch_up"]
+    lines.append(f"\nCatch-up: a client that missed {c['missed']} events received {c['events_received']} "
+                 f"and the last one after {c['seconds_to_last']} s.\n")
+    for f in [*r["fanout"], r["mixed"]]:
+        lines.append(f"- N={f['n']} {'/'.join(f['kinds'])}: connect {f['connect_s']} s, RSS {f['rss_open_mb']} MB open, "
+                     f"{f['rss_after_leave_mb']} MB after all left, clients registered after leaving: "
+                     f"{f['clients_after_leave']}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
