@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 _CANONICAL = json_util.CANONICAL_JSON_OPTIONS
 _FEED_ROWS = 20_000  # rows each process keeps in memory for its streams
 _DB_BATCH = 1_000
+_TAIL_BATCH = 5_000
 _PRUNE_EVERY_SECONDS = 30.0
 
 _SCHEMA = """
@@ -361,9 +362,15 @@ class EmbeddedEngine(Engine):
 
     def tail_once(self) -> None:
         """Pull new change-log rows into the feed and tell the listeners."""
-        rows = self._run(self._fetch_after, self._feed.tail)
-        if not rows:
-            return
+        while True:
+            rows = self._run(self._fetch_after, self._feed.tail)
+            if not rows:
+                return
+            self._deliver(rows)
+            if len(rows) < _TAIL_BATCH:
+                return
+
+    def _deliver(self, rows: list[_Row]) -> None:
         self._feed.extend(rows)
         for row in rows:
             if row.kind != "event":
@@ -384,7 +391,7 @@ class EmbeddedEngine(Engine):
     @staticmethod
     def _fetch_after(conn: sqlite3.Connection, seq: int) -> list[_Row]:
         cur = conn.execute(
-            "SELECT seq, coll, kind, event FROM changes WHERE seq > ? ORDER BY seq LIMIT 5000", (seq,)
+            "SELECT seq, coll, kind, event FROM changes WHERE seq > ? ORDER BY seq LIMIT ?", (seq, _TAIL_BATCH)
         )
         return [_Row(*r) for r in cur.fetchall()]
 
