@@ -11,6 +11,7 @@ from bson.objectid import ObjectId
 from flask import Response, current_app, request
 
 from services.errors import BadRequest, UnsupportedMediaType
+from services.query import MAX_NESTING, check_bson_limits
 
 RELAXED = json_util.RELAXED_JSON_OPTIONS
 RESERVED_NAMES = {"_streams", "_meta", "_health", "_demo", "_status", "token", "_size"}
@@ -90,8 +91,11 @@ def json_body(allow_array: bool = False, extended: bool = True) -> Any:
     try:
         text = raw.decode("utf-8")
         value = json_util.loads(text) if extended else json.loads(text)
+    except RecursionError:
+        raise BadRequest(f"the request body is nested deeper than {MAX_NESTING} levels") from None
     except (ValueError, TypeError, InvalidId) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    check_bson_limits(value, "the request body")
     kinds = "a JSON object or array" if allow_array else "a JSON object"
     if isinstance(value, list):
         if not allow_array:

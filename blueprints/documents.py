@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from bson.regex import Regex
 from flask import Blueprint, request
 
-from services import auth, query, updates
-from services.errors import BadRequest
+import datetime
 
+from services import acl, auth, query, updates
+from services.errors import BadRequest, DocumentNotFound
+
+from . import security
 from .common import (
     check_field_names,
     check_name,
@@ -29,6 +33,15 @@ from .common import (
 bp = Blueprint("documents", __name__)
 
 _WRITE_MODES = ("insert", "update", "upsert")
+ACL = "acl"
+
+
+def _validate_acl(doc: Any) -> None:
+    """An ACL document is checked when written (400 naming the fault), not only when loaded."""
+    try:
+        acl.validate_acl_document(doc)
+    except ValueError as exc:  # PredicateError is a ValueError
+        raise BadRequest(f"invalid ACL document: {exc}") from None
 
 
 def _shown(coll: str, doc: dict) -> dict:
@@ -37,9 +50,13 @@ def _shown(coll: str, doc: dict) -> dict:
 
 def _prepared(coll: str, doc: dict, doc_id: Any = None) -> dict:
     check_field_names(doc)
+    if isinstance(doc.get("_id"), (list, Regex)):
+        raise BadRequest("the _id cannot be an array or a regular expression")
     doc = {k: v for k, v in doc.items() if k != "_etag"}
     if coll == auth.USERS:
         doc = auth.prepare_user(doc, doc_id)
+    if coll == ACL:
+        _validate_acl(doc)
     return doc
 
 
@@ -57,12 +74,18 @@ def _etag(doc: dict) -> dict:
 @bp.get("/<coll>")
 def list_documents(coll: str):
     filter_ = query.parse_filter(request.args.getlist("filter"))
+    restriction = security.read_filter()
+    if restriction:
+        filter_ = {"$and": [filter_, restriction]} if filter_ else restriction
     if coll == auth.USERS and "password" in dumps(filter_):
         raise BadRequest("filtering on the password field is not allowed")
     sort = query.parse_sort(request.args.getlist("sort"))
     keys = query.parse_keys(request.args.getlist("keys"))
     page = int_arg("page", 1, 1, 1_000_000)
     pagesize = int_arg("pagesize", 100, 0, 1000)
+    if pagesize == 0:  # RESTHeart: no documents (the engine's limit 0 would mean "all")
+        engine().get_collection(coll)  # still 404 for an unknown collection
+        return json_response([])
     docs = engine().find(coll, filter_, sort, keys, (page - 1) * pagesize, pagesize)
     return json_response([_shown(coll, d) for d in docs])
 
@@ -81,7 +104,12 @@ def create_documents(coll: str):
 
 @bp.get("/<coll>/<doc_id>")
 def get_document(coll: str, doc_id: str):
-    doc = engine().get_document(coll, parse_id(doc_id))
+    oid = parse_id(doc_id)
+    doc = engine().get_document(coll, oid)
+    restriction = security.read_filter()
+    if restriction and not engine().find(coll, {"$and": [{"_id": oid}, restriction]}, [], None, 0, 1):
+        # the permission's readFilter hides it: as absent as in GET /<coll>
+        raise DocumentNotFound(coll, str(oid))
     headers = _etag(doc)
     if request.headers.get("If-None-Match", "").strip('"') == headers.get("ETag"):
         return empty_response(304, headers)
@@ -122,8 +150,22 @@ def update_document(coll: str, doc_id: str):
             if op != "$set" or not isinstance(fields.get("password"), str):
                 raise BadRequest("a user's password can only be set to a new string")
             fields["password"] = auth.prepare_user({"_id": str(oid), **{"password": fields["password"]}})["password"]
-    for op in ("$set", "$setOnInsert"):
-        check_field_names(list(spec.get(op, {}).values()))
+        if coll == auth.USERS and op == "$rename" and isinstance(fields, dict) and any(
+            isinstance(to, str) and to.startswith("password") for to in fields.values()
+        ):
+            raise BadRequest("a user's password can only be set to a new string")
+    for op, fields in spec.items():
+        # values that become stored fields must not carry '$' names (as POST refuses them)
+        if not isinstance(fields, dict):
+            continue
+        if op in ("$set", "$setOnInsert", "$min", "$max"):
+            check_field_names(list(fields.values()))
+        elif op in ("$push", "$addToSet"):
+            for value in fields.values():
+                each = isinstance(value, dict) and "$each" in value
+                check_field_names(value["$each"] if each else value)
+    if coll == ACL:
+        _validate_acl_update(oid, spec, upsert=mode == "upsert")
     try:
         created, stored = engine().update_document(
             coll, oid, spec, if_match=request.headers.get("If-Match"), upsert=mode == "upsert"
@@ -131,6 +173,24 @@ def update_document(coll: str, doc_id: str):
     except updates.UpdateError as exc:
         raise BadRequest(str(exc)) from None
     return json_response({"_id": stored["_id"]}, status=201 if created else 200, headers=_etag(stored))
+
+
+def _validate_acl_update(oid: Any, spec: dict, upsert: bool) -> None:
+    """Apply a PATCH to the current ACL document in memory and validate the result."""
+    try:
+        current = engine().get_document(ACL, oid)
+    except DocumentNotFound:
+        if not upsert:
+            raise
+        insert_spec = dict(spec)
+        if "$setOnInsert" in insert_spec:
+            insert_spec["$set"] = {**insert_spec.get("$set", {}), **insert_spec.pop("$setOnInsert")}
+        spec, current = insert_spec, {"_id": oid}
+    try:
+        result, _ = updates.apply_update(current, spec, datetime.datetime.now(datetime.timezone.utc))
+    except updates.UpdateError as exc:
+        raise BadRequest(str(exc)) from None
+    _validate_acl(result)
 
 
 @bp.delete("/<coll>/<doc_id>")

@@ -19,6 +19,29 @@ from mongomock.collection import _combine_projection_spec, _project_by_spec
 from .errors import BadRequest
 
 FORBIDDEN_OPERATORS = ("$where", "$function", "$accumulator")
+MAX_NESTING = 100  # MongoDB refuses documents nested deeper than 100 levels
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def check_bson_limits(value: Any, what: str) -> None:
+    """Refuse what BSON cannot hold: nesting deeper than 100 levels, integers beyond int64.
+
+    Iterative, so a deeply nested body is refused with a 400 instead of overflowing the
+    stack somewhere later (json encoding in the threadpool, the query evaluator).
+    """
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, bool):
+            continue
+        if isinstance(item, int):
+            if not _INT64[0] <= item <= _INT64[1]:
+                raise BadRequest(f"{what} has an integer that does not fit in 64 bits: {item}")
+        elif isinstance(item, (dict, list)):
+            if depth >= MAX_NESTING:
+                raise BadRequest(f"{what} is nested deeper than {MAX_NESTING} levels")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
 
 
 def forbidden_operator(value: Any) -> str | None:
@@ -41,9 +64,13 @@ def forbidden_operator(value: Any) -> str | None:
 def loads_json(raw: str, what: str) -> Any:
     """Parse Extended JSON from a query parameter, or raise BadRequest naming it."""
     try:
-        return json_util.loads(raw)
+        value = json_util.loads(raw)
+    except RecursionError:
+        raise BadRequest(f"illegal {what} parameter: nested deeper than {MAX_NESTING} levels") from None
     except (ValueError, TypeError, InvalidId) as exc:
         raise BadRequest(f"illegal {what} parameter, it is not valid JSON: {raw} ({exc})") from None
+    check_bson_limits(value, f"the {what} parameter")
+    return value
 
 
 def parse_filter(values: list[str]) -> dict:
