@@ -397,3 +397,24 @@ def test_sigterm_ends_streams_cleanly(live_factory):
     assert _ws_close_code(ws) == 1001
     assert server.proc.wait(15) == 0
     assert time.time() - t0 < 8
+
+
+def test_websocket_pings_ignores_client_messages_and_is_cleaned_up(live_factory):
+    server = live_factory(WS_PING_SECONDS=0.3, STREAM_LINGER_SECONDS=0.5)
+    base = server.url
+    put_streams(base)
+    ws = open_ws(base, "/messages/_streams/all")
+    ws.send("hello, server")  # client messages are ignored, the stream goes on
+    op, _ = ws.recv_data(control_frame=True)
+    assert op == websocket.ABNF.OPCODE_PING
+    post(base, {"message": "after ping"})
+    op, data = ws.recv_data(control_frame=True)
+    while op != websocket.ABNF.OPCODE_TEXT:
+        op, data = ws.recv_data(control_frame=True)
+    assert json.loads(data)["fullDocument"]["message"] == "after ping"
+    assert wait_for(lambda: server.status()["clients"] == 1)
+    ws.sock.shutdown(socket.SHUT_RDWR)  # vanish without a close frame
+    ws.sock.close()
+    t0 = time.time()
+    assert wait_for(lambda: server.status()["clients"] == 0, timeout=2.0)
+    assert time.time() - t0 < 2.0
