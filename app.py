@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Mapping
 from typing import Any
 
+import gevent
 from flask import Flask
 
 from blueprints import collections, cors, demo, documents, errors, health, security, streams, tokens
@@ -18,24 +20,59 @@ from services.tokens import Tokens, load_key
 log = logging.getLogger("changefeed")
 
 
+def _configure_logging(level: str) -> None:
+    """Give the app's loggers gunicorn's line format on stderr (gunicorn only sets up its own)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
+                                               "%Y-%m-%d %H:%M:%S %z"))
+        root.addHandler(handler)
+    for name in ("changefeed", "services", "blueprints"):
+        logging.getLogger(name).setLevel(level.upper())
+
+
+def _bootstrap(engine, users: Users, conf: dict) -> None:
+    """Create the users and acl collections, and the default admin when there are no users."""
+    for coll in ("users", "acl"):
+        engine.ensure_collection(coll)
+    users.ensure_default_admin(conf["ADMIN_PASSWORD"])
+
+
+def _bootstrap_until_done(engine, users: Users, conf: dict) -> None:
+    delay = 0.5
+    while True:
+        try:
+            _bootstrap(engine, users, conf)
+            return
+        except Exception as exc:
+            log.warning("waiting for the database: %s (retry in %.0f s)", exc, delay)
+            gevent.sleep(delay + random.random() * delay)
+            delay = min(delay * 2, 30.0)
+
+
 def create_app(config: Mapping[str, Any] | None = None, engine=None) -> Flask:
     """Build the app. `config` overrides settings from the environment (tests use it).
 
     The engine is opened here, once per worker process after the fork, never at import.
     """
     conf = settings.load(overrides=config)
+    _configure_logging(conf["LOG_LEVEL"])
     app = Flask(__name__)
     app.config.update(conf)
     app.config["MAX_CONTENT_LENGTH"] = conf["MAX_CONTENT_LENGTH"]
     app.json.sort_keys = False
 
     engine = engine or open_engine(conf)
-    for coll in ("users", "acl"):
-        engine.ensure_collection(coll)
     users = Users(engine)
-    users.ensure_default_admin(conf["ADMIN_PASSWORD"])
     hub = Hub(engine, conf)
     engine.start()
+    if engine.name == "embedded":
+        _bootstrap(engine, users, conf)
+    else:
+        # A MongoDB that is down must not keep the worker from booting (gunicorn would kill
+        # it): the security collections are set up in the background, /_health says 503.
+        gevent.spawn(_bootstrap_until_done, engine, users, conf)
 
     app.extensions["changefeed.engine"] = engine
     app.extensions["changefeed.users"] = users
