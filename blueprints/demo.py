@@ -36,7 +36,8 @@ function show(kind, event) {
   document.getElementById('events').appendChild(li);
 }
 for (const kind of ['change', 'reset', 'error', 'end', 'revoked', 'expired']) {
-  es.addEventListener(kind, event => show(kind, event));
+  // a failed connection fires a plain 'error' Event too: only the server's events are shown
+  es.addEventListener(kind, event => { if (event instanceof MessageEvent) show(kind, event); });
 }
 </script></body></html>
 """

@@ -20,7 +20,7 @@ from flask import Blueprint, Response, current_app, g, request
 
 from services import sse
 from services.errors import BadRequest
-from services.hub import Control, Subscription, find_stream
+from services.hub import Control, Subscription, end_control, find_stream
 
 from . import security
 from .common import engine, hub, json_response
@@ -99,6 +99,11 @@ def stream(coll: str, uri: str):
         token = _resume_token(request.args.get("lastEventId"))
     else:
         token = _resume_token(request.headers.get("Last-Event-ID") or request.args.get("lastEventId"))
+    if not websocket and hub().closing:
+        # A draining worker still reads requests on kept-alive sockets (and for up to 1 s on
+        # new ones). Any non-200 would close an EventSource for good, so it gets `end` and
+        # retries after `retry:` with its Last-Event-ID, by then on the next server.
+        return _draining_sse_response()
     sub = hub().subscribe(coll, uri, request.args.get("avars"), token,
                           "websocket" if websocket else "sse", g.user, read_filter=security.read_filter())
     sub.client.access_check = security.access_checker(current_app._get_current_object())
@@ -138,6 +143,12 @@ def _watch_for_hangup(environ: dict, sub: Subscription):
 
     watcher.start(on_readable)
     return watcher
+
+
+def _draining_sse_response() -> Response:
+    body = sse.retry(current_app.config["SSE_RETRY_MS"]) + end_control("shutdown").sse
+    return Response(body, status=200, mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "close"})
 
 
 def _sse_response(sub: Subscription, environ: dict) -> Response:

@@ -34,7 +34,7 @@ from bson import json_util
 
 from . import pipeline as pipelines
 from . import sse
-from .errors import BadRequest, ChangefeedError, HistoryLost, NotFound
+from .errors import BadRequest, HistoryLost, NotFound, Unavailable
 from .storage import Change, Engine, MetaChange
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,11 @@ class Watcher:
                 self._reopen()
                 continue
             if change is None:
+                if getattr(self.stream, "ended", False):  # invalidated: collection dropped or renamed
+                    self.end_clients("removed", getattr(self.stream, "end_reason", "")
+                                     or f"collection '{self.coll}' was dropped or renamed")
+                    self.stop()
+                    return
                 if not self.clients and time.monotonic() - self.idle_since >= self.hub.linger:
                     self.stop()
                 continue
@@ -347,7 +352,7 @@ class Hub:
                   transport: str, user: Any = None, read_filter: dict | None = None) -> Subscription:
         """Register a client on its stream key, resuming after `resume` when given."""
         if self.closing:
-            raise ChangefeedError("server is shutting down")
+            raise Unavailable("server is shutting down; reconnect shortly")
         key, definition, compiled = self.prepare(coll, uri, avars_raw, read_filter)
         resume_pos = self.engine.position(resume) if resume is not None else None
         # From here to the registration nothing may yield, so no event slips between.
