@@ -16,12 +16,15 @@ from gevent import pywsgi
 from geventwebsocket.handler import WebSocketHandler
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
 
-_SECRET_PARAMS = re.compile(r"(?i)((?:^|[?&])(?:access_token|token)=)[^&\s]*")
+# `access%5Ftoken` is `access_token` to the app too, so the encoded name is hidden as well.
+_SECRET_PARAMS = re.compile(r"(?i)((?:^|[?&;])(?:access|%61ccess)?(?:_|%5f)?(?:token|%74oken)=)[^&;\s'\"]*")
+# Anything shaped like a JWT (header.payload.signature, base64url), wherever it appears.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 
 def scrub(text: str) -> str:
-    """Hide token values in a request line or query string (access logs never show tokens)."""
-    return _SECRET_PARAMS.sub(r"\1***", text)
+    """Hide token values in a request line, query string or error message (logs never show tokens)."""
+    return _JWT.sub("***", _SECRET_PARAMS.sub(r"\1***", text))
 
 
 KEEPALIVE_SECONDS = 5.0
@@ -37,11 +40,22 @@ class Handler(WebSocketHandler, PyWSGIHandler):
         return super().handle()
 
     def log_request(self):
-        self.environ["QUERY_STRING"] = scrub(self.environ.get("QUERY_STRING", ""))
-        self.environ["RAW_URI"] = scrub(self.environ.get("RAW_URI", ""))
         if getattr(self, "requestline", None):
             self.requestline = scrub(self.requestline)
+        if self.environ is None:  # the request was refused before an environ existed
+            return
+        self.environ["QUERY_STRING"] = scrub(self.environ.get("QUERY_STRING", ""))
+        self.environ["RAW_URI"] = scrub(self.environ.get("RAW_URI", ""))
+        self.environ["PATH_INFO"] = scrub(self.environ.get("PATH_INFO", ""))  # a token pasted into a path
         PyWSGIHandler.log_request(self)
+
+    def log_error(self, msg, *args):
+        # pywsgi's messages about invalid requests quote the raw request line (and its query)
+        try:
+            text = msg % args if args else msg
+        except Exception:
+            text = f"{msg!r} {args!r}"
+        super().log_error(scrub(str(text)))
 
     def run_application(self):
         upgrade = self.environ.get("HTTP_UPGRADE", "").lower()

@@ -154,7 +154,11 @@ def check_access() -> None:
 
 
 def decide(user: dict | None, info: acl.RequestInfo) -> acl.Decision:
-    roles = list(user.get("roles") or []) if user else [acl.UNAUTHENTICATED]
+    if user is None:
+        roles = [acl.UNAUTHENTICATED]
+    else:  # only an array of strings is roles: list({"admin": 1}) would be ["admin"]
+        raw = user.get("roles")
+        roles = [r for r in raw if isinstance(r, str)] if isinstance(raw, list) else []
     if ADMIN_ROLE in roles:
         return acl.Decision(True, None)
     return acl.decide(current_app.extensions["changefeed.permissions"].current(), roles, info,
@@ -171,6 +175,7 @@ def access_checker(app: Flask):
     kind = g.auth_kind
     info = request_info(user)
     user_id = user["_id"] if user else None
+    granted_filter = read_filter()  # what the stream was opened with
     fingerprint = None
     if user_id is not None:
         stored = app.extensions["changefeed.engine"].get_document("users", user_id)
@@ -188,7 +193,15 @@ def access_checker(app: Flask):
                     return False
                 current = {k: v for k, v in stored.items() if k != "password"}
             fresh = acl.RequestInfo(method=info.method, path=info.path, query=info.query, user=current)
-            return decide(current, fresh).allowed
+            decision = decide(current, fresh)
+            if not decision.allowed:
+                return False
+            # The stream's pipeline holds the readFilter it was opened with: when the rule's
+            # filter (or a @user value in it) changed, the old one may show too much.
+            try:
+                return _filter_of(decision.permission, current) == granted_filter
+            except Forbidden:
+                return False
 
     return still_allowed
 
@@ -199,13 +212,16 @@ def read_filter() -> dict | None:
     A variable the caller cannot fill (anonymous, missing property) refuses the request:
     a filter that silently lost a condition would widen what the caller sees.
     """
-    permission = g.get("permission")
+    return _filter_of(g.get("permission"), g.user)
+
+
+def _filter_of(permission: acl.Permission | None, user: dict | None) -> dict | None:
     if permission is None:
         return None
     flt = (permission.mongo or {}).get("readFilter")
     if not flt:
         return None
-    return _interpolate(flt, g.user)
+    return _interpolate(flt, user)
 
 
 def _interpolate(value: Any, user: dict | None) -> Any:

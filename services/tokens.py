@@ -11,6 +11,7 @@ with O_EXCL, so every worker of one data directory signs with the same key).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import secrets
 import time
@@ -61,8 +62,10 @@ class Tokens:
         self.ttl = ttl_seconds
 
     def issue(self, user: dict) -> dict:
-        now = int(time.time())
-        claims = {"sub": user["_id"], "iat": now, "exp": now + self.ttl, "jti": uuid.uuid4().hex,
+        now = time.time()
+        # exp is whole seconds: round up, so the token lives at least `expires_in` seconds
+        # (int(now) + ttl cut up to a second off, a 2 s token could die after 1.0 s)
+        claims = {"sub": user["_id"], "iat": int(now), "exp": math.ceil(now + self.ttl), "jti": uuid.uuid4().hex,
                   "pwf": password_fingerprint(user)}
         token = jwt.encode(claims, self.key, algorithm=ALGORITHM)
         return {"access_token": token, "token_type": "Bearer", "expires_in": self.ttl}
