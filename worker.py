@@ -43,6 +43,11 @@ class Handler(WebSocketHandler, PyWSGIHandler):
             self.requestline = scrub(self.requestline)
         PyWSGIHandler.log_request(self)
 
+    def get_environ(self):
+        env = super().get_environ()
+        env["changefeed.handler"] = self  # streams write events to the socket directly
+        return env
+
     def run_application(self):
         upgrade = self.environ.get("HTTP_UPGRADE", "").lower()
         connection = self.environ.get("HTTP_CONNECTION", "").lower()
