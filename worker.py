@@ -57,6 +57,11 @@ class Handler(WebSocketHandler, PyWSGIHandler):
             text = f"{msg!r} {args!r}"
         super().log_error(scrub(str(text)))
 
+    def get_environ(self):
+        env = super().get_environ()
+        env["changefeed.handler"] = self  # streams write events to the socket directly
+        return env
+
     def run_application(self):
         upgrade = self.environ.get("HTTP_UPGRADE", "").lower()
         connection = self.environ.get("HTTP_CONNECTION", "").lower()

@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 import socket as pysocket
+import ssl
 import struct
 import time
 
@@ -161,9 +162,20 @@ def _sse_response(sub: Subscription, environ: dict) -> Response:
         # A peer that accepts no byte for this long is gone; its greenlet must not wait forever.
         sock.settimeout(max(30.0, 2 * heartbeat))
 
+    handler = environ.get("changefeed.handler")
+    direct = handler is not None and sock is not None and not _is_tls(sock)
+
     def generate():
         try:
             yield opening
+            if direct:
+                # The headers and the opening are on the wire now: write events straight to
+                # the socket from here on (the server only adds the final chunk when we return).
+                try:
+                    sub.write_directly(sock, handler.response_use_chunked, sse.comment("hb"), heartbeat)
+                except OSError:
+                    pass
+                return
             for batch in sub.items(heartbeat):
                 if not batch:
                     yield sse.comment("hb")
@@ -232,3 +244,8 @@ def _close_websocket(ws, code: int, reason: str) -> None:
     except Exception:
         pass
     ws.closed = True
+
+
+def _is_tls(sock) -> bool:
+    """Raw writes would bypass TLS: gunicorn's certfile mode wraps sockets in (gevent) SSLSocket."""
+    return isinstance(sock, ssl.SSLSocket) or "SSL" in type(sock).__name__

@@ -33,7 +33,7 @@ import gevent.event
 from bson import json_util
 
 from . import pipeline as pipelines
-from . import sse
+from . import extjson, sse
 from .errors import BadRequest, HistoryLost, NotFound, Unavailable
 from .storage import Change, Engine, MetaChange
 
@@ -44,6 +44,11 @@ RELAXED = json_util.RELAXED_JSON_OPTIONS
 _INTERNAL_FIELDS = ("_id", "ns", "clusterTime", "txnNumber", "lsid", "collectionUUID")
 
 
+def chunk(data: bytes) -> bytes:
+    """HTTP/1.1 chunked framing, the bytes the server's own chunked writer would send."""
+    return b"%X\r\n%s\r\n" % (len(data), data)
+
+
 @dataclass(frozen=True)
 class Delivery:
     """One event, encoded once for every client of a watcher."""
@@ -51,6 +56,10 @@ class Delivery:
     position: Any
     sse: bytes
     ws: str
+    sse_chunk: bytes = b""  # `sse` in chunked framing, for clients written to directly
+
+    def frame(self, chunked: bool) -> bytes:
+        return self.sse_chunk if chunked else self.sse
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,19 @@ class Control:
     ws_code: int = 1000
     reason: str = ""
     cause: str = ""  # for "end": the END_REASONS key
+
+    def frame(self, chunked: bool) -> bytes:
+        return chunk(self.sse) if chunked else self.sse
+
+
+@dataclass(frozen=True)
+class _Remainder:
+    """The unsent tail of a frame a direct write could only partly send; it goes out first."""
+
+    data: bytes
+
+    def frame(self, chunked: bool) -> bytes:
+        return self.data
 
 
 # Why the hub ended a client, with the WebSocket close code that says so (issue 3, item 3).
@@ -84,6 +106,10 @@ def payload(event: dict) -> dict:
 
 
 def token_text(token: dict) -> str:
+    """The token as compact JSON, the SSE `id:` and what Last-Event-ID sends back."""
+    data = token.get("_data")
+    if len(token) == 1 and isinstance(data, str) and data.isalnum():
+        return '{"_data":"' + data + '"}'
     return json.dumps(token, separators=(",", ":"))
 
 
@@ -93,8 +119,9 @@ def encode(change: Change) -> Delivery | Control:
     if change.error is not None:
         data = json.dumps({"error": change.error, "id": change.token})
         return Control("error", sse.event(data, event="error", id=tid), data)
-    data = json_util.dumps(payload(change.event), json_options=RELAXED)
-    return Delivery(change.position, sse.event(data, event="change", id=tid), data)
+    data = extjson.dumps(payload(change.event))
+    frame = sse.event(data, event="change", id=tid)
+    return Delivery(change.position, frame, data, chunk(frame))
 
 
 def end_control(reason: str, message: str = "") -> Control:
@@ -120,17 +147,42 @@ class Client:
         self.catch_up_from: Any = None  # resume token to replay from the engine first
         self.access_check: Any = None  # callable: does the client still have access?
 
+        # Direct writes (fanout-probe, design B): while `direct` is set and nothing is
+        # pending, push() sends the pre-framed bytes straight to the socket, without a
+        # greenlet switch. A write that would block leaves its tail in `pending`, clears
+        # `direct` and wakes the transport, which drains cooperatively, then sets it again.
+        self.raw: Any = None  # the OS-level socket (non-blocking)
+        self.chunked = True
+        self.direct = False
+
     def push(self, item: Delivery | Control) -> None:
         if self.ended is not None:
             return
         if isinstance(item, Delivery) and self.skip_through is not None:
             if item.position <= self.skip_through:
                 return
+        if self.direct:
+            self._send_now(item.frame(self.chunked))
+            return
         if len(self.pending) >= self.limit:
             self.end("overflow")
             return
         self.pending.append(item)
         self.wake.set()
+
+    def _send_now(self, data: bytes) -> None:
+        try:
+            sent = self.raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.direct = False
+            self.end("gone")
+            return
+        if sent < len(data):
+            self.direct = False
+            self.pending.append(_Remainder(data[sent:]))
+            self.wake.set()
 
     def end(self, reason: str, message: str = "") -> None:
         """End this client after what it already has; the transport closes with `reason`."""
@@ -272,6 +324,35 @@ class Subscription:
                 if not client.wake.wait(heartbeat):
                     yield []
 
+    def write_directly(self, sock: Any, chunked: bool, heartbeat: bytes, interval: float) -> None:
+        """Serve the client by writing to its socket, after the response headers went out.
+
+        Catch-up and queued items go out through the cooperative `sock.sendall`; once the
+        queue is empty the client switches to direct writes from the watcher (push). Returns
+        when the client ends, after its end frame (unless the peer is gone).
+        """
+        client = self.client
+        client.raw = getattr(sock, "_sock", sock)
+        client.chunked = chunked
+        if client.catch_up_from is not None:
+            for batch in self._catch_up():
+                sock.sendall(b"".join(item.frame(chunked) for item in batch))
+        while True:
+            if client.pending:
+                items = list(client.pending)
+                client.pending.clear()
+                sock.sendall(b"".join(item.frame(chunked) for item in items))
+                continue
+            if client.ended is not None:
+                client.direct = False
+                if client.ended.cause != "gone":
+                    sock.sendall(client.ended.frame(chunked))
+                return
+            client.direct = True  # no yield between the empty check above and this line
+            client.wake.clear()
+            if not client.wake.wait(interval) and client.direct and client.ended is None:
+                client._send_now(chunk(heartbeat) if chunked else heartbeat)
+
     def _catch_up(self) -> Iterator[list[Delivery | Control]]:
         """Replay from the engine up to where the client joined the live stream."""
         client, watcher = self.client, self.client.watcher
@@ -305,6 +386,7 @@ class Subscription:
             stream.close()
 
     def close(self) -> None:
+        self.client.direct = False
         if self.expiry is not None:
             self.expiry.kill(block=False)
         self.hub.unsubscribe(self.client)

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import bson
 import gevent
 import gevent.event
 from bson import json_util
@@ -72,13 +73,22 @@ CREATE INDEX IF NOT EXISTS changes_by_coll ON changes (coll, seq);
 """
 
 
-def encode(value: Any) -> str:
-    """Canonical Extended JSON: keeps every BSON type (int32 vs int64, Decimal128, dates)."""
-    return json_util.dumps(value, json_options=_CANONICAL)
+def encode(value: dict) -> bytes:
+    """BSON: keeps every type (int32 vs int64, Decimal128, dates, binary) and decodes ~5x
+    faster than canonical Extended JSON, which matters when a client catches up."""
+    return bson.encode(value)
 
 
-def decode(text: str) -> Any:
-    return json_util.loads(text, json_options=_CANONICAL)
+def decode(data: bytes | str) -> Any:
+    """Decode a stored document or event (BSON; canonical Extended JSON in older stores)."""
+    if isinstance(data, (bytes, memoryview)):
+        return bson.decode(bytes(data))
+    return json_util.loads(data, json_options=_CANONICAL)
+
+
+def _key(doc_id: Any) -> str:
+    """The primary-key text of an `_id`: canonical Extended JSON, exact about types."""
+    return json_util.dumps(doc_id, json_options=_CANONICAL)
 
 
 def now_utc() -> dt.datetime:
@@ -186,12 +196,12 @@ class _Txn:
 
     def document(self, coll: str, doc_id: Any) -> dict | None:
         row = self.conn.execute(
-            "SELECT doc FROM documents WHERE coll=? AND key=?", (coll, encode(doc_id))
+            "SELECT doc FROM documents WHERE coll=? AND key=?", (coll, _key(doc_id))
         ).fetchone()
         return None if row is None else decode(row[0])
 
     def store(self, coll: str, doc: dict, new: bool) -> None:
-        key = encode(doc["_id"])
+        key = _key(doc["_id"])
         if new:
             try:
                 self.conn.execute("INSERT INTO documents (coll, key, doc) VALUES (?, ?, ?)", (coll, key, encode(doc)))
@@ -474,7 +484,7 @@ class EmbeddedEngine(Engine):
     def get_document(self, coll: str, doc_id: Any) -> dict:
         def run(conn: sqlite3.Connection) -> tuple[bool, str | None]:
             exists = conn.execute("SELECT 1 FROM collections WHERE name=?", (coll,)).fetchone()
-            row = conn.execute("SELECT doc FROM documents WHERE coll=? AND key=?", (coll, encode(doc_id))).fetchone()
+            row = conn.execute("SELECT doc FROM documents WHERE coll=? AND key=?", (coll, _key(doc_id))).fetchone()
             return exists is not None, row[0] if row else None
 
         exists, text = self._run(run)
@@ -548,7 +558,7 @@ class EmbeddedEngine(Engine):
             if old is None:
                 raise DocumentNotFound(coll, _show_id(doc_id))
             _check_etag(old, if_match, f"document '{_show_id(doc_id)}'")
-            txn.conn.execute("DELETE FROM documents WHERE coll=? AND key=?", (coll, encode(doc_id)))
+            txn.conn.execute("DELETE FROM documents WHERE coll=? AND key=?", (coll, _key(doc_id)))
             txn.emit(coll, "delete", doc_id)
 
         self._write(run)
@@ -665,7 +675,7 @@ class _EmbeddedStream(ChangeStream):
             token = self.engine.token(row.seq)
             event = {"_id": token, **row.event()}
             if self.pipeline is None:
-                return Change(row.seq, token, copy.deepcopy(event))
+                return Change(row.seq, token, event)  # read-only from here on: nothing mutates events
             try:
                 out = self.pipeline.apply(event)
             except Exception as exc:  # EventError or an evaluator bug: report in-band, go on
