@@ -21,7 +21,17 @@ from flask import Blueprint, Response, current_app, g, request
 
 from services import sse
 from services.errors import BadRequest
-from services.hub import Control, Subscription, end_control, find_stream
+from services.hub import (
+    SSE_CHUNKED,
+    SSE_PLAIN,
+    WEBSOCKET,
+    WS_PING,
+    Control,
+    Subscription,
+    chunk,
+    end_control,
+    find_stream,
+)
 
 from . import security
 from .common import engine, hub, json_response
@@ -172,7 +182,10 @@ def _sse_response(sub: Subscription, environ: dict) -> Response:
                 # The headers and the opening are on the wire now: write events straight to
                 # the socket from here on (the server only adds the final chunk when we return).
                 try:
-                    sub.write_directly(sock, handler.response_use_chunked, sse.comment("hb"), heartbeat)
+                    chunked = handler.response_use_chunked
+                    mode = SSE_CHUNKED if chunked else SSE_PLAIN
+                    hb = sse.comment("hb")
+                    sub.write_directly(sock, mode, chunk(hb) if chunked else hb, heartbeat)
                 except OSError:
                     pass
                 return
@@ -215,7 +228,15 @@ def _serve_websocket(sub: Subscription, environ: dict) -> Response:
         sub.client.end("gone")
 
     reader = gevent.spawn(read_until_closed)
+    sock = environ.get("gunicorn.sock")
     try:
+        if sock is not None and not _is_tls(sock):
+            # gevent-websocket's own writes (pong replies) join the client's ordered stream,
+            # so they never land in the middle of a partly sent event frame.
+            ws.raw_write = sub.client.write_ordered
+            sub.write_directly(sock, WEBSOCKET, WS_PING, ping_seconds)
+            ws.closed = True
+            return Response(b"")
         for batch in sub.items(ping_seconds):
             if not batch:
                 ws.send_frame(b"", _OPCODE_PING)

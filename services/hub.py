@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import struct
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -41,12 +42,30 @@ log = logging.getLogger(__name__)
 
 RELAXED = json_util.RELAXED_JSON_OPTIONS
 # Event fields that are the driver's or the server's, not the user's (issue 3, item 2).
+_COALESCE_MAX = 500  # events a watcher sends to a client in one write, at most
 _INTERNAL_FIELDS = ("_id", "ns", "clusterTime", "txnNumber", "lsid", "collectionUUID")
 
 
 def chunk(data: bytes) -> bytes:
     """HTTP/1.1 chunked framing, the bytes the server's own chunked writer would send."""
     return b"%X\r\n%s\r\n" % (len(data), data)
+
+
+def ws_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """One unmasked, final WebSocket frame (RFC 6455 §5.2), as a server sends it."""
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x80 | opcode, n))
+    elif n < 65536:
+        header = bytes((0x80 | opcode, 126)) + struct.pack("!H", n)
+    else:
+        header = bytes((0x80 | opcode, 127)) + struct.pack("!Q", n)
+    return header + payload
+
+
+# How a client is written to directly: plain SSE (HTTP/1.0), chunked SSE, WebSocket frames.
+SSE_PLAIN, SSE_CHUNKED, WEBSOCKET = 0, 1, 2
+WS_PING = ws_frame(b"", 0x9)
 
 
 @dataclass(frozen=True)
@@ -57,9 +76,10 @@ class Delivery:
     sse: bytes
     ws: str
     sse_chunk: bytes = b""  # `sse` in chunked framing, for clients written to directly
+    ws_bytes: bytes = b""  # `ws` as a WebSocket text frame
 
-    def frame(self, chunked: bool) -> bytes:
-        return self.sse_chunk if chunked else self.sse
+    def frame(self, mode: int) -> bytes:
+        return (self.sse, self.sse_chunk, self.ws_bytes)[mode]
 
 
 @dataclass(frozen=True)
@@ -74,8 +94,12 @@ class Control:
     reason: str = ""
     cause: str = ""  # for "end": the END_REASONS key
 
-    def frame(self, chunked: bool) -> bytes:
-        return chunk(self.sse) if chunked else self.sse
+    def frame(self, mode: int) -> bytes:
+        if mode == WEBSOCKET:
+            if self.terminal:
+                return ws_frame(struct.pack("!H", self.ws_code) + self.reason.encode()[:120], 0x8)
+            return ws_frame((self.ws or "").encode())
+        return chunk(self.sse) if mode == SSE_CHUNKED else self.sse
 
 
 @dataclass(frozen=True)
@@ -84,7 +108,7 @@ class _Remainder:
 
     data: bytes
 
-    def frame(self, chunked: bool) -> bytes:
+    def frame(self, mode: int) -> bytes:
         return self.data
 
 
@@ -121,7 +145,7 @@ def encode(change: Change) -> Delivery | Control:
         return Control("error", sse.event(data, event="error", id=tid), data)
     data = extjson.dumps(payload(change.event))
     frame = sse.event(data, event="change", id=tid)
-    return Delivery(change.position, frame, data, chunk(frame))
+    return Delivery(change.position, frame, data, chunk(frame), ws_frame(data.encode()))
 
 
 def end_control(reason: str, message: str = "") -> Control:
@@ -145,6 +169,7 @@ class Client:
         self.ended: Control | None = None
         self.skip_through: Any = None  # positions at or before this were already seen
         self.catch_up_from: Any = None  # resume token to replay from the engine first
+        self.catch_up_upto: Any = None  # ... up to this position, where the live stream began
         self.access_check: Any = None  # callable: does the client still have access?
 
         # Direct writes (fanout-probe, design B): while `direct` is set and nothing is
@@ -152,7 +177,7 @@ class Client:
         # greenlet switch. A write that would block leaves its tail in `pending`, clears
         # `direct` and wakes the transport, which drains cooperatively, then sets it again.
         self.raw: Any = None  # the OS-level socket (non-blocking)
-        self.chunked = True
+        self.mode = SSE_CHUNKED
         self.direct = False
 
     def push(self, item: Delivery | Control) -> None:
@@ -161,14 +186,36 @@ class Client:
         if isinstance(item, Delivery) and self.skip_through is not None:
             if item.position <= self.skip_through:
                 return
+            self.skip_through = None  # events come in order: every later one is new too
         if self.direct:
-            self._send_now(item.frame(self.chunked))
+            self._send_now(item.frame(self.mode))
             return
         if len(self.pending) >= self.limit:
             self.end("overflow")
             return
         self.pending.append(item)
         self.wake.set()
+
+    def push_many(self, items: list, joined: dict) -> None:
+        """Push several items; a direct client gets them in one write (`joined` caches it)."""
+        if self.ended is not None:
+            return
+        if self.direct and self.skip_through is None:
+            data = joined.get(self.mode)
+            if data is None:
+                data = joined[self.mode] = b"".join(item.frame(self.mode) for item in items)
+            self._send_now(data)
+            return
+        for item in items:
+            self.push(item)
+
+    def write_ordered(self, data: bytes) -> None:
+        """Bytes from elsewhere (gevent-websocket's pongs) join the same ordered stream."""
+        if self.direct:
+            self._send_now(data)
+        else:
+            self.pending.append(_Remainder(data))
+            self.wake.set()
 
     def _send_now(self, data: bytes) -> None:
         try:
@@ -242,17 +289,30 @@ class Watcher:
                 if not self.clients and time.monotonic() - self.idle_since >= self.hub.linger:
                     self.stop()
                 continue
-            self.events += 1
-            item = encode(change)
-            if len(self.buffer) == self.buffer.maxlen:
-                oldest = self.buffer[0]
-                if isinstance(oldest, Delivery):
-                    self.buffer_from = oldest.position
-            if self.hub.replay_size and isinstance(item, Delivery):
-                self.buffer.append(item)
-            elif isinstance(item, Control):
-                log.warning("stream %s/%s: pipeline error: %s", self.coll, self.uri, change.error)
-            self._broadcast(item)
+            # Coalesce: whatever else is ready right now goes out in the same write per client.
+            changes = [change]
+            try:
+                while len(changes) < _COALESCE_MAX:
+                    more = self.stream.try_next(timeout=0)
+                    if more is None:
+                        break
+                    changes.append(more)
+            except Exception:  # raised again, and handled, by the next try_next above
+                pass
+            items = []
+            for change in changes:
+                self.events += 1
+                item = encode(change)
+                if isinstance(item, Delivery) and self.hub.replay_size:
+                    if len(self.buffer) == self.buffer.maxlen:
+                        oldest = self.buffer[0]
+                        if isinstance(oldest, Delivery):
+                            self.buffer_from = oldest.position
+                    self.buffer.append(item)
+                elif isinstance(item, Control):
+                    log.warning("stream %s/%s: pipeline error: %s", self.coll, self.uri, change.error)
+                items.append(item)
+            self._broadcast_many(items)
 
     def _reopen(self) -> None:
         try:
@@ -273,6 +333,14 @@ class Watcher:
     def _broadcast(self, item: Delivery | Control) -> None:
         for client in list(self.clients):
             client.push(item)
+
+    def _broadcast_many(self, items: list) -> None:
+        if len(items) == 1:
+            self._broadcast(items[0])
+            return
+        joined: dict[int, bytes] = {}
+        for client in list(self.clients):
+            client.push_many(items, joined)
 
     def stop(self) -> None:
         """Stop the loop and end the remaining clients (they were told why by the caller)."""
@@ -324,8 +392,8 @@ class Subscription:
                 if not client.wake.wait(heartbeat):
                     yield []
 
-    def write_directly(self, sock: Any, chunked: bool, heartbeat: bytes, interval: float) -> None:
-        """Serve the client by writing to its socket, after the response headers went out.
+    def write_directly(self, sock: Any, mode: int, heartbeat: bytes, interval: float) -> None:
+        """Serve the client by writing to its socket, once the response headers went out.
 
         Catch-up and queued items go out through the cooperative `sock.sendall`; once the
         queue is empty the client switches to direct writes from the watcher (push). Returns
@@ -333,31 +401,31 @@ class Subscription:
         """
         client = self.client
         client.raw = getattr(sock, "_sock", sock)
-        client.chunked = chunked
+        client.mode = mode
         if client.catch_up_from is not None:
             for batch in self._catch_up():
-                sock.sendall(b"".join(item.frame(chunked) for item in batch))
+                sock.sendall(b"".join(item.frame(mode) for item in batch))
         while True:
             if client.pending:
                 items = list(client.pending)
                 client.pending.clear()
-                sock.sendall(b"".join(item.frame(chunked) for item in items))
+                sock.sendall(b"".join(item.frame(mode) for item in items))
                 continue
             if client.ended is not None:
                 client.direct = False
                 if client.ended.cause != "gone":
-                    sock.sendall(client.ended.frame(chunked))
+                    sock.sendall(client.ended.frame(mode))
                 return
             client.direct = True  # no yield between the empty check above and this line
             client.wake.clear()
             if not client.wake.wait(interval) and client.direct and client.ended is None:
-                client._send_now(chunk(heartbeat) if chunked else heartbeat)
+                client._send_now(heartbeat)
 
     def _catch_up(self) -> Iterator[list[Delivery | Control]]:
         """Replay from the engine up to where the client joined the live stream."""
         client, watcher = self.client, self.client.watcher
         token, client.catch_up_from = client.catch_up_from, None
-        upto = client.skip_through
+        upto = client.catch_up_upto
         try:
             stream = self.hub.engine.watch(watcher.coll, watcher.pipeline, token)
         except HistoryLost as exc:
@@ -453,6 +521,7 @@ class Hub:
                         client.pending.append(item)
             else:
                 client.catch_up_from = resume
+                client.catch_up_upto = live_from
                 client.skip_through = live_from
         watcher.clients.add(client)
         return Subscription(self, client)
