@@ -546,9 +546,21 @@ def _writer(data_dir: str, worker: int, writes: int) -> None:
                 engine.update_document("c", "counter", norm({"$inc": {"n": 1}}))
     except BaseException as exc:  # make the parent see why
         print(f"writer {worker} failed: {exc!r}", file=sys.stderr)
+        _mark_done(data_dir, worker, f"failed: {exc!r}")
         raise
     finally:
         engine.close()
+    _mark_done(data_dir, worker, "ok")
+
+
+def _mark_done(data_dir: str, worker: int, outcome: str) -> None:
+    # The parent waits for these files, not for exit codes: once another library in the
+    # test process installed its own SIGCHLD handling (Playwright's asyncio), gevent's
+    # patched waitpid can miss a child's exit.
+    path = os.path.join(data_dir, f"writer-{worker}.done")
+    with open(path + ".tmp", "w") as f:
+        f.write(outcome)
+    os.replace(path + ".tmp", path)
 
 
 def test_four_processes_lose_nothing_and_share_one_order(tmp_path):
@@ -567,9 +579,14 @@ def test_four_processes_lose_nothing_and_share_one_order(tmp_path):
             p.start()
         # poll rather than join(): under gevent's monkey-patching a join() can miss the exit
         deadline = time.monotonic() + 120
-        while any(p.exitcode is None for p in procs) and time.monotonic() < deadline:
+        done = [os.path.join(data_dir, f"writer-{w}.done") for w in range(PROCESSES)]
+        while not all(os.path.exists(d) for d in done) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert [p.exitcode for p in procs] == [0] * PROCESSES
+        outcomes = []
+        for d in done:
+            with open(d) if os.path.exists(d) else open(os.devnull) as f:
+                outcomes.append(f.read() or "no answer")
+        assert outcomes == ["ok"] * PROCESSES
         assert time.monotonic() - t0 < 60
 
         incs = PROCESSES * (WRITES // 2)
