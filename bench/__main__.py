@@ -37,13 +37,15 @@ def free_port() -> int:
 
 
 class Server:
+    root = ROOT  # the checkout whose gunicorn.conf.py and code run (--compare swaps it)
+
     def __init__(self, data_dir: str, **env):
         self.port = free_port()
         self.env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "DATA_DIR": data_dir,
                     "LOG_LEVEL": "warning", **{k: str(v) for k, v in env.items()}}
         self.log = open(os.path.join(data_dir + ".log"), "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "gunicorn.conf.py")],
-                                     cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", os.path.join(self.root, "gunicorn.conf.py")],
+                                     cwd=self.root, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 30
         while time.time() < deadline:
             try:
@@ -219,6 +221,8 @@ def main() -> int:
     ap.add_argument("--catch-up", type=int, default=10000)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "RESULTS.md"))
     ap.add_argument("--smoke", action="store_true", help="N=50, a few bursts, no report file")
+    ap.add_argument("--compare", metavar="DIR", help="another checkout (e.g. a git worktree of an older "
+                    "commit) measured side by side: the fan-out scenarios alternate between the two")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -229,7 +233,16 @@ def main() -> int:
     results: dict = {"machine": machine(), "command": " ".join(["python -m bench", *sys.argv[1:]])}
     try:
         results["latency_100"] = scenario_latency(data_root, 10 if args.smoke else 100, n_bursts * 2)
-        results["fanout"] = [scenario_fanout(data_root, n, ["sse"], n_bursts) for n in sizes]
+        results["fanout"] = []
+        for n in sizes:
+            if args.compare:
+                Server.root = os.path.abspath(args.compare)
+                base = scenario_fanout(data_root, n, ["sse"], n_bursts)
+                base["kinds"] = ["sse"]
+                base["label"] = "compare: " + os.path.basename(os.path.abspath(args.compare))
+                results["fanout"].append(base)
+                Server.root = ROOT
+            results["fanout"].append(scenario_fanout(data_root, n, ["sse"], n_bursts))
         mixed_n = sizes[0] if args.smoke else min(5000, max(sizes))
         results["mixed"] = scenario_fanout(data_root, mixed_n, ["sse", "ws"], n_bursts)
         results["catch_up"] = scenario_catch_up(data_root, missed)
@@ -255,6 +268,8 @@ def report(r: dict) -> str:
                  f"{lat['cpu_us_per_delivery']} | | |")
     for f in [*r["fanout"], r["mixed"]]:
         name = "fan-out SSE" if f["kinds"] == ["sse"] else "fan-out half SSE / half WS"
+        if f.get("label"):
+            name += f" ({f['label']})"
         s = f["single"]
         lines.append(f"| {name}, 1 event | {f['n']} | {s['from_send']['p50']} | {s['from_send']['p99']} | "
                      f"{s['from_send']['max']} | {s['last_client_ms']['p50']} | {s['cpu_us_per_delivery']} | | "
