@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from contextlib import closing
 
@@ -200,6 +201,93 @@ def scenario_catch_up(data_root: str, missed: int) -> dict:
         server.stop()
 
 
+def scenario_many_streams(data_root: str, keys: int, per_key: int, n_bursts: int) -> dict:
+    """`keys` distinct stream keys (one avars value each) with `per_key` clients each."""
+    server = Server(os.path.join(data_root, "many"))
+    try:
+        server.put("/bench", {"streams": [{"uri": "mine", "stages": [{"$match": {"fullDocument.k": {"$var": "k"}}}]}]})
+        rss0 = server.rss_kb()
+        clients = loadgen.Clients("127.0.0.1", server.port)
+        groups = {}
+        t0 = time.perf_counter()
+        for k in range(keys):
+            avars = urllib.parse.quote(json.dumps({"k": k}))
+            groups[k] = clients.open_group(per_key, f"/bench/_streams/mine?avars={avars}")
+        connect_s = time.perf_counter() - t0
+        time.sleep(1)
+        rss1 = server.rss_kb()
+        watchers = server.get("/_status")["watchers"]
+        lat, cpu, deliveries = [], 0.0, 0
+        for b in range(n_bursts + 1):
+            k = (b * 7919) % keys
+            marker = f"mk-many-{b}"
+            c0 = server.cpu_seconds()
+            t_send, _ = loadgen.post("127.0.0.1", server.port, "/bench", {"k": k, "marker": marker})
+            clients.wait_markers([marker], time.time() + 30, groups[k])
+            time.sleep(0.05)
+            if b == 0:
+                continue
+            cpu += server.cpu_seconds() - c0
+            arrivals = [c.seen.get(marker) for c in groups[k]]
+            if None in arrivals:
+                raise RuntimeError(f"many streams: a client of key {k} missed its event")
+            others = sum(marker in c.seen for kk, g in groups.items() if kk != k for c in g)
+            if others:
+                raise RuntimeError(f"many streams: {others} clients of other keys got key {k}'s event")
+            lat += [(a - t_send) * 1000 for a in arrivals]
+            deliveries += len(arrivals)
+        clients.close()
+        return {"keys": keys, "per_key": per_key, "watchers": watchers, "connect_s": round(connect_s, 1),
+                "rss_per_conn_kb": round((rss1 - rss0) / (keys * per_key), 1), "rss_open_mb": round(rss1 / 1024, 1),
+                "latency": loadgen.summarize(lat), "cpu_ms_per_event": round(cpu / n_bursts * 1000, 2)}
+    finally:
+        server.stop()
+
+
+def scenario_churn(data_root: str, total: int, window: int, seconds: float) -> dict:
+    """`total` connects and disconnects in windows over about `seconds`; what is left after."""
+    server = Server(os.path.join(data_root, "churn"), STREAM_LINGER_SECONDS=1)
+    try:
+        server.put("/bench", {"streams": [{"uri": "all", "stages": []}]})
+        fds = lambda: len(os.listdir(f"/proc/{server.worker_pid}/fd"))  # noqa: E731
+        time.sleep(0.5)
+        fd0, rss0 = fds(), server.rss_kb()
+        rounds = max(1, total // window)
+        pause = max(0.0, seconds / rounds - 0.2)
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            clients = loadgen.Clients("127.0.0.1", server.port)
+            clients.open(window, "/bench/_streams/all", ["sse", "ws"])
+            clients.close_all_conns()
+            clients.close()
+            time.sleep(pause)
+        elapsed = time.perf_counter() - t0
+        time.sleep(3)  # disconnect cleanup (<2 s) and watcher linger (1 s)
+        status = server.get("/_status")
+        return {"connections": rounds * window, "seconds": round(elapsed, 1), "fds_before": fd0, "fds_after": fds(),
+                "rss_before_mb": round(rss0 / 1024, 1), "rss_after_mb": round(server.rss_kb() / 1024, 1),
+                "clients_after": status["clients"], "watchers_after": status["watchers"]}
+    finally:
+        server.stop()
+
+
+def scenario_multi_worker(data_root: str, n: int, n_bursts: int) -> dict:
+    """Four workers on one data directory: insert-to-client latency for clients on every worker."""
+    server = Server(os.path.join(data_root, "multi"), WORKERS=4)
+    try:
+        server.put("/bench", {"streams": [{"uri": "all", "stages": []}]})
+        pids = {server.get("/_status")["pid"] for _ in range(40)}
+        clients = loadgen.Clients("127.0.0.1", server.port)
+        clients.open(n, "/bench/_streams/all", ["sse"])
+        time.sleep(0.5)
+        result = bursts(server, clients, n_bursts, gap=0.2)
+        clients.close()
+        result["workers_seen"] = len(pids)
+        return result
+    finally:
+        server.stop()
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -246,6 +334,11 @@ def main() -> int:
         mixed_n = sizes[0] if args.smoke else min(5000, max(sizes))
         results["mixed"] = scenario_fanout(data_root, mixed_n, ["sse", "ws"], n_bursts)
         results["catch_up"] = scenario_catch_up(data_root, missed)
+        results["many_streams"] = scenario_many_streams(data_root, 20 if args.smoke else 1000,
+                                                        2 if args.smoke else 10, n_bursts)
+        results["churn"] = scenario_churn(data_root, 100 if args.smoke else 10000, 50 if args.smoke else 500,
+                                          2 if args.smoke else 60)
+        results["multi_worker"] = scenario_multi_worker(data_root, 20 if args.smoke else 100, n_bursts * 2)
     finally:
         shutil.rmtree(data_root, ignore_errors=True)
     print(json.dumps(results, indent=1))
@@ -278,6 +371,13 @@ def report(r: dict) -> str:
         lines.append(f"| {name}, bursts of 10 events | {f['n']} | {b['from_send']['p50']} | {b['from_send']['p99']} | "
                      f"{b['from_send']['max']} | {b['last_client_ms']['p50']} | {b['cpu_us_per_delivery']} | "
                      f"{f['deliveries_per_s']} | |")
+    m = r["many_streams"]
+    lines.append(f"| many streams: {m['keys']} keys x {m['per_key']} clients, 1 event to one key | "
+                 f"{m['keys'] * m['per_key']} | {m['latency']['p50']} | {m['latency']['p99']} | {m['latency']['max']} | | "
+                 f"{m['cpu_ms_per_event']} ms/event | | {m['rss_per_conn_kb']} |")
+    w = r["multi_worker"]
+    lines.append(f"| 4 workers, insert→client (from send), SSE | 100 | {w['from_send']['p50']} | "
+                 f"{w['from_send']['p99']} | {w['from_send']['max']} | {w['last_client_ms']['p50']} | | | |")
     c = r["catch_up"]
     lines.append(f"\nCatch-up: a client that missed {c['missed']} events received {c['events_received']} "
                  f"and the last one after {c['seconds_to_last']} s.\n")
@@ -285,6 +385,13 @@ def report(r: dict) -> str:
         lines.append(f"- N={f['n']} {'/'.join(f['kinds'])}: connect {f['connect_s']} s, RSS {f['rss_open_mb']} MB open, "
                      f"{f['rss_after_leave_mb']} MB after all left, clients registered after leaving: "
                      f"{f['clients_after_leave']}")
+    lines.append(f"- Many streams: {m['watchers']} watchers for {m['keys']} keys, RSS {m['rss_open_mb']} MB, "
+                 f"connect {m['connect_s']} s; each event reached only its key's clients.")
+    ch = r["churn"]
+    lines.append(f"- Churn: {ch['connections']} connects and disconnects (half SSE, half WS) in {ch['seconds']} s; "
+                 f"worker fds {ch['fds_before']} -> {ch['fds_after']}, RSS {ch['rss_before_mb']} -> "
+                 f"{ch['rss_after_mb']} MB, clients {ch['clients_after']}, watchers {ch['watchers_after']} after.")
+    lines.append(f"- 4 workers: clients spread over {w['workers_seen']} worker processes.")
     lines.append("")
     return "\n".join(lines)
 

@@ -112,12 +112,27 @@ class Clients:
                 pos = end
             del c.buf[: max(0, len(c.buf) - 64)]
 
-    def wait_markers(self, markers: list[str], deadline: float) -> None:
+    def wait_markers(self, markers: list[str], deadline: float, conns: list | None = None) -> None:
         want = set(markers)
         while time.time() < deadline:
-            if all(want <= c.seen.keys() for c in self.conns.values()):
+            if all(want <= c.seen.keys() for c in (conns if conns is not None else self.conns.values())):
                 return
             self.poll(0.2)
+
+    def open_group(self, n: int, path: str, kind: str = "sse", timeout: float = 60.0) -> list[Conn]:
+        """Open `n` clients of one URL and return them (for scenarios with many stream keys)."""
+        before = set(self.conns)
+        self.open(n, path, [kind], timeout=timeout)
+        return [c for fd, c in self.conns.items() if fd not in before]
+
+    def close_all_conns(self) -> None:
+        for fd, c in list(self.conns.items()):
+            try:
+                self.ep.unregister(fd)
+            except OSError:
+                pass
+            c.sock.close()
+        self.conns.clear()
 
     def close(self) -> None:
         for c in self.conns.values():

@@ -159,6 +159,9 @@ def end_control(reason: str, message: str = "") -> Control:
 class Client:
     """One subscriber (SSE or WebSocket): a bounded queue of deliveries, woken on push."""
 
+    __slots__ = ("watcher", "transport", "limit", "user", "pending", "wake", "ended", "skip_through",
+                 "catch_up_from", "catch_up_upto", "access_check", "raw", "mode", "direct", "__weakref__")
+
     def __init__(self, watcher: Watcher, transport: str, limit: int, user: Any = None):
         self.watcher = watcher
         self.transport = transport
@@ -364,6 +367,8 @@ def reset_control(reason: str, token: dict) -> Control:
 
 class Subscription:
     """What a transport consumes: catch-up first, then live deliveries, then the end."""
+
+    __slots__ = ("hub", "client", "expiry")
 
     def __init__(self, hub: Hub, client: Client):
         self.hub = hub

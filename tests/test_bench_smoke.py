@@ -22,3 +22,6 @@ def test_bench_smoke_runs_every_scenario():
     assert result["fanout"][0]["clients_after_leave"] == 0
     assert result["mixed"]["batch10"]["deliveries"] == 50 * 10 * 3
     assert result["catch_up"]["events_received"] == 201  # 200 missed + the marker, each exactly once
+    assert result["many_streams"]["watchers"] == 20
+    assert result["churn"]["clients_after"] == 0 and result["churn"]["watchers_after"] == 0
+    assert result["multi_worker"]["from_send"]["n"] == 20 * 6

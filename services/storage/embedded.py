@@ -57,6 +57,7 @@ _CANONICAL = json_util.CANONICAL_JSON_OPTIONS
 _FEED_ROWS = 20_000  # rows each process keeps in memory for its streams
 _DB_BATCH = 1_000
 _TAIL_BATCH = 5_000
+_POOL_MAX = 12  # SQLite connections per process (gevent's threadpool runs 10 calls at once)
 _PRUNE_EVERY_SECONDS = 30.0
 
 _SCHEMA = """
@@ -240,6 +241,7 @@ class EmbeddedEngine(Engine):
         self.poll_seconds = poll_seconds
         self._pool: list[sqlite3.Connection] = []
         self._pool_lock = threading.Lock()
+        self._pool_slots = threading.BoundedSemaphore(_POOL_MAX)
         self._local_write = gevent.event.Event()
         self._tailer: gevent.Greenlet | None = None
         self._last_prune = 0.0
@@ -259,10 +261,18 @@ class EmbeddedEngine(Engine):
 
     def _run(self, fn: Callable[[sqlite3.Connection], Any], *args: Any) -> Any:
         """Run `fn(conn, *args)` on a pooled connection, in the threadpool under gevent."""
+        # At most _POOL_MAX connections ever exist: SQLite keeps the file descriptor of a
+        # closed connection open while others hold locks on the file, so extra connections
+        # made in a burst would never give their descriptors back.
+        self._pool_slots.acquire()
         with self._pool_lock:
             conn = self._pool.pop() if self._pool else None
         if conn is None:
-            conn = self._connect()
+            try:
+                conn = self._connect()
+            except BaseException:
+                self._pool_slots.release()
+                raise
         def guarded() -> tuple[bool, Any]:
             # Errors travel back as values: an exception raised in a threadpool thread is
             # printed with a traceback by gevent (every 404/409 would spam the log).
@@ -279,6 +289,7 @@ class EmbeddedEngine(Engine):
         finally:
             with self._pool_lock:
                 self._pool.append(conn)
+            self._pool_slots.release()
 
     def _write(self, fn: Callable[[_Txn], Any]) -> Any:
         """Run `fn` in one IMMEDIATE transaction; its change events commit with it."""
