@@ -288,6 +288,73 @@ def scenario_multi_worker(data_root: str, n: int, n_bursts: int) -> dict:
         server.stop()
 
 
+class PeerServer:
+    """A peer (bench/peers) in its own processes, measured like changefeed's worker."""
+
+    def __init__(self, name: str, data_dir: str):
+        os.makedirs(data_dir, exist_ok=True)
+        self.port = free_port()
+        self.redis = None
+        self.log = open(os.path.join(data_dir, f"{name}.log"), "ab")
+        env = {**os.environ}
+        if name == "sse-starlette":
+            cmd = [sys.executable, "-m", "uvicorn", "bench.peers.starlette_sse:app", "--host", "127.0.0.1",
+                   "--port", str(self.port), "--log-level", "warning", "--no-access-log"]
+        else:
+            redis_port = free_port()
+            self.redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                                           "--save", "", "--appendonly", "no"], stdout=self.log, stderr=self.log)
+            env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}"
+            cmd = [sys.executable, "-m", "gunicorn", "-k", "gevent", "--worker-connections", "20000",
+                   "--no-control-socket", "-b", f"127.0.0.1:{self.port}", "bench.peers.flask_sse_app:app"]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        time.sleep(0.5)
+        children = []
+        try:
+            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+                children = [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+        self.worker_pid = children[0] if children else self.proc.pid
+
+    rss_kb = Server.rss_kb
+    cpu_seconds = Server.cpu_seconds
+
+    def stop(self) -> None:
+        for proc in (self.proc, self.redis):
+            if proc is not None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        self.log.close()
+
+
+def scenario_peer(data_root: str, name: str, n: int, n_bursts: int) -> dict:
+    server = PeerServer(name, os.path.join(data_root, f"peer-{name}-{n}"))
+    try:
+        clients = loadgen.Clients("127.0.0.1", server.port)
+        clients.open(n, "/bench/_streams/all", ["sse"], on_connect=name == "flask-sse")
+        time.sleep(2)  # flask-sse sends no bytes before its first event: let every client subscribe
+        single = bursts(server, clients, n_bursts)
+        batch = bursts(server, clients, max(3, n_bursts // 2), per_burst=10)
+        clients.close()
+        dps = round(n * 10 / (batch["last_client_ms"]["p50"] / 1000)) if batch["last_client_ms"]["p50"] else None
+        return {"peer": name, "n": n, "single": single, "batch10": batch, "deliveries_per_s": dps}
+    except Exception as exc:  # a peer that cannot hold the load is a result, not a crash
+        return {"peer": name, "n": n, "error": str(exc)[:300]}
+    finally:
+        server.stop()
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -309,6 +376,9 @@ def main() -> int:
     ap.add_argument("--catch-up", type=int, default=10000)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "RESULTS.md"))
     ap.add_argument("--smoke", action="store_true", help="N=50, a few bursts, no report file")
+    ap.add_argument("--peers", action="store_true", help="also measure sse-starlette and flask-sse "
+                    "(needs `pip install uvicorn sse-starlette flask-sse redis` and Debian's redis-server)")
+    ap.add_argument("--peer-max", type=int, default=5000, help="largest N for the peers")
     ap.add_argument("--compare", metavar="DIR", help="another checkout (e.g. a git worktree of an older "
                     "commit) measured side by side: the fan-out scenarios alternate between the two")
     args = ap.parse_args()
@@ -331,14 +401,19 @@ def main() -> int:
                 results["fanout"].append(base)
                 Server.root = ROOT
             results["fanout"].append(scenario_fanout(data_root, n, ["sse"], n_bursts))
-        mixed_n = sizes[0] if args.smoke else min(5000, max(sizes))
+        mixed_n = sizes[0] if args.smoke else max(sizes)
         results["mixed"] = scenario_fanout(data_root, mixed_n, ["sse", "ws"], n_bursts)
+        results["ws_only"] = scenario_fanout(data_root, mixed_n, ["ws"], n_bursts)
         results["catch_up"] = scenario_catch_up(data_root, missed)
         results["many_streams"] = scenario_many_streams(data_root, 20 if args.smoke else 1000,
                                                         2 if args.smoke else 10, n_bursts)
         results["churn"] = scenario_churn(data_root, 100 if args.smoke else 10000, 50 if args.smoke else 500,
                                           2 if args.smoke else 60)
         results["multi_worker"] = scenario_multi_worker(data_root, 20 if args.smoke else 100, n_bursts * 2)
+        if args.peers:
+            peer_sizes = [n for n in sizes if n <= args.peer_max] or sizes[:1]
+            results["peers"] = [scenario_peer(data_root, name, n, n_bursts)
+                                for n in peer_sizes for name in ("sse-starlette", "flask-sse")]
     finally:
         shutil.rmtree(data_root, ignore_errors=True)
     print(json.dumps(results, indent=1))
@@ -359,8 +434,8 @@ def report(r: dict) -> str:
     lines.append(f"| insert→client (from POST response), SSE | 100 | {lat['from_response']['p50']} | "
                  f"{lat['from_response']['p99']} | {lat['from_response']['max']} | {lat['last_client_ms']['p50']} | "
                  f"{lat['cpu_us_per_delivery']} | | |")
-    for f in [*r["fanout"], r["mixed"]]:
-        name = "fan-out SSE" if f["kinds"] == ["sse"] else "fan-out half SSE / half WS"
+    for f in [*r["fanout"], r["mixed"], r["ws_only"]]:
+        name = {("sse",): "fan-out SSE", ("ws",): "fan-out WebSocket"}.get(tuple(f["kinds"]), "fan-out half SSE / half WS")
         if f.get("label"):
             name += f" ({f['label']})"
         s = f["single"]
@@ -381,7 +456,7 @@ def report(r: dict) -> str:
     c = r["catch_up"]
     lines.append(f"\nCatch-up: a client that missed {c['missed']} events received {c['events_received']} "
                  f"and the last one after {c['seconds_to_last']} s.\n")
-    for f in [*r["fanout"], r["mixed"]]:
+    for f in [*r["fanout"], r["mixed"], r["ws_only"]]:
         lines.append(f"- N={f['n']} {'/'.join(f['kinds'])}: connect {f['connect_s']} s, RSS {f['rss_open_mb']} MB open, "
                      f"{f['rss_after_leave_mb']} MB after all left, clients registered after leaving: "
                      f"{f['clients_after_leave']}")
@@ -392,6 +467,20 @@ def report(r: dict) -> str:
                  f"worker fds {ch['fds_before']} -> {ch['fds_after']}, RSS {ch['rss_before_mb']} -> "
                  f"{ch['rss_after_mb']} MB, clients {ch['clients_after']}, watchers {ch['watchers_after']} after.")
     lines.append(f"- 4 workers: clients spread over {w['workers_seen']} worker processes.")
+    if r.get("peers"):
+        lines += ["", "Peers, same harness and machine, in the same run (changefeed figures from the rows above):", "",
+                  "| peer | N | 1 event p99 ms | last client p50 ms | deliveries/s (10-event bursts) | "
+                  "changefeed p99 / peer p99 | changefeed deliveries/s / peer's |", "|---|---|---|---|---|---|---|"]
+        ours = {f["n"]: f for f in r["fanout"] if not f.get("label")}
+        for p in r["peers"]:
+            if "error" in p:
+                lines.append(f"| {p['peer']} | {p['n']} | failed: {p['error']} | | | | |")
+                continue
+            mine = ours.get(p["n"])
+            p99, dps = p["single"]["from_send"]["p99"], p["deliveries_per_s"]
+            r1 = round(mine["single"]["from_send"]["p99"] / p99, 2) if mine and p99 else ""
+            r2 = round(mine["deliveries_per_s"] / dps, 2) if mine and dps else ""
+            lines.append(f"| {p['peer']} | {p['n']} | {p99} | {p['single']['last_client_ms']['p50']} | {dps} | {r1} | {r2} |")
     lines.append("")
     return "\n".join(lines)
 

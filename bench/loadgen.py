@@ -49,7 +49,10 @@ class Clients:
         self.ep = select.epoll()
         self.conns: dict[int, Conn] = {}
 
-    def open(self, n: int, path: str, kinds: list[str], window: int = 500, timeout: float = 60.0) -> float:
+    def open(self, n: int, path: str, kinds: list[str], window: int = 500, timeout: float = 60.0,
+             on_connect: bool = False) -> float:
+        """Open `n` clients; each counts as open at its first stream bytes (or at connect,
+        with `on_connect`, for servers that send nothing before the first event)."""
         t0 = time.perf_counter()
         for start in range(0, n, window):
             batch = []
@@ -60,7 +63,7 @@ class Clients:
                 s.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
                 s.setblocking(False)
                 s.sendall(_request(path, kind, f"{self.host}:{self.port}"))
-                c = Conn(s, kind)
+                c = Conn(s, kind, open=on_connect)
                 self.conns[s.fileno()] = c
                 self.ep.register(s.fileno(), select.EPOLLIN)
                 batch.append(c)
@@ -93,7 +96,7 @@ class Clients:
                 del self.conns[fd]
                 continue
             c.buf += data
-            if not c.open:
+            if not c.open or (c.buf.startswith(b"HTTP/") and b"\r\n\r\n" not in c.buf):
                 if b"connected" in c.buf or (c.kind == "ws" and b"\r\n\r\n" in c.buf and b" 101 " in c.buf):
                     c.open = True
                     c.buf.clear()
