@@ -31,7 +31,9 @@ test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.dev-installed
-	$(BIN)/python -m bench
+	$(BIN)/pip install --quiet -r bench/requirements.txt
+	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+	ulimit -n 20000 2>/dev/null; $(BIN)/python -m bench --peers
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/python -m pyflakes . 2>/dev/null || true
