@@ -305,6 +305,7 @@ class PeerServer:
             self.redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
                                            "--save", "", "--appendonly", "no"], stdout=self.log, stderr=self.log)
             env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}"
+            self.redis_port = redis_port
             cmd = [sys.executable, "-m", "gunicorn", "-k", "gevent", "--worker-connections", "20000",
                    "--no-control-socket", "-b", f"127.0.0.1:{self.port}", "bench.peers.flask_sse_app:app"]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
@@ -343,7 +344,16 @@ def scenario_peer(data_root: str, name: str, n: int, n_bursts: int) -> dict:
     try:
         clients = loadgen.Clients("127.0.0.1", server.port)
         clients.open(n, "/bench/_streams/all", ["sse"], on_connect=name == "flask-sse")
-        time.sleep(2)  # flask-sse sends no bytes before its first event: let every client subscribe
+        if name == "flask-sse":
+            # flask-sse sends no bytes before its first event; wait until Redis has every subscriber
+            import redis
+
+            r = redis.Redis(port=server.redis_port)
+            deadline = time.time() + 180
+            while time.time() < deadline and r.pubsub_numsub("sse")[0][1] < n:
+                clients.poll(0.2)
+            r.close()
+        time.sleep(1)
         single = bursts(server, clients, n_bursts)
         batch = bursts(server, clients, max(3, n_bursts // 2), per_burst=10)
         clients.close()
