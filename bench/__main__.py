@@ -252,6 +252,7 @@ def scenario_churn(data_root: str, total: int, window: int, seconds: float) -> d
         fds = lambda: len(os.listdir(f"/proc/{server.worker_pid}/fd"))  # noqa: E731
         time.sleep(0.5)
         fd0, rss0 = fds(), server.rss_kb()
+        greenlets0 = server.get("/_status?detail=1")["greenlets"]
         rounds = max(1, total // window)
         pause = max(0.0, seconds / rounds - 0.2)
         t0 = time.perf_counter()
@@ -263,8 +264,9 @@ def scenario_churn(data_root: str, total: int, window: int, seconds: float) -> d
             time.sleep(pause)
         elapsed = time.perf_counter() - t0
         time.sleep(3)  # disconnect cleanup (<2 s) and watcher linger (1 s)
-        status = server.get("/_status")
-        return {"connections": rounds * window, "seconds": round(elapsed, 1), "fds_before": fd0, "fds_after": fds(),
+        status = server.get("/_status?detail=1")
+        return {"greenlets_before": greenlets0, "greenlets_after": status["greenlets"],
+                "connections": rounds * window, "seconds": round(elapsed, 1), "fds_before": fd0, "fds_after": fds(),
                 "rss_before_mb": round(rss0 / 1024, 1), "rss_after_mb": round(server.rss_kb() / 1024, 1),
                 "clients_after": status["clients"], "watchers_after": status["watchers"]}
     finally:
@@ -389,6 +391,7 @@ def main() -> int:
     ap.add_argument("--peers", action="store_true", help="also measure sse-starlette and flask-sse "
                     "(needs `pip install uvicorn sse-starlette flask-sse redis` and Debian's redis-server)")
     ap.add_argument("--peer-max", type=int, default=5000, help="largest N for the peers")
+    ap.add_argument("--only", choices=["churn"], help="run one scenario and print it (no report)")
     ap.add_argument("--compare", metavar="DIR", help="another checkout (e.g. a git worktree of an older "
                     "commit) measured side by side: the fan-out scenarios alternate between the two")
     args = ap.parse_args()
@@ -399,6 +402,12 @@ def main() -> int:
     missed = 200 if args.smoke else args.catch_up
     data_root = tempfile.mkdtemp(prefix="changefeed-bench-")
     results: dict = {"machine": machine(), "command": " ".join(["python -m bench", *sys.argv[1:]])}
+    if args.only == "churn":
+        results["churn"] = scenario_churn(data_root, 100 if args.smoke else 10000, 50 if args.smoke else 500,
+                                          2 if args.smoke else 60)
+        print(json.dumps(results, indent=1))
+        shutil.rmtree(data_root, ignore_errors=True)
+        return 0
     try:
         results["latency_100"] = scenario_latency(data_root, 10 if args.smoke else 100, n_bursts * 2)
         results["fanout"] = []
@@ -475,7 +484,8 @@ def report(r: dict) -> str:
     ch = r["churn"]
     lines.append(f"- Churn: {ch['connections']} connects and disconnects (half SSE, half WS) in {ch['seconds']} s; "
                  f"worker fds {ch['fds_before']} -> {ch['fds_after']}, RSS {ch['rss_before_mb']} -> "
-                 f"{ch['rss_after_mb']} MB, clients {ch['clients_after']}, watchers {ch['watchers_after']} after.")
+                 f"{ch['rss_after_mb']} MB, clients {ch['clients_after']}, watchers {ch['watchers_after']} after"
+                 + (f", greenlets {ch['greenlets_before']} -> {ch['greenlets_after']}." if "greenlets_after" in ch else "."))
     lines.append(f"- 4 workers: clients spread over {w['workers_seen']} worker processes.")
     if r.get("peers"):
         lines += ["", "Peers, same harness and machine, in the same run (changefeed figures from the rows above):", "",
