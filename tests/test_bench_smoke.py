@@ -24,6 +24,7 @@ def test_bench_smoke_runs_every_scenario():
     assert result["catch_up"]["events_received"] == 201  # 200 missed + the marker, each exactly once
     assert result["many_streams"]["watchers"] == 20
     assert result["churn"]["clients_after"] == 0 and result["churn"]["watchers_after"] == 0
-    assert result["churn"]["greenlets_after"] <= result["churn"]["greenlets_before"] + 10
+    # no client greenlet is left; gevent's threadpool (10 threads, 2 greenlets each) may have grown
+    assert result["churn"]["greenlets_after"] <= result["churn"]["greenlets_before"] + 2 * 10 + 2
     assert result["churn"]["fds_after"] <= result["churn"]["fds_before"] + 2 * 12  # the SQLite pool
     assert result["multi_worker"]["from_send"]["n"] == 20 * 6
