@@ -181,13 +181,19 @@ def access_checker(app: Flask):
         stored = app.extensions["changefeed.engine"].get_document("users", user_id)
         fingerprint = password_fingerprint(stored)
 
-    def still_allowed() -> bool:
+    def still_allowed(users_read: dict | None = None) -> bool:
+        """`users_read` caches user documents across one re-check of many clients."""
         with app.app_context():
             current = None
             if user_id is not None:
-                try:
-                    stored = app.extensions["changefeed.engine"].get_document("users", user_id)
-                except Exception:
+                cache = users_read if users_read is not None else {}
+                if user_id not in cache:
+                    try:
+                        cache[user_id] = app.extensions["changefeed.engine"].get_document("users", user_id)
+                    except Exception:
+                        cache[user_id] = None
+                stored = cache[user_id]
+                if stored is None:
                     return False
                 if password_fingerprint(stored) != fingerprint and kind != "anonymous":
                     return False

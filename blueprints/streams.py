@@ -21,6 +21,7 @@ from flask import Blueprint, Response, current_app, g, request
 
 from services import sse
 from services.errors import BadRequest
+from services.query import shown
 from services.hub import (
     SSE_CHUNKED,
     SSE_PLAIN,
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 bp = Blueprint("streams", __name__)
 
 _WS_VERSIONS = ("13", "8", "7")
+_MAX_TOKEN_CHARS = 1024  # tokens we issue are ~45 characters (MongoDB's a few hundred)
 _OPCODE_PING = 0x9
 
 
@@ -65,10 +67,12 @@ def _resume_token(raw: str | None):
     """Parse a Last-Event-ID / lastEventId value; 400 when it is not a token we issue."""
     if raw is None or not raw.strip():
         return None
+    if len(raw) > _MAX_TOKEN_CHARS:
+        raise BadRequest(f"Last-Event-ID is not a resume token: {len(raw)} characters is too long")
     try:
         token = json.loads(raw)
-    except ValueError:
-        raise BadRequest(f"Last-Event-ID is not a resume token (expected {{\"_data\": \"...\"}}): {raw[:200]}") from None
+    except (ValueError, RecursionError):
+        raise BadRequest(f"Last-Event-ID is not a resume token (expected {{\"_data\": \"...\"}}): {shown(raw)}") from None
     try:
         engine().position(token)
     except BadRequest as exc:

@@ -558,13 +558,14 @@ class Hub:
 
     def _recheck_access(self) -> None:
         self._recheck_pending = False
+        users_read: dict = {}  # one read per user, however many of its clients are open
         for watcher in list(self.watchers.values()):
             for client in list(watcher.clients):
                 check = client.access_check
                 if check is None or client.ended is not None:
                     continue
                 try:
-                    allowed = check()
+                    allowed = check(users_read)
                 except Exception:
                     log.exception("access re-check failed; ending the client")
                     allowed = False

@@ -72,6 +72,9 @@ from mongomock import aggregate as _mm_aggregate  # also registers $expr support
 from mongomock import filtering as _mm_filtering
 from mongomock import helpers as _mm_helpers
 
+from .errors import BadRequest
+from .query import check_bson_limits, forbidden_operator, shown
+
 __all__ = [
     "ALLOWED_STAGES",
     "PipelineError",
@@ -87,7 +90,6 @@ __all__ = [
 ]
 
 ALLOWED_STAGES = ("$match", "$project", "$addFields", "$set", "$unset", "$replaceRoot", "$replaceWith", "$redact")
-FORBIDDEN_OPERATORS = ("$where", "$function", "$accumulator")
 
 _URI_RE = re.compile(r"[A-Za-z0-9._~-]{1,100}")
 _LOGICAL = ("$and", "$or", "$nor")
@@ -438,6 +440,10 @@ def _has_dollar_key(value: Any) -> bool:
     return False
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_avars(raw: str | None) -> dict:
     """Parse the ``?avars=`` query value into a dict of variables (``None`` -> ``{}``).
 
@@ -449,19 +455,23 @@ def parse_avars(raw: str | None) -> dict:
     if not raw.strip():
         raise AvarsError("illegal avars parameter, it is empty; expected a json object")
     try:
-        plain = json.loads(raw)
+        plain = json.loads(raw, parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
-        raise AvarsError("illegal avars parameter, it is not a json object: %s" % raw) from None
+        raise AvarsError("illegal avars parameter, it is not a json object: %s" % shown(raw)) from None
     if not isinstance(plain, dict):
         kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
             type(plain), "a number")
-        raise AvarsError("illegal avars parameter, it is %s, not a json object: %s" % (kind, raw))
+        raise AvarsError("illegal avars parameter, it is %s, not a json object: %s" % (kind, shown(raw)))
     if _has_dollar_key(plain):
         raise AvarsError("illegal avars parameter: aggregation variables cannot include operators")
     reserved = sorted(k for k in plain if k.startswith("@"))
     if reserved:
         raise AvarsError("illegal avars parameter: variable names starting with '@' are reserved "
                          "for server-side variables: %s" % ", ".join(reserved))
+    try:
+        check_bson_limits(plain, "the avars parameter")
+    except BadRequest as exc:
+        raise AvarsError("illegal avars parameter: " + exc.message.replace("the avars parameter ", "it ")) from None
     try:
         return json_util.loads(raw)
     except (ValueError, TypeError, RecursionError) as exc:  # pragma: no cover - plain JSON re-parse
@@ -479,20 +489,6 @@ def _show(value: Any) -> str:
         text = repr(value)
     text = text.replace('"', "'")
     return text if len(text) <= 200 else text[:197] + "..."
-
-
-def _find_forbidden(value: Any) -> str | None:
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            for k, v in item.items():
-                if isinstance(k, str) and k.lower() in FORBIDDEN_OPERATORS:
-                    return k
-                stack.append(v)
-        elif isinstance(item, list):
-            stack.extend(item)
-    return None
 
 
 def _known_expression_operators() -> frozenset[str]:
@@ -628,7 +624,7 @@ def _check_stages(stages: Any, label: str) -> None:
         (name, arg), = stage.items()
         if name not in ALLOWED_STAGES:
             raise PipelineError("%s uses %s, allowed stages are %s" % (where, name, ", ".join(ALLOWED_STAGES)))
-        forbidden = _find_forbidden(arg)
+        forbidden = forbidden_operator(arg)
         if forbidden:
             raise PipelineError("%s uses the forbidden operator %s" % (where, forbidden))
         _check_stage(name, arg, where)

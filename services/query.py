@@ -45,20 +45,27 @@ def check_bson_limits(value: Any, what: str) -> None:
 
 
 def forbidden_operator(value: Any) -> str | None:
-    """Return the first of $where/$function/$accumulator used anywhere in `value`, or None."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if isinstance(key, str) and key.lower() in FORBIDDEN_OPERATORS:
-                return key
-            found = forbidden_operator(item)
-            if found:
-                return found
-    elif isinstance(value, list):
-        for item in value:
-            found = forbidden_operator(item)
-            if found:
-                return found
+    """Return the first of $where/$function/$accumulator used anywhere in `value`, or None.
+
+    Iterative, so a deeply nested value cannot overflow the stack. Filters and stream
+    pipelines both use it.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if isinstance(key, str) and key.lower() in FORBIDDEN_OPERATORS:
+                    return key
+                stack.append(child)
+        elif isinstance(item, list):
+            stack.extend(item)
     return None
+
+
+def shown(raw: str, limit: int = 200) -> str:
+    """A client's raw value, cut to a length that fits in an error message."""
+    return raw if len(raw) <= limit else raw[:limit] + f"... ({len(raw)} characters)"
 
 
 def loads_json(raw: str, what: str) -> Any:
@@ -68,7 +75,7 @@ def loads_json(raw: str, what: str) -> Any:
     except RecursionError:
         raise BadRequest(f"illegal {what} parameter: nested deeper than {MAX_NESTING} levels") from None
     except (ValueError, TypeError, InvalidId) as exc:
-        raise BadRequest(f"illegal {what} parameter, it is not valid JSON: {raw} ({exc})") from None
+        raise BadRequest(f"illegal {what} parameter, it is not valid JSON: {shown(raw)} ({exc})") from None
     check_bson_limits(value, f"the {what} parameter")
     return value
 

@@ -779,12 +779,7 @@ class _MongoStream(ChangeStream):
 
     def close(self) -> None:
         self._closed = True
-        cs, self._cs = self._cs, None
-        if cs is not None:
-            try:
-                cs.close()
-            except PyMongoError:
-                pass
+        self._drop_cursor()
 
     def try_next(self, timeout: float) -> Change | None:
         deadline = time.monotonic() + max(timeout, 0.0)
