@@ -11,6 +11,7 @@ import gevent
 from flask import Flask
 
 from blueprints import collections, cors, demo, documents, errors, health, security, streams, tokens
+from blueprints.paths import CanonicalPaths
 from services import config as settings
 from services.auth import Users
 from services.hub import Hub
@@ -59,6 +60,7 @@ def create_app(config: Mapping[str, Any] | None = None, engine=None) -> Flask:
     conf = settings.load(overrides=config)
     _configure_logging(conf["LOG_LEVEL"])
     app = Flask(__name__)
+    app.wsgi_app = CanonicalPaths(app.wsgi_app)  # type: ignore[method-assign]
     app.config.update(conf)
     app.config["MAX_CONTENT_LENGTH"] = conf["MAX_CONTENT_LENGTH"]
     app.json.sort_keys = False

@@ -7,6 +7,7 @@ from flask import Blueprint, request
 from services import pipeline
 from services.errors import BadRequest
 
+from . import security
 from .common import check_name, empty_response, engine, json_body, json_response
 
 bp = Blueprint("collections", __name__)
@@ -20,6 +21,13 @@ def _props(body: dict, coll: str) -> dict:
         except pipeline.PipelineError as exc:
             raise BadRequest(f"invalid streams of collection '{coll}': {exc}") from None
     return body
+
+
+def _management(coll: str) -> None:
+    """PUT, PATCH and DELETE of a collection change it for everyone: mongo.allowManagementRequests."""
+    grant = security.grant(coll)
+    grant.require(grant.allow_management, "allowManagementRequests",
+                  f"changing the collection '{coll}' (its properties and stream definitions)")
 
 
 def _etag_headers(props: dict) -> dict:
@@ -37,6 +45,7 @@ def list_collections():
 @bp.put("/<coll>")
 def put_collection(coll: str):
     check_name(coll)
+    _management(coll)
     props = _props(json_body(extended=False), coll)
     created, stored = engine().put_collection(coll, props, request.headers.get("If-Match"))
     return json_response({}, status=201 if created else 200, headers=_etag_headers(stored))
@@ -45,6 +54,7 @@ def put_collection(coll: str):
 @bp.patch("/<coll>")
 def patch_collection(coll: str):
     check_name(coll)
+    _management(coll)
     props = _props(json_body(extended=False), coll)
     stored = engine().patch_collection(coll, props, request.headers.get("If-Match"))
     return json_response({}, status=200, headers=_etag_headers(stored))
@@ -53,6 +63,7 @@ def patch_collection(coll: str):
 @bp.delete("/<coll>")
 def drop_collection(coll: str):
     check_name(coll)
+    _management(coll)
     if coll in ("users", "acl"):
         raise BadRequest(f"the '{coll}' collection holds security data and cannot be dropped")
     engine().drop_collection(coll, request.headers.get("If-Match", ""))

@@ -65,13 +65,9 @@ def parse_id(raw: str) -> Any:
             return ObjectId(raw)
         except InvalidId:
             pass
-    if not raw or "\0" in raw:
+    if not raw:
         raise BadRequest("invalid document id")
     return raw
-
-
-def id_path(doc_id: Any) -> str:
-    return str(doc_id)
 
 
 def json_body(allow_array: bool = False, extended: bool = True) -> Any:

@@ -1,29 +1,33 @@
-"""Documents: list with query arguments, insert (one or bulk), read, replace, update, delete.
+"""Documents: list with query arguments, count, insert (one or bulk), read, replace, update,
+delete, and the bulk PATCH/DELETE of `/<coll>/*`.
 
 Every write goes through the engine, which records its change events in the same
-transaction. Writes to `users` hash the password, and no response ever shows it.
+transaction. The caller's permission (services.permissions.Grant) shapes each request:
+its readFilter narrows reads, projectResponse hides fields (and forbids querying them),
+mergeRequest is merged into every write, and writeFilter plus the users rules are checked
+by the engine inside the write. Writes to `users` hash the password, and no response ever
+shows it.
 """
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 from bson.regex import Regex
 from flask import Blueprint, request
 
-import datetime
-
 from services import acl, auth, query, updates
-from services.errors import BadRequest, DocumentNotFound
+from services.errors import BadRequest, DocumentNotFound, MethodNotAllowed
+from services.paths import decode_segment, location_segment
+from services.permissions import Grant
 
 from . import security
 from .common import (
     check_field_names,
     check_name,
-    dumps,
     empty_response,
     engine,
-    id_path,
     int_arg,
     json_body,
     json_response,
@@ -34,6 +38,10 @@ bp = Blueprint("documents", __name__)
 
 _WRITE_MODES = ("insert", "update", "upsert")
 ACL = "acl"
+# Names with a meaning in a document URL (RESTHeart's reserved resources, and `*` for bulk
+# writes): a document with such an id could never be addressed, so none may be written.
+RESERVED_IDS = frozenset({"_streams", "_meta", "_size", "_indexes", "_aggrs", "_schemas", "*"})
+BULK = "*"
 
 
 def _validate_acl(doc: Any) -> None:
@@ -44,14 +52,26 @@ def _validate_acl(doc: Any) -> None:
         raise BadRequest(f"invalid ACL document: {exc}") from None
 
 
-def _shown(coll: str, doc: dict) -> dict:
-    return auth.public_user(doc) if coll == auth.USERS else doc
+def _check_id(doc_id: Any) -> Any:
+    if isinstance(doc_id, str):
+        if doc_id in RESERVED_IDS:
+            raise BadRequest(f"'{doc_id}' is a reserved name and cannot be used as a document id")
+        if not doc_id:
+            raise BadRequest("a string _id must not be empty (it could not be addressed by a URL)")
+    elif isinstance(doc_id, (list, Regex)):
+        raise BadRequest("the _id cannot be an array or a regular expression")
+    return doc_id
+
+
+def _url_id(segment: str) -> Any:
+    """The document id named by a URL segment (canonical form, services.paths)."""
+    return parse_id(decode_segment(segment))
 
 
 def _prepared(coll: str, doc: dict, doc_id: Any = None) -> dict:
     check_field_names(doc)
-    if isinstance(doc.get("_id"), (list, Regex)):
-        raise BadRequest("the _id cannot be an array or a regular expression")
+    if "_id" in doc:
+        _check_id(doc["_id"])
     doc = {k: v for k, v in doc.items() if k != "_etag"}
     if coll == auth.USERS:
         doc = auth.prepare_user(doc, doc_id)
@@ -60,10 +80,13 @@ def _prepared(coll: str, doc: dict, doc_id: Any = None) -> dict:
     return doc
 
 
-def _write_mode(default: str) -> str:
-    mode = (request.args.get("wm") or request.args.get("writeMode") or default).lower()
+def _write_mode(default: str, grant: Grant) -> str:
+    raw = request.args.get("wm") or request.args.get("writeMode")
+    if raw is not None:
+        grant.require(grant.allow_write_mode, "allowWriteMode", "the wm parameter")
+    mode = (raw or default).lower()
     if mode not in _WRITE_MODES:
-        raise BadRequest(f"illegal wm parameter: {mode}; use one of insert, update, upsert")
+        raise BadRequest(f"illegal wm parameter: {query.shown(mode)}; use one of insert, update, upsert")
     return mode
 
 
@@ -71,74 +94,89 @@ def _etag(doc: dict) -> dict:
     return {"ETag": str(doc["_etag"])} if doc.get("_etag") is not None else {}
 
 
-@bp.get("/<coll>")
-def list_documents(coll: str):
+def _location(coll: str, doc_id: Any) -> str:
+    return f"{request.script_root}/{coll}/{location_segment(str(doc_id))}"
+
+
+def _query_args(grant: Grant) -> tuple[dict, list, dict | None]:
     filter_ = query.parse_filter(request.args.getlist("filter"))
-    restriction = security.read_filter()
-    if restriction:
-        filter_ = {"$and": [filter_, restriction]} if filter_ else restriction
-    if coll == auth.USERS and "password" in dumps(filter_):
-        raise BadRequest("filtering on the password field is not allowed")
     sort = query.parse_sort(request.args.getlist("sort"))
     keys = query.parse_keys(request.args.getlist("keys"))
+    grant.check_query(filter_, sort, keys)
+    return filter_, sort, keys
+
+
+@bp.get("/<coll>")
+def list_documents(coll: str):
+    grant = security.grant(coll)
+    filter_, sort, keys = _query_args(grant)
     page = int_arg("page", 1, 1, 1_000_000)
     pagesize = int_arg("pagesize", 100, 0, 1000)
     if pagesize == 0:  # RESTHeart: no documents (the engine's limit 0 would mean "all")
         engine().get_collection(coll)  # still 404 for an unknown collection
         return json_response([])
-    docs = engine().find(coll, filter_, sort, keys, (page - 1) * pagesize, pagesize)
-    return json_response([_shown(coll, d) for d in docs])
+    docs = engine().find(coll, grant.restrict(filter_), sort, keys, (page - 1) * pagesize, pagesize)
+    return json_response([grant.shown(d) for d in docs])
+
+
+@bp.get("/<coll>/_size")
+def count_documents(coll: str):
+    grant = security.grant(coll)
+    filter_ = query.parse_filter(request.args.getlist("filter"))
+    grant.check_query(filter_)
+    return json_response({"_size": engine().count(coll, grant.restrict(filter_))})
 
 
 @bp.post("/<coll>")
 def create_documents(coll: str):
     check_name(coll)
+    grant = security.grant(coll)
     body = json_body(allow_array=True)
+    guard = grant.write_guard(coll)
     if isinstance(body, list):
-        docs = engine().insert_documents(coll, [_prepared(coll, d) for d in body])
+        docs = engine().insert_documents(coll, [_prepared(coll, grant.merged_document(d)) for d in body], guard)
         return json_response({"inserted": len(docs), "_ids": [d["_id"] for d in docs]}, status=201)
-    doc = engine().insert_documents(coll, [_prepared(coll, body)])[0]
-    headers = {"Location": f"{request.script_root}/{coll}/{id_path(doc['_id'])}", **_etag(doc)}
+    doc = engine().insert_documents(coll, [_prepared(coll, grant.merged_document(body))], guard)[0]
+    headers = {"Location": _location(coll, doc["_id"]), **_etag(doc)}
     return json_response({"_id": doc["_id"]}, status=201, headers=headers)
 
 
 @bp.get("/<coll>/<doc_id>")
 def get_document(coll: str, doc_id: str):
-    oid = parse_id(doc_id)
+    grant = security.grant(coll)
+    oid = _url_id(doc_id)
     doc = engine().get_document(coll, oid)
-    restriction = security.read_filter()
-    if restriction and not engine().find(coll, {"$and": [{"_id": oid}, restriction]}, [], None, 0, 1):
+    if grant.read_filter and not engine().find(coll, grant.restrict({"_id": oid}), [], {"_id": 1}, 0, 1):
         # the permission's readFilter hides it: as absent as in GET /<coll>
         raise DocumentNotFound(coll, str(oid))
     headers = _etag(doc)
     if request.headers.get("If-None-Match", "").strip('"') == headers.get("ETag"):
         return empty_response(304, headers)
-    return json_response(_shown(coll, doc), headers=headers)
+    return json_response(grant.shown(doc), headers=headers)
 
 
 @bp.put("/<coll>/<doc_id>")
 def replace_document(coll: str, doc_id: str):
-    oid = parse_id(doc_id)
+    grant = security.grant(coll)
+    oid = _check_id(_url_id(doc_id))
     body = json_body()
     if "_id" in body and body["_id"] != oid:
         raise BadRequest("the _id in the body does not match the URL")
-    mode = _write_mode("update")
-    doc = _prepared(coll, body, oid)
+    mode = _write_mode("update", grant)
+    doc = _prepared(coll, grant.merged_document(body), oid)
+    guard = grant.write_guard(coll)
     if mode == "insert":
-        stored = engine().insert_documents(coll, [{**doc, "_id": oid}])[0]
+        stored = engine().insert_documents(coll, [{**doc, "_id": oid}], guard)[0]
         created = True
     else:
         created, stored = engine().replace_document(
-            coll, oid, doc, upsert=mode == "upsert", if_match=request.headers.get("If-Match")
+            coll, oid, doc, upsert=mode == "upsert", if_match=request.headers.get("If-Match"), guard=guard
         )
     return json_response({"_id": stored["_id"]}, status=201 if created else 200, headers=_etag(stored))
 
 
-@bp.patch("/<coll>/<doc_id>")
-def update_document(coll: str, doc_id: str):
-    oid = parse_id(doc_id)
-    body = json_body()
-    mode = _write_mode("update")
+def _update_spec(coll: str, body: dict, grant: Grant) -> dict:
+    """The PATCH body as a validated operator update, with mergeRequest and user rules applied."""
     try:
         spec = updates.normalize_patch(body)
     except updates.UpdateError as exc:
@@ -149,7 +187,7 @@ def update_document(coll: str, doc_id: str):
         if coll == auth.USERS and isinstance(fields, dict) and any(k.startswith("password") for k in fields):
             if op != "$set" or not isinstance(fields.get("password"), str):
                 raise BadRequest("a user's password can only be set to a new string")
-            fields["password"] = auth.prepare_user({"_id": str(oid), **{"password": fields["password"]}})["password"]
+            fields["password"] = auth.prepare_user({"_id": "x", "password": fields["password"]})["password"]
         if coll == auth.USERS and op == "$rename" and isinstance(fields, dict) and any(
             isinstance(to, str) and to.startswith("password") for to in fields.values()
         ):
@@ -164,11 +202,22 @@ def update_document(coll: str, doc_id: str):
             for value in fields.values():
                 each = isinstance(value, dict) and "$each" in value
                 check_field_names(value["$each"] if each else value)
+    return grant.merged_update(spec)
+
+
+@bp.patch("/<coll>/<doc_id>")
+def update_document(coll: str, doc_id: str):
+    grant = security.grant(coll)
+    oid = _check_id(_url_id(doc_id))
+    body = json_body()
+    mode = _write_mode("update", grant)
+    spec = _update_spec(coll, body, grant)
     if coll == ACL:
         _validate_acl_update(oid, spec, upsert=mode == "upsert")
     try:
         created, stored = engine().update_document(
-            coll, oid, spec, if_match=request.headers.get("If-Match"), upsert=mode == "upsert"
+            coll, oid, spec, if_match=request.headers.get("If-Match"), upsert=mode == "upsert",
+            guard=grant.write_guard(coll),
         )
     except updates.UpdateError as exc:
         raise BadRequest(str(exc)) from None
@@ -195,5 +244,64 @@ def _validate_acl_update(oid: Any, spec: dict, upsert: bool) -> None:
 
 @bp.delete("/<coll>/<doc_id>")
 def delete_document(coll: str, doc_id: str):
-    engine().delete_document(coll, parse_id(doc_id), if_match=request.headers.get("If-Match"))
+    grant = security.grant(coll)
+    oid = _check_id(_url_id(doc_id))
+    engine().delete_document(coll, oid, if_match=request.headers.get("If-Match"), guard=grant.write_guard(coll))
     return empty_response(204)
+
+
+# ---------------------------------------------------------------------- bulk writes
+
+
+def _bulk_filter(grant: Grant) -> dict:
+    values = request.args.getlist("filter")
+    if not values:
+        raise BadRequest("a bulk write needs a filter parameter, e.g. ?filter={\"_id\":{\"$exists\":true}} "
+                         "for every document")
+    filter_ = query.parse_filter(values)
+    grant.check_query(filter_)
+    # documents outside the writeFilter are not candidates (the guard checks each one again)
+    return {"$and": [filter_, grant.write_filter]} if grant.write_filter else filter_
+
+
+@bp.patch(f"/<coll>/{BULK}")
+def bulk_update(coll: str):
+    grant = security.grant(coll)
+    grant.require(grant.allow_bulk_patch, "allowBulkPatch", "a bulk PATCH")
+    filter_ = _bulk_filter(grant)
+    spec = _update_spec(coll, json_body(), grant)
+    if coll == ACL:
+        raise BadRequest("bulk updates of the acl collection are not supported; PATCH each document")
+    try:
+        matched, modified = engine().update_many(coll, filter_, spec, grant.write_guard(coll))
+    except updates.UpdateError as exc:
+        raise BadRequest(str(exc)) from None
+    return json_response({"inserted": 0, "deleted": 0, "modified": modified, "matched": matched})
+
+
+@bp.delete(f"/<coll>/{BULK}")
+def bulk_delete(coll: str):
+    grant = security.grant(coll)
+    grant.require(grant.allow_bulk_delete, "allowBulkDelete", "a bulk DELETE")
+    deleted = engine().delete_many(coll, _bulk_filter(grant), grant.write_guard(coll))
+    return json_response({"inserted": 0, "deleted": deleted, "modified": 0, "matched": deleted})
+
+
+# ---------------------------------------------------------------------- reserved URLs
+
+
+def _only_reads(**_: Any):
+    raise MethodNotAllowed(f"{request.method} is not allowed on this URL; it allows GET, HEAD and OPTIONS",
+                           allow="GET, HEAD, OPTIONS")
+
+
+def _only_bulk_writes(**_: Any):
+    raise MethodNotAllowed(f"{request.method} is not allowed on this URL; it allows PATCH, DELETE and OPTIONS "
+                           "(bulk writes with ?filter=)", allow="PATCH, DELETE, OPTIONS")
+
+
+_WRITES = ["POST", "PUT", "PATCH", "DELETE"]
+for _path, _name in (("/<coll>/_streams", "streams_writes"), ("/<coll>/_streams/<uri>", "stream_writes"),
+                     ("/<coll>/_meta", "meta_writes"), ("/<coll>/_size", "size_writes")):
+    bp.add_url_rule(_path, _name, _only_reads, methods=_WRITES)
+bp.add_url_rule(f"/<coll>/{BULK}", "bulk_others", _only_bulk_writes, methods=["GET", "POST", "PUT"])

@@ -10,21 +10,33 @@ HTTP 401/403 and never a 101.
 
 The ACL is read again whenever it changed (one indexed query per request), so a revoked
 rule never outlives its deletion, in any worker.
+
+Failed Basic logins are throttled per (client address, user name) (services.throttle):
+past AUTH_MAX_FAILURES within AUTH_FAILURE_WINDOW_SECONDS the next attempts get 429 and
+no password is checked. The client address is the peer's, or the last X-Forwarded-For hop
+when the peer is one of TRUSTED_PROXIES (a proxy appends the address it saw last, so
+only that entry is the proxy's word; earlier ones are the client's).
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from typing import Any
 
+from bson import json_util
+from bson.errors import InvalidId
 from flask import Flask, current_app, g, request
 from flask_httpauth import HTTPBasicAuth
 
-from services import acl
-from services.errors import BadRequest, Forbidden, Unauthorized
+from services import acl, query
+from services.errors import BadRequest, Forbidden, TooManyRequests, Unauthorized
+from services.permissions import Grant
+from services.throttle import FailureThrottle
 from services.tokens import COOKIE_NAME, TokenError, password_fingerprint
 
 from .common import engine, users
+from .paths import CANONICAL_PATH, RAW_PATH
 
 REALM = "changefeed"
 PUBLIC_ENDPOINTS = {"health.health", "demo.demo", "static"}
@@ -33,11 +45,6 @@ STREAM_ENDPOINTS = {"streams.stream", "streams.stream_ws"}
 ADMIN_ROLE = "admin"
 
 basic_auth = HTTPBasicAuth(realm=REALM)
-
-
-@basic_auth.verify_password
-def _verify(username: str, password: str):
-    return users().verify(username, password)
 
 
 def _challenge_headers() -> dict:
@@ -69,11 +76,30 @@ class Permissions:
         return self._permissions
 
 
-def raw_path() -> str:
-    """The path as the client sent it (percent-encoded), without the query string."""
-    environ = request.environ
-    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI") or request.path
-    return raw.split("?", 1)[0].split("#", 1)[0] or "/"
+NOT_NORMAL = "the request path is not in normal form (encoded '/', '..', '//' or control characters)"
+
+
+def canonical_path() -> str | None:
+    """The request's canonical path (blueprints.paths), or None when it has none."""
+    return request.environ.get(CANONICAL_PATH)
+
+
+def client_address() -> str:
+    """The peer's address, or the last X-Forwarded-For hop when the peer is a trusted proxy."""
+    peer = request.environ.get("REMOTE_ADDR") or ""
+    trusted = current_app.config["TRUSTED_PROXIES"]
+    if trusted and request.headers.get("X-Forwarded-For"):
+        try:
+            peer_ip = ipaddress.ip_address(peer)
+        except ValueError:
+            return peer
+        if any(peer_ip in net for net in trusted):
+            last = request.headers.get("X-Forwarded-For", "").split(",")[-1].strip()
+            try:
+                return str(ipaddress.ip_address(last))
+            except ValueError:
+                return peer
+    return peer
 
 
 def _user_from_token(token: str) -> tuple[dict, int]:
@@ -90,6 +116,22 @@ def _user_from_token(token: str) -> tuple[dict, int]:
     return {k: v for k, v in stored.items() if k != "password"}, int(claims["exp"])
 
 
+def _basic(auth: Any) -> dict:
+    """Check Basic credentials, throttled per (client address, user name)."""
+    throttle: FailureThrottle = current_app.extensions["changefeed.login_throttle"]
+    key = (client_address(), auth.username)
+    wait = throttle.retry_after(key)
+    if wait is not None:
+        raise TooManyRequests(f"too many failed logins for user '{auth.username[:100]}' from this address; "
+                              f"try again in {max(1, round(wait))} s", retry_after=wait)
+    user = users().verify(auth.username, auth.password)
+    if not user:
+        throttle.failed(key)
+        raise unauthorized("wrong username or password")
+    throttle.succeeded(key)
+    return user
+
+
 def _credentials(is_stream: bool) -> tuple[dict | None, str, int | None]:
     """Return (user or None, how, token expiry); raise 401 for wrong credentials."""
     header = request.headers.get("Authorization", "")
@@ -102,12 +144,9 @@ def _credentials(is_stream: bool) -> tuple[dict | None, str, int | None]:
         scheme = scheme.lower()
         if scheme == "basic":
             auth = basic_auth.get_auth()
-            if auth is None:
+            if auth is None or not auth.username:
                 raise unauthorized("malformed Basic credentials")
-            user = basic_auth.authenticate(auth, basic_auth.get_auth_password(auth))
-            if not user:
-                raise unauthorized("wrong username or password")
-            return user, "basic", None
+            return _basic(auth), "basic", None
         if scheme == "bearer" and value.strip():
             user, exp = _user_from_token(value.strip())
             return user, "bearer", exp
@@ -123,8 +162,33 @@ def _credentials(is_stream: bool) -> tuple[dict | None, str, int | None]:
 
 
 def request_info(user: dict | None) -> acl.RequestInfo:
-    return acl.RequestInfo(method=request.method, path=raw_path(),
-                           query={k: v for k, v in request.args.lists()}, user=user)
+    return acl.RequestInfo(method=request.method, path=canonical_path() or request.environ.get(RAW_PATH, "/"),
+                           query={k: v for k, v in request.args.lists()}, user=user, body=_json_body())
+
+
+def _json_body() -> Any:
+    """The JSON body for the ACL's body predicates; None when there is none or it is not
+    valid (the view then refuses it with a 400 naming the fault)."""
+    if request.method not in ("POST", "PUT", "PATCH"):
+        return None
+    mimetype = request.mimetype or ""
+    if mimetype != "application/json" and not mimetype.endswith("+json"):
+        return None
+    try:
+        value = json_util.loads(request.get_data(cache=True).decode("utf-8"))
+        query.check_bson_limits(value, "the request body")
+    except (ValueError, TypeError, RecursionError, InvalidId, BadRequest):
+        return None
+    return value if isinstance(value, (dict, list)) else None
+
+
+def is_admin(user: dict | None) -> bool:
+    return user is not None and ADMIN_ROLE in _roles(user)
+
+
+def _roles(user: dict) -> list[str]:
+    raw = user.get("roles")  # only an array of strings is roles: list({"admin": 1}) would be ["admin"]
+    return [r for r in raw if isinstance(r, str)] if isinstance(raw, list) else []
 
 
 def check_access() -> None:
@@ -132,9 +196,9 @@ def check_access() -> None:
     g.user, g.auth_kind, g.auth_expires, g.permission = None, "anonymous", None, None
     if request.method == "OPTIONS":
         return
-    path = acl.normalize_path(raw_path())
-    if path is None or path.rstrip("/") != request.path.rstrip("/"):
-        raise BadRequest("the request path is not in normal form (encoded '/', '..', '//' or control characters)")
+    path = canonical_path()
+    if path is None:
+        raise BadRequest(NOT_NORMAL)
     if request.endpoint in PUBLIC_ENDPOINTS:
         return
     is_stream = request.endpoint in STREAM_ENDPOINTS
@@ -154,28 +218,35 @@ def check_access() -> None:
 
 
 def decide(user: dict | None, info: acl.RequestInfo) -> acl.Decision:
-    if user is None:
-        roles = [acl.UNAUTHENTICATED]
-    else:  # only an array of strings is roles: list({"admin": 1}) would be ["admin"]
-        raw = user.get("roles")
-        roles = [r for r in raw if isinstance(r, str)] if isinstance(raw, list) else []
+    roles = [acl.UNAUTHENTICATED] if user is None else _roles(user)
     if ADMIN_ROLE in roles:
         return acl.Decision(True, None)
     return acl.decide(current_app.extensions["changefeed.permissions"].current(), roles, info,
                       admin_role=ADMIN_ROLE)
 
 
-def access_checker(app: Flask):
+def grant(coll: str | None) -> Grant:
+    """What the request's permission lets it do on `coll` (admin: everything)."""
+    return _grant_of(g.get("permission"), g.user, coll)
+
+
+def _grant_of(permission: acl.Permission | None, user: dict | None, coll: str | None) -> Grant:
+    return Grant.of(permission.mongo if permission is not None else None, user, coll, admin=is_admin(user))
+
+
+def access_checker(app: Flask, coll: str):
     """A callable that tells, later and outside this request, whether access still holds.
 
     Streams call it when users or the ACL change: a deleted user, a changed password (for
-    token sessions), a lost role or a removed rule ends the stream (event:revoked / 1008).
+    token sessions), a lost role or a removed rule ends the stream (event:revoked / 1008),
+    and so does a permission whose readFilter or projectResponse now says something else
+    (the stream was opened with the old ones).
     """
     user = g.user
     kind = g.auth_kind
     info = request_info(user)
     user_id = user["_id"] if user else None
-    granted_filter = read_filter()  # what the stream was opened with
+    opened = _stream_terms(grant(coll), g.get("permission"))
     fingerprint = None
     if user_id is not None:
         stored = app.extensions["changefeed.engine"].get_document("users", user_id)
@@ -202,51 +273,22 @@ def access_checker(app: Flask):
             decision = decide(current, fresh)
             if not decision.allowed:
                 return False
-            # The stream's pipeline holds the readFilter it was opened with: when the rule's
-            # filter (or a @user value in it) changed, the old one may show too much.
             try:
-                return _filter_of(decision.permission, current) == granted_filter
+                return _stream_terms(_grant_of(decision.permission, current, coll), decision.permission) == opened
             except Forbidden:
                 return False
 
     return still_allowed
 
 
-def read_filter() -> dict | None:
-    """The matching permission's readFilter with @user values filled in, or None.
-
-    A variable the caller cannot fill (anonymous, missing property) refuses the request:
-    a filter that silently lost a condition would widen what the caller sees.
-    """
-    return _filter_of(g.get("permission"), g.user)
-
-
-def _filter_of(permission: acl.Permission | None, user: dict | None) -> dict | None:
-    if permission is None:
-        return None
-    flt = (permission.mongo or {}).get("readFilter")
-    if not flt:
-        return None
-    return _interpolate(flt, user)
-
-
-def _interpolate(value: Any, user: dict | None) -> Any:
-    if isinstance(value, dict):
-        return {k: _interpolate(v, user) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_interpolate(v, user) for v in value]
-    if isinstance(value, str) and value.startswith("@user"):
-        if user is None:
-            raise Forbidden("this permission's readFilter needs an authenticated user")
-        current: Any = user
-        for part in value.split(".")[1:]:
-            if not isinstance(current, dict) or part not in current:
-                raise Forbidden(f"this permission's readFilter needs {value}, which the user does not have")
-            current = current[part]
-        return current
-    return value
+def _stream_terms(granted: Grant, permission: acl.Permission | None) -> tuple:
+    """What a stream was opened with: its readFilter (interpolated) and projectResponse."""
+    projection = (permission.mongo or {}).get("projectResponse") if permission is not None else None
+    return granted.read_filter, projection
 
 
 def init_app(app: Flask) -> None:
     app.extensions["changefeed.permissions"] = Permissions(app.extensions["changefeed.engine"])
+    app.extensions["changefeed.login_throttle"] = FailureThrottle(
+        app.config["AUTH_MAX_FAILURES"], app.config["AUTH_FAILURE_WINDOW_SECONDS"])
     app.before_request(check_access)

@@ -36,6 +36,7 @@ from services.hub import (
 
 from . import security
 from .common import engine, hub, json_response
+from .ws_reader import Close, MessageTooBig, Ping, WebSocketReadError, read_client_frames
 
 log = logging.getLogger(__name__)
 bp = Blueprint("streams", __name__)
@@ -45,10 +46,15 @@ _MAX_TOKEN_CHARS = 1024  # tokens we issue are ~45 characters (MongoDB's a few h
 _OPCODE_PING = 0x9
 
 
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "close"}
+
+
 @bp.get("/<coll>/_streams")
 def list_streams(coll: str):
+    """The collection's streams, with links built from PUBLIC_URL, or relative: never from
+    the Host header, which the client chooses."""
     props = engine().get_collection(coll)
-    base = request.host_url.rstrip("/")
+    base = current_app.config["PUBLIC_URL"]
     out = []
     for stream in props.get("streams") or []:
         if isinstance(stream, dict) and isinstance(stream.get("uri"), str):
@@ -103,6 +109,8 @@ def stream(coll: str, uri: str):
     environ = request.environ
     websocket = is_websocket_handshake(environ)
     wants_sse = "text/event-stream" in request.headers.get("Accept", "")
+    if websocket and request.method != "GET":
+        raise BadRequest("a WebSocket handshake must be a GET request")
     if not websocket and not wants_sse:
         find_stream(engine().get_collection(coll), uri)  # 404 for an unknown stream first
         raise BadRequest(
@@ -114,14 +122,24 @@ def stream(coll: str, uri: str):
         token = _resume_token(request.args.get("lastEventId"))
     else:
         token = _resume_token(request.headers.get("Last-Event-ID") or request.args.get("lastEventId"))
+    grant = security.grant(coll)
+    if request.method == "HEAD":
+        # The headers a GET would get, after the same checks, and nothing subscribed: the
+        # server sends no body for HEAD, so a subscription would never be served or ended.
+        hub().prepare(coll, uri, request.args.get("avars"), grant.read_filter, grant.visibility,
+                      grant.stage_visibility)
+        return Response(b"", status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
     if not websocket and hub().closing:
         # A draining worker still reads requests on kept-alive sockets (and for up to 1 s on
         # new ones). Any non-200 would close an EventSource for good, so it gets `end` and
         # retries after `retry:` with its Last-Event-ID, by then on the next server.
         return _draining_sse_response()
+    still_allowed = security.access_checker(current_app._get_current_object(), coll)
+    owner = ("user", g.user["_id"]) if g.user is not None else ("address", security.client_address())
     sub = hub().subscribe(coll, uri, request.args.get("avars"), token,
-                          "websocket" if websocket else "sse", g.user, read_filter=security.read_filter())
-    sub.client.access_check = security.access_checker(current_app._get_current_object())
+                          "websocket" if websocket else "sse", g.user, read_filter=grant.read_filter,
+                          visibility=grant.visibility, stage_visibility=grant.stage_visibility, owner=owner)
+    sub.client.access_check = still_allowed
     if g.auth_expires is not None:
         delay = max(0.0, g.auth_expires - time.time())
         sub.expiry = gevent.spawn_later(delay, sub.client.end, "expired", "the token expired")
@@ -170,7 +188,7 @@ def _sse_response(sub: Subscription, environ: dict) -> Response:
     config = current_app.config
     heartbeat = config["SSE_HEARTBEAT_SECONDS"]
     opening = sse.retry(config["SSE_RETRY_MS"]) + sse.comment("connected")
-    hangup = _watch_for_hangup(environ, sub)
+    hangup: list = []  # the hang-up watcher, started when the body starts
     sock = environ.get("gunicorn.sock")
     if sock is not None:
         # A peer that accepts no byte for this long is gone; its greenlet must not wait forever.
@@ -179,8 +197,19 @@ def _sse_response(sub: Subscription, environ: dict) -> Response:
     handler = environ.get("changefeed.handler")
     direct = handler is not None and sock is not None and not _is_tls(sock)
 
+    def cleanup() -> None:
+        """Stop watching the socket and unsubscribe; runs once the response is closed,
+        whether or not its body ever ran (a libev watcher left on a closed descriptor
+        aborts the whole worker)."""
+        while hangup:
+            hangup.pop().stop()
+        sub.close()
+
     def generate():
         try:
+            watcher = _watch_for_hangup(environ, sub)
+            if watcher is not None:
+                hangup.append(watcher)
             yield opening
             if direct:
                 # The headers and the opening are on the wire now: write events straight to
@@ -205,14 +234,13 @@ def _sse_response(sub: Subscription, environ: dict) -> Response:
                     return
                 yield b"".join(item.sse for item in batch)
         finally:
-            if hangup is not None:
-                hangup.stop()
-            sub.close()
+            cleanup()
 
     # A stream's connection is not reused: when the stream ends (redefinition, shutdown)
     # the socket closes too, so a draining worker is not held by idle keep-alive sockets.
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "close"}
-    return Response(generate(), status=200, mimetype="text/event-stream", headers=headers)
+    response = Response(generate(), status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
+    response.call_on_close(cleanup)
+    return response
 
 
 def _serve_websocket(sub: Subscription, environ: dict) -> Response:
@@ -222,11 +250,24 @@ def _serve_websocket(sub: Subscription, environ: dict) -> Response:
         sub.close()
         raise BadRequest("WebSocket handshake failed")
 
+    limit = current_app.config["WS_MAX_MESSAGE_BYTES"]
+
     def read_until_closed():
-        # Client messages are ignored; receive() also answers pings and sees the close.
+        # Client messages are ignored (never buffered); pings are answered; a message over
+        # WS_MAX_MESSAGE_BYTES ends the connection with 1009, a protocol error with 1002.
         try:
-            while ws.receive() is not None:
-                pass
+            for frame in read_client_frames(ws.raw_read, limit):
+                if isinstance(frame, Ping):
+                    ws.send_frame(frame.payload, ws.OPCODE_PONG)
+                elif isinstance(frame, Close):
+                    sub.client.end("closed")
+                    return
+        except MessageTooBig:
+            sub.client.end("too_big", f"message larger than {limit} bytes")
+            return
+        except WebSocketReadError as exc:
+            sub.client.end("protocol", exc.reason)
+            return
         except Exception:
             pass
         sub.client.end("gone")

@@ -12,8 +12,9 @@ bp = Blueprint("tokens", __name__)
 
 
 def _issue() -> dict:
+    """A token for the caller; one minted with a token never outlives the token it came from."""
     stored = engine().get_document("users", g.user["_id"])  # the fingerprint needs the hash
-    return current_app.extensions["changefeed.tokens"].issue(stored)
+    return current_app.extensions["changefeed.tokens"].issue(stored, not_after=g.auth_expires)
 
 
 @bp.post("/token")

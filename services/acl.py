@@ -1,13 +1,13 @@
 """Access control: ACL documents, the RESTHeart/Undertow predicate language, the decision.
 
-Self-contained (standard library only). The pieces:
+Standard library only, besides services.paths and (for the ``mongo`` object of ACL
+documents) services.permissions. The pieces:
 
-* ``normalize_path`` turns the raw, percent-encoded request path into the one path every
-  rule is matched against: decoded once, ``//`` collapsed, ``.``/``..`` resolved (never above
-  the root), trailing slash dropped. Anything ambiguous (an encoded ``/`` or ``\\``, NUL or
-  other control characters, a ``%XX`` left over after one decode, malformed ``%`` escapes,
-  invalid UTF-8) is refused with ``None`` -- the caller answers 400. The server must route on
-  the same normalised path, otherwise a rule and the handler can disagree about the target.
+* ``normalize_path`` (services.paths) turns the raw, percent-encoded request path into the
+  one path every rule is matched against and the router routes on: decoded once, ``//``
+  collapsed, ``.``/``..`` resolved, and anything ambiguous refused with ``None`` (the caller
+  answers 400). Only a document id segment keeps ``/``, ``%`` or control characters, and
+  keeps them percent-encoded, so that it stays one segment.
 * ``parse_predicate`` is a real parser: a context-sensitive tokenizer (argument values are
   lexed differently from the expression around them, because bare words such as
   ``/messages/_streams/all`` are legal arguments) driving a recursive-descent parser into an
@@ -28,10 +28,43 @@ Self-contained (standard library only). The pieces:
 
   Keywords and function names are case-insensitive. Inside any value, ``@user.<a.b>``,
   ``@user.roles``, ``${var}`` (captured by a ``path-template`` evaluated earlier in the same
-  ``and`` chain), ``@qparams['k']``, ``@request.path`` and ``@request.method`` are interpolated
-  at match time (never by re-parsing text, so a user property cannot inject syntax). A whole
-  value may also be one of the exchange attributes ``%R``/``%U``/``%{RELATIVE_PATH}``/
-  ``%{REQUEST_PATH}`` (the normalised path), ``%m``/``%{METHOD}``, ``%USER``, ``%ROLES``.
+  ``and`` chain), ``@qparams['k']``, ``@request.path``, ``@request.method`` and
+  ``@request.body.<a.b>`` (the value the JSON request body writes at that path, see below;
+  components ``[A-Za-z0-9_-]``) are interpolated at match time (never by re-parsing text, so
+  a user property or a body field cannot inject syntax). A whole value may also be one of
+  the exchange attributes ``%R``/``%U``/``%{RELATIVE_PATH}``/``%{REQUEST_PATH}`` (the
+  normalised path), ``%m``/``%{METHOD}``, ``%USER``, ``%ROLES``.
+* Request-body predicates look at ``RequestInfo.body`` (the parsed JSON body: an object, a
+  list of objects for a bulk POST, or ``None`` when there is none). ``touched_paths`` lists
+  the field paths a body writes: every plain (non-``$``) key as written (``"a.b"`` stays
+  dotted), every key of an operator's object argument (``$set``, ``$unset``, ``$inc``,
+  ``$rename`` -- whose targets are touched too -- ``$push`` ... and, conservatively, any other
+  ``$key``), and an operator whose argument is not an object is itself reported as touched.
+  "The value written at a path" merges the plain fields with ``$set`` and ``$setOnInsert``;
+  the path is looked up as a literal key, then by dotted navigation (numeric components index
+  arrays). Writers that disagree (two different values, or another operator touching the same
+  path) make it unknown. The functions (keys are dotted paths, never ``$``-prefixed; an
+  interpolated part of a key must be one component)::
+
+      bson-request-contains(k, ...)      every k is present: a touched path equals k or is
+                                         under it, or k is inside a value written at one
+      bson-request-whitelist(k, ...)     every touched path equals or is under some k
+      bson-request-blacklist(k, ...)     no touched path equals, is under or is above a k
+                                         (positional ``$``/``$[..]`` components match any)
+      bson-request-prop-equals(key=p, value=json)          the value written at p == value
+      bson-request-array-contains(key=p, values=...)       it is an array holding every value
+      bson-request-array-is-subset(key=p, values=...)      it is an array of listed values only
+
+  A literal ``value``/``values`` item is JSON text (``value='"bar"'``, ``value=1``,
+  ``value='{"a": 1}'``); a lone ``values`` argument that is a JSON array (or a variable
+  holding a list) is the list of values, items of ``{...}`` are one value each. An
+  interpolated value is the variable's raw value, never parsed as JSON (text around a
+  variable gives plain text). Equality is BSON-like: booleans never equal numbers, ints and
+  floats compare numerically, objects (key order ignored) and arrays compare deeply. Without
+  a body, whitelist/blacklist hold and the others do not; a bulk body must satisfy the
+  predicate in every element (an empty list: only whitelist/blacklist hold); a body of any
+  other shape is unknown. NB: whitelist/blacklist hold vacuously without a body, so the
+  server must refuse (400) a body it cannot parse instead of passing ``None``.
 * Evaluation is three-valued: a variable that cannot be resolved (anonymous caller, missing
   or empty property, uncaptured ``${var}``) makes its function *unknown*; ``not unknown`` is
   unknown, ``and``/``or`` follow Kleene logic, and only a definite *true* matches. A missing
@@ -41,12 +74,14 @@ Self-contained (standard library only). The pieces:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
-import urllib.parse
 from dataclasses import dataclass
 from typing import Any
+
+from .paths import normalize_path
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +91,8 @@ __all__ = [
     "normalize_path",
     "Predicate",
     "parse_predicate",
+    "touched_paths",
+    "UPDATE_OPERATORS",
     "validate_acl_document",
     "Permission",
     "load_permissions",
@@ -80,51 +117,15 @@ class RequestInfo:
     path: str  # raw, percent-encoded, without the query string
     query: dict  # dict[str, list[str]], decoded
     user: dict | None = None  # authenticated user document without password, or None
+    # the parsed JSON request body (a dict, or a list of dicts for a bulk POST); None when the
+    # request has no JSON body or it could not be parsed. Keep it last: callers pass it by name.
+    body: Any = None
 
 
 # --------------------------------------------------------------------------- paths
 
-_MALFORMED_PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
-_ENCODED_SEPARATOR = re.compile(r"%(?:2[fF]|5[cC])")
-_PCT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
-
-
-def _is_control(ch: str) -> bool:
-    o = ord(ch)
-    return o < 0x20 or 0x7F <= o <= 0x9F
-
-
-def normalize_path(raw_path: str) -> str | None:
-    """Percent-decode once and normalise; ``None`` for anything ambiguous (caller answers 400).
-
-    Collapses ``//``, resolves ``.`` and ``..`` (never above the root), drops a trailing
-    slash, keeps case. Refuses: a path not starting with ``/``; malformed ``%`` escapes; an
-    encoded ``/`` or ``\\``; invalid UTF-8 (overlong encodings included); NUL, backslash or any
-    other control character after decoding; a ``%XX`` sequence left after decoding
-    (double encoding such as ``%252e``, which a second decoder would turn into ``.``).
-    """
-    if not isinstance(raw_path, str) or not raw_path.startswith("/"):
-        return None
-    if _MALFORMED_PCT.search(raw_path) or _ENCODED_SEPARATOR.search(raw_path):
-        return None
-    try:
-        decoded = urllib.parse.unquote_to_bytes(raw_path).decode("utf-8", errors="strict")
-    except (UnicodeDecodeError, UnicodeEncodeError):
-        return None
-    if "\\" in decoded or any(_is_control(c) for c in decoded):
-        return None
-    if _PCT_ESCAPE.search(decoded):
-        return None
-    segments: list[str] = []
-    for seg in decoded.split("/"):
-        if seg in ("", "."):
-            continue
-        if seg == "..":
-            if segments:
-                segments.pop()
-            continue
-        segments.append(seg)
-    return "/" + "/".join(segments)
+# The canonical path every rule is matched against (and the router routes on) is
+# services.paths.normalize_path: see there for what is decoded, resolved and refused.
 
 
 def _rule_path(p: str) -> str:
@@ -147,8 +148,8 @@ _SEGMENT = object()  # _resolve_str mode: interpolated values must be single pat
 
 @dataclass(frozen=True)
 class _Var:
-    kind: str  # "user" | "capture" | "qparam" | "attr"
-    name: Any  # tuple of keys for user; str otherwise
+    kind: str  # "user" | "capture" | "qparam" | "attr" | "body"
+    name: Any  # tuple of keys for user; str otherwise (a dotted path for body)
 
 
 _VAR_RE = re.compile(
@@ -156,6 +157,7 @@ _VAR_RE = re.compile(
     (?<![\w@])@user(?P<user>(?:\.[A-Za-z0-9_-]+)*)(?![A-Za-z0-9_-])
   | \$\{(?P<cap>[A-Za-z_][A-Za-z0-9_-]*)\}
   | @qparams\[\s*(?:'(?P<q1>[^']*)'|"(?P<q2>[^"]*)")\s*\]
+  | @request\.body(?P<body>(?:\.[A-Za-z0-9_-]+)+)(?![A-Za-z0-9_-])
   | @request\.(?P<req>path|method)(?![A-Za-z0-9_])
     """,
     re.X,
@@ -208,6 +210,8 @@ def _template(text: str, pos: int) -> _Template:
             parts.append(_Var("user", keys))
         elif m.group("cap") is not None:
             parts.append(_Var("capture", m.group("cap")))
+        elif m.group("body") is not None:
+            parts.append(_Var("body", m.group("body")[1:]))
         elif m.group("req") is not None:
             parts.append(_Var("attr", m.group("req")))
         else:
@@ -240,6 +244,12 @@ def _lookup(var: _Var, ctx: _Ctx) -> Any:
         if isinstance(values, (list, tuple)):
             return values[0] if values else _MISSING
         return _MISSING if values is None else values
+    if var.kind == "body":
+        body = ctx.req.body
+        if not isinstance(body, dict):  # no body, or a bulk list: which element would it be?
+            return _MISSING
+        v = _written(body, var.name)
+        return _MISSING if v is _AMBIGUOUS or v is None else v
     # user
     cur: Any = ctx.req.user
     if not isinstance(cur, dict):
@@ -323,6 +333,163 @@ def _any_true(results) -> bool | None:
     return None if unknown else False
 
 
+# --------------------------------------------------------------------------- request bodies
+
+UPDATE_OPERATORS = frozenset({
+    "$set", "$unset", "$inc", "$mul", "$push", "$pull", "$addToSet", "$rename", "$min", "$max",
+    "$currentDate", "$pop", "$pullAll", "$setOnInsert", "$bit",
+})
+# the writers whose argument value is what ends up at the path (None: a plain field)
+_VALUE_WRITERS = (None, "$set", "$setOnInsert")
+_AMBIGUOUS = object()  # writers disagree about the value at a path
+
+
+def _body_entries(doc: dict) -> list[tuple[str, str | None, Any]]:
+    """``(path, writer, value)`` for every field path one body document touches.
+
+    ``writer`` is None for a plain field, else the ``$`` key it was found under. Any ``$`` key
+    with an object argument (an update operator or not) touches the argument's keys; a
+    ``$rename`` also touches each (string) target. A ``$`` key whose argument is not an object
+    is reported as touching itself, so that a whitelist can never let it through.
+    """
+    out: list[tuple[str, str | None, Any]] = []
+    for key, arg in doc.items():
+        key = str(key)
+        if not key.startswith("$"):
+            out.append((key, None, arg))
+        elif isinstance(arg, dict):
+            for sub, val in arg.items():
+                out.append((str(sub), key, val))
+                if key == "$rename" and isinstance(val, str):
+                    out.append((val, key, None))
+        else:
+            out.append((key, key, None))
+    return out
+
+
+def touched_paths(body: Any) -> list[str]:
+    """The field paths a JSON request body writes, in order, without duplicates.
+
+    For an object: every key not starting with ``$`` as written (a dotted key such as
+    ``"a.b"`` stays one path); for an update operator (``UPDATE_OPERATORS``) and,
+    conservatively, any other ``$`` key, every key of its object argument, plus each target of
+    a ``$rename``; a ``$`` key whose argument is not an object is listed itself. For a list (a
+    bulk POST): the union over its object elements (the body predicates test each element
+    separately). Anything else touches nothing.
+    """
+    docs = body if isinstance(body, list) else [body]
+    seen: dict[str, None] = {}
+    for doc in docs:
+        if isinstance(doc, dict):
+            for path, _, _ in _body_entries(doc):
+                seen.setdefault(path, None)
+    return list(seen)
+
+
+def _is_index(c: str) -> bool:
+    return c.isascii() and c.isdigit()
+
+
+def _values_at(cur: Any, comps: list[str]) -> list:
+    """Every value found at the dotted path ``comps`` inside ``cur``.
+
+    At each object level the rest of the path is tried as one literal key, then the next
+    component is followed (a numeric component indexes an array).
+    """
+    found = []
+    while comps:
+        if isinstance(cur, dict):
+            if len(comps) > 1:
+                whole = ".".join(comps)
+                if whole in cur:
+                    found.append(cur[whole])
+            if comps[0] not in cur:
+                return found
+            cur = cur[comps[0]]
+        elif isinstance(cur, list) and _is_index(comps[0]) and int(comps[0]) < len(cur):
+            cur = cur[int(comps[0])]
+        else:
+            return found
+        comps = comps[1:]
+    found.append(cur)
+    return found
+
+
+def _is_positional(c: str) -> bool:
+    return c == "$" or (c.startswith("$[") and c.endswith("]"))
+
+
+def _at_or_under(t: str, k: str) -> bool:
+    return t == k or t.startswith(k + ".")
+
+
+def _overlaps(t: str, k: str) -> bool:
+    """t equals k, is under it or above it; a positional component ($, $[], $[x]) matches any."""
+    for a, b in zip(t.split("."), k.split(".")):
+        if a != b and not _is_positional(a) and not _is_positional(b):
+            return False
+    return True
+
+
+def _written(doc: dict, path: str) -> Any:
+    """The value a body document writes at ``path``: _MISSING, _AMBIGUOUS or the value.
+
+    The plain fields, ``$set`` and ``$setOnInsert`` are looked up separately; several values
+    found that are not all equal, or any other operator touching the path (or a path above or
+    below it), make the value ambiguous (MongoDB would reject such an update anyway).
+    """
+    comps = path.split(".")
+    plain = {str(k): v for k, v in doc.items() if not str(k).startswith("$")}
+    sources = [plain] + [doc[w] for w in _VALUE_WRITERS[1:] if isinstance(doc.get(w), dict)]
+    candidates = []
+    for src in sources:
+        candidates.extend(_values_at(src, comps))
+    if not candidates:
+        return _MISSING
+    for t, writer, _ in _body_entries(doc):
+        if writer not in _VALUE_WRITERS and _overlaps(t, path):
+            return _AMBIGUOUS
+    first = candidates[0]
+    if any(not _bson_equal(first, c) for c in candidates[1:]):
+        return _AMBIGUOUS
+    return first
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _bson_equal(a: Any, b: Any) -> bool:
+    """BSON-like equality: bool never equals a number, int and float compare numerically,
+    strings exactly, objects (key order ignored) and arrays (in order) deeply. Iterative."""
+    stack = [(a, b)]
+    while stack:
+        x, y = stack.pop()
+        if isinstance(x, bool) or isinstance(y, bool):
+            if not (isinstance(x, bool) and isinstance(y, bool) and x == y):
+                return False
+        elif _num(x) or _num(y):
+            if not (_num(x) and _num(y) and x == y):
+                return False
+        elif isinstance(x, str) or isinstance(y, str):
+            if not (isinstance(x, str) and isinstance(y, str) and x == y):
+                return False
+        elif isinstance(x, dict) or isinstance(y, dict):
+            if not (isinstance(x, dict) and isinstance(y, dict)) or x.keys() != y.keys():
+                return False
+            stack.extend((x[k], y[k]) for k in x)
+        elif isinstance(x, (list, tuple)) or isinstance(y, (list, tuple)):
+            if not (isinstance(x, (list, tuple)) and isinstance(y, (list, tuple))) or len(x) != len(y):
+                return False
+            stack.extend(zip(x, y))
+        elif x is None or y is None:
+            if not (x is None and y is None):
+                return False
+        elif not (type(x) is type(y) and x == y):
+            return False
+    return True
+
+
 # --------------------------------------------------------------------------- AST
 
 
@@ -336,7 +503,10 @@ class Predicate:
             path = normalize_path(req.path)
             if path is None:
                 return False
-        return self._eval(_Ctx(req, path, {})) is True
+        try:
+            return self._eval(_Ctx(req, path, {})) is True
+        except RecursionError:  # absurdly nested user or body values: fail closed
+            return False
 
     def _eval(self, ctx: _Ctx) -> bool | None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -612,6 +782,125 @@ class _ContainsFn(Predicate):
         return _any_true(one(t) for t in self.search)
 
 
+_DYNAMIC = object()  # a value argument that is interpolated at match time
+
+
+def _resolve_key(t: _Template, ctx: _Ctx) -> Any:
+    """A body field path; _MISSING if a variable is missing or its value is not one path
+    component (empty, contains '.', starts with '$'), or the path is empty or '$'-prefixed."""
+    out = []
+    for p in t.parts:
+        if isinstance(p, str):
+            out.append(p)
+            continue
+        v = _lookup(p, ctx)
+        s = _MISSING if v is _MISSING else _scalar_text(v)
+        if s is _MISSING or s == "" or "." in s or s.startswith("$"):
+            return _MISSING
+        out.append(s)
+    key = "".join(out)
+    return _MISSING if not key or key.startswith("$") else key
+
+
+def _body_docs(body: Any) -> Any:
+    """The documents a body predicate tests: None (no body), _MISSING (a shape that is neither
+    an object nor a list of objects: unknown), or a list of dicts."""
+    if body is None:
+        return None
+    if isinstance(body, dict):
+        return [body]
+    if isinstance(body, list) and all(isinstance(d, dict) for d in body):
+        return body
+    return _MISSING
+
+
+class _BodyFn(Predicate):
+    """The bson-request-* functions over RequestInfo.body."""
+
+    _VACUOUS = ("whitelist", "blacklist")  # hold without a body and for an empty bulk list
+
+    def __init__(self, kind: str, keys: list, value=None, values=None):
+        self.kind = kind  # contains|whitelist|blacklist|prop-equals|array-contains|array-is-subset
+        self.keys = keys  # _Template list (one for the key= functions)
+        self.value = value  # (template, parsed JSON or _DYNAMIC) for prop-equals
+        self.values = values  # ("items"|"lone", [(template, parsed or _DYNAMIC), ...])
+
+    def _resolve_values(self, ctx) -> Any:
+        def one(item):
+            t, parsed = item
+            return _resolve_raw(t, ctx) if parsed is _DYNAMIC else parsed
+
+        if self.kind == "prop-equals":
+            return one(self.value)
+        mode, items = self.values
+        out = []
+        for item in items:
+            v = one(item)
+            if v is _MISSING:
+                return _MISSING
+            out.append(v)
+        if mode == "lone" and isinstance(out[0], (list, tuple)):
+            out = list(out[0])
+        return out
+
+    def _eval(self, ctx):
+        keys = [_resolve_key(t, ctx) for t in self.keys]
+        if any(k is _MISSING for k in keys):
+            return None
+        wanted = _MISSING
+        if self.kind in ("prop-equals", "array-contains", "array-is-subset"):
+            wanted = self._resolve_values(ctx)
+            if wanted is _MISSING:
+                return None
+        docs = _body_docs(ctx.req.body)
+        if docs is _MISSING:
+            return None
+        if not docs:  # no body, or an empty bulk list
+            return self.kind in self._VACUOUS
+        result: bool | None = True
+        for doc in docs:
+            r = self._one(doc, keys, wanted)
+            if r is False:
+                return False
+            if r is None:
+                result = None
+        return result
+
+    def _one(self, doc: dict, keys: list[str], wanted: Any) -> bool | None:
+        if self.kind in ("contains", "whitelist", "blacklist"):
+            entries = _body_entries(doc)
+            if self.kind == "whitelist":
+                return all(any(_at_or_under(t, k) for k in keys) for t, _, _ in entries)
+            if self.kind == "blacklist":
+                return not any(_overlaps(t, k) for t, _, _ in entries for k in keys)
+            return all(self._present(entries, k) for k in keys)
+        v = _written(doc, keys[0])
+        if v is _MISSING:
+            return False
+        if v is _AMBIGUOUS:
+            return None
+        if self.kind == "prop-equals":
+            return _bson_equal(v, wanted)
+        if not isinstance(v, list):
+            return False
+        if self.kind == "array-contains":
+            return all(any(_bson_equal(x, w) for x in v) for w in wanted)
+        return all(any(_bson_equal(x, w) for w in wanted) for x in v)  # array-is-subset
+
+    @staticmethod
+    def _present(entries, k: str) -> bool:
+        for t, writer, val in entries:
+            if _at_or_under(t, k):
+                return True
+            if writer in _VALUE_WRITERS and k.startswith(t + "."):
+                if _values_at(val, k[len(t) + 1 :].split(".")):
+                    return True
+        return False
+
+    def __repr__(self):
+        return f"Body[{self.kind}]({[t.text for t in self.keys]})"
+
+
 # --------------------------------------------------------------------------- functions
 
 # name -> (parameters {name: "array"|"scalar"}, default parameter or None, builder)
@@ -712,6 +1001,68 @@ def _b_contains(a, pos):
     return _ContainsFn(a["value"], _at_least(a["search"], 1, "contains", pos))
 
 
+def _body_key(t: _Template, fn: str) -> _Template:
+    lit = t.literal
+    if lit is not None and (not lit or lit.startswith("$")):
+        raise PredicateError(f"{fn}: invalid field path {t.text!r} (empty or starting with '$') at {t.pos}")
+    return t
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_value(t: _Template, fn: str, param: str) -> tuple:
+    """(template, parsed JSON) for a literal, (template, _DYNAMIC) for an interpolated value."""
+    lit = t.literal
+    if lit is None:
+        return (t, _DYNAMIC)
+    try:
+        return (t, json.loads(lit, parse_constant=_reject_constant))
+    except (ValueError, RecursionError):
+        raise PredicateError(
+            f"{fn}: {param}= must be JSON (e.g. '\"text\"', 1, '{{\"a\": 1}}'), got {t.text!r} at {t.pos}"
+        ) from None
+
+
+def _b_body_keys(kind):
+    fn = f"bson-request-{kind}"
+
+    def build(a, pos):
+        keys = _at_least(a.get("keys", []), 1, fn, pos)
+        return _BodyFn(kind, [_body_key(t, fn) for t in keys])
+
+    return build
+
+
+def _b_body_prop_equals(a, pos):
+    fn = "bson-request-prop-equals"
+    if "key" not in a or "value" not in a:
+        raise PredicateError(f"{fn} expects named arguments key= and value= at {pos}")
+    return _BodyFn("prop-equals", [_body_key(a["key"], fn)], value=_json_value(a["value"], fn, "value"))
+
+
+def _b_body_array(kind):
+    fn = f"bson-request-{kind}"
+
+    def build(a, pos):
+        if "key" not in a or "values" not in a:
+            raise PredicateError(f"{fn} expects named arguments key= and values= at {pos}")
+        v = a["values"]
+        if isinstance(v, _Array):
+            items = [_json_value(t, fn, "values") for t in v.items]
+            mode = "items"
+        else:
+            items = [_json_value(v, fn, "values")]
+            mode = "lone"
+        empty = not items or (mode == "lone" and items[0][1] is not _DYNAMIC and items[0][1] == [])
+        if empty:
+            raise PredicateError(f"{fn}: values= expects at least 1 value at {getattr(v, 'pos', pos)}")
+        return _BodyFn(kind, [_body_key(a["key"], fn)], values=(mode, items))
+
+    return build
+
+
 _FUNCS: dict[str, tuple[dict, str | None, Any]] = {
     "path": ({"path": "array"}, "path", _b_path("exact")),
     "path-prefix": ({"path": "array"}, "path", _b_path("prefix")),
@@ -729,6 +1080,14 @@ _FUNCS: dict[str, tuple[dict, str | None, Any]] = {
     "equals": ({"value": "array"}, "value", _b_equals),
     "in": ({"value": "scalar", "array": "any"}, None, _b_in),
     "contains": ({"value": "scalar", "search": "array"}, None, _b_contains),
+    "bson-request-contains": ({"keys": "array"}, "keys", _b_body_keys("contains")),
+    "bson-request-whitelist": ({"keys": "array"}, "keys", _b_body_keys("whitelist")),
+    "bson-request-blacklist": ({"keys": "array"}, "keys", _b_body_keys("blacklist")),
+    "bson-request-prop-equals": ({"key": "scalar", "value": "scalar"}, None, _b_body_prop_equals),
+    "bson-request-array-contains": (
+        {"key": "scalar", "values": "any"}, None, _b_body_array("array-contains")),
+    "bson-request-array-is-subset": (
+        {"key": "scalar", "values": "any"}, None, _b_body_array("array-is-subset")),
     "true": ({}, None, lambda a, pos: _Const(True)),
     "false": ({}, None, lambda a, pos: _Const(False)),
 }
@@ -1032,7 +1391,7 @@ MONGO_DEFAULTS: dict = {
     "mergeRequest": None,
     "projectResponse": None,
 }
-_MONGO_BOOLS = ("allowManagementRequests", "allowBulkPatch", "allowBulkDelete", "allowWriteMode")
+ACL_KEYS = ("_id", "roles", "predicate", "priority", "mongo", "_etag")
 
 
 def _is_number(v: Any) -> bool:
@@ -1065,18 +1424,13 @@ def validate_acl_document(doc: dict) -> dict:
             raise ValueError("priority: must be a number")
         if not math.isfinite(p):
             raise ValueError("priority: must be a finite number")
-    if "mongo" in doc and doc["mongo"] is not None:
-        mongo = doc["mongo"]
-        if not isinstance(mongo, dict):
-            raise ValueError("mongo: must be an object")
-        for k, v in mongo.items():
-            if k not in MONGO_DEFAULTS:
-                raise ValueError(f"mongo: unknown key {k!r}")
-            if k in _MONGO_BOOLS:
-                if not isinstance(v, bool):
-                    raise ValueError(f"mongo.{k}: must be a boolean")
-            elif v is not None and not isinstance(v, dict):
-                raise ValueError(f"mongo.{k}: must be an object or null")
+    unknown = sorted(str(k) for k in doc if k not in ACL_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key {', '.join(repr(k) for k in unknown)}; an ACL document has only "
+                         f"{', '.join(ACL_KEYS)} (any other key would be stored and ignored)")
+    from .permissions import validate_mongo  # the mongo object's meaning lives there
+
+    validate_mongo(doc.get("mongo"))
     return doc
 
 

@@ -1,8 +1,15 @@
 """Users and credentials: bcrypt passwords in the `users` collection, the default admin.
 
-Passwords are bcrypt hashes; a successful check is remembered per (user, stored hash), so
-a Basic-auth client does not pay bcrypt's ~0.2 s on every request, and a password change
-(new hash) or a deleted user takes effect on the very next request.
+Passwords are bcrypt hashes (at most 72 bytes of password: bcrypt ignores the rest, so a
+longer one is refused rather than silently cut). A successful check is remembered per
+(user, stored hash), so a Basic-auth client does not pay bcrypt's ~0.3 s on every request,
+and a password change (new hash) or a deleted user takes effect on the very next request.
+
+Every check that does not succeed from that memory costs one bcrypt check, whether the
+user exists or not and whether the user logged in recently or not: answering an unknown
+user (or a wrong guess for a remembered user) faster than a wrong password for a real
+one would tell an attacker which user names exist. bcrypt runs in its own one-thread
+pool (services.blocking.run_cpu).
 """
 
 from __future__ import annotations
@@ -21,11 +28,29 @@ from .storage import Engine
 log = logging.getLogger(__name__)
 
 BCRYPT_ROUNDS = 12
+MAX_PASSWORD_BYTES = 72  # bcrypt's limit
 USERS = "users"
+# A bcrypt hash of a value no user has, at the cost of stored hashes: checked against when
+# there is no hash to check, so that the answer takes as long as for a real user.
+_NO_SUCH_USER = b"$2b$12$GCrK9odLpfeY2YqJCjkMw.CxjRoyusJywXYIAq5sDPhE9gMfWyjuq"
+
+
+def check_password_length(password: str) -> None:
+    if len(password.encode("utf-8", errors="surrogatepass")) > MAX_PASSWORD_BYTES:
+        raise BadRequest(f"a password can be at most {MAX_PASSWORD_BYTES} bytes long (bcrypt's limit)")
 
 
 def hash_password(password: str) -> str:
-    return blocking.run(bcrypt.hashpw, password.encode(), bcrypt.gensalt(BCRYPT_ROUNDS)).decode()
+    check_password_length(password)
+    return blocking.run_cpu(bcrypt.hashpw, password.encode(), bcrypt.gensalt(BCRYPT_ROUNDS)).decode()
+
+
+def _checkpw(password: bytes, hashed: bytes) -> bool:
+    try:
+        return bcrypt.checkpw(password, hashed)
+    except ValueError:  # malformed stored hash, or a password over 72 bytes
+        bcrypt.checkpw(b"", _NO_SUCH_USER)  # the same work as a real check
+        return False
 
 
 def prepare_user(doc: dict, doc_id: Any = None) -> dict:
@@ -82,30 +107,22 @@ class Users:
         if not username or password is None:
             return None
         try:
-            user = self.engine.get_document(USERS, username)
+            user: dict | None = self.engine.get_document(USERS, username)
         except NotFound:
-            return None
-        stored = user.get("password")
+            user = None
+        stored = user.get("password") if user is not None else None
+        given = password.encode("utf-8", errors="surrogatepass")
         if not isinstance(stored, str):
+            blocking.run_cpu(_checkpw, given, _NO_SUCH_USER)
             return None
-        digest = hashlib.sha256(password.encode()).digest()
+        digest = hashlib.sha256(given).digest()
         key = (username, stored)
         known = self._verified.get(key)
-        if known is not None:
-            return public_user(user) if hmac.compare_digest(known, digest) else None
-        try:
-            ok = blocking.run(bcrypt.checkpw, password.encode(), stored.encode())
-        except ValueError:
-            return None
-        if not ok:
+        if known is not None and hmac.compare_digest(known, digest):
+            return public_user(user)
+        if not blocking.run_cpu(_checkpw, given, stored.encode()):
             return None
         if len(self._verified) > 10_000:
             self._verified.clear()
         self._verified[key] = digest
         return public_user(user)
-
-    def get(self, username: str) -> dict | None:
-        try:
-            return public_user(self.engine.get_document(USERS, username))
-        except NotFound:
-            return None

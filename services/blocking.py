@@ -1,9 +1,12 @@
 """Run a blocking call without freezing the gevent hub.
 
 Under a monkey-patched gevent worker, C calls that wait or burn CPU without releasing
-control (sqlite3 lock waits, bcrypt) run in gevent's threadpool, so other greenlets (every
-open stream of the worker) keep running. Unpatched (plain scripts, some tests), they run
-directly.
+control run in threads, so other greenlets (every open stream of the worker) keep
+running: sqlite3 lock waits in gevent's threadpool (`run`), bcrypt in a pool of its own
+with one thread (`run_cpu`). bcrypt releases the GIL and costs ~0.3 s of a core per
+check; in its own single thread, a burst of password guesses can neither take both cores
+nor queue ahead of the database calls every request makes. Unpatched (plain scripts, some
+tests), calls run directly.
 """
 
 from __future__ import annotations
@@ -19,6 +22,21 @@ T = TypeVar("T")
 
 def patched() -> bool:
     return monkey.is_module_patched("socket")
+
+
+_cpu_pool: Any = None
+
+
+def run_cpu(fn: Callable[..., T], *args: Any) -> T:
+    """Call a CPU-bound `fn(*args)` (bcrypt) in its own one-thread pool when patched."""
+    global _cpu_pool
+    if not patched():
+        return fn(*args)
+    if _cpu_pool is None:
+        from gevent.threadpool import ThreadPool
+
+        _cpu_pool = ThreadPool(1)
+    return _cpu_pool.apply(fn, args)
 
 
 def run(fn: Callable[..., T], *args: Any) -> T:

@@ -7,6 +7,7 @@ that names the variable; start-up prints that line and stops.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -84,6 +85,25 @@ def _origins(raw: str) -> tuple[str, ...]:
     return origins
 
 
+def _networks(raw: str) -> tuple:
+    nets = []
+    for item in (p.strip() for p in raw.split(",")):
+        if not item:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"entries must be IP addresses or networks (10.0.0.0/8), got {item!r}") from None
+    return tuple(nets)
+
+
+def _public_url(raw: str) -> str:
+    url = raw.strip().rstrip("/")
+    if url and (not url.startswith(("http://", "https://")) or any(c in url for c in " ?#")):
+        raise ValueError(f"must be an http:// or https:// URL without query, got {raw!r}")
+    return url
+
+
 # name -> (parser, default as the environment would spell it, meaning)
 SETTINGS: dict[str, tuple[Callable[[str], Any], str, str]] = {
     "HOST": (_host, "127.0.0.1", "address gunicorn binds to"),
@@ -107,7 +127,18 @@ SETTINGS: dict[str, tuple[Callable[[str], Any], str, str]] = {
     "JWT_SECRET": (str, "", "token signing key (empty: generated and kept in DATA_DIR)"),
     "TOKEN_TTL_SECONDS": (_int(1, 31_536_000), "900", "lifetime of tokens from POST /token"),
     "CORS_ORIGINS": (_origins, "", "comma-separated origins allowed to call from a browser"),
+    "PUBLIC_URL": (_public_url, "", "the server's URL as clients see it, for absolute links (empty: relative)"),
+    "TRUSTED_PROXIES": (_networks, "", "proxies whose X-Forwarded-For last hop names the client"),
+    "AUTH_MAX_FAILURES": (_int(1, 1_000_000), "10", "failed logins per (address, user) before 429"),
+    "AUTH_FAILURE_WINDOW_SECONDS": (_float(1, 86_400), "60", "the window those failures are counted in"),
+    "STREAM_MAX_PER_USER": (_int(1, 10_000_000), "1000", "open streams per authenticated user, per worker"),
+    "STREAM_MAX_PER_ADDRESS": (_int(1, 10_000_000), "200", "open anonymous streams per client address, per worker"),
+    "STREAM_MAX_WATCHERS": (_int(1, 10_000_000), "5000", "distinct stream keys (watchers) per worker"),
+    "WS_MAX_MESSAGE_BYTES": (_int(126, 1 << 30), "65536", "largest WebSocket message a client may send"),
 }
+
+
+_EMPTY_OK = ("MONGO_URI", "JWT_SECRET", "CORS_ORIGINS", "PUBLIC_URL", "TRUSTED_PROXIES")
 
 
 def load(environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> dict:
@@ -117,10 +148,14 @@ def load(environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] 
     config: dict[str, Any] = {}
     for name, (parse, default, _meaning) in SETTINGS.items():
         if name in overrides:
-            config[name] = overrides[name]
+            value = overrides[name]
+            try:
+                config[name] = parse(value) if isinstance(value, str) else value
+            except ValueError as exc:
+                raise ConfigError(f"{name} {exc}") from None
             continue
         raw = environ.get(name)
-        if raw is None or (raw == "" and name not in ("MONGO_URI", "JWT_SECRET", "CORS_ORIGINS")):
+        if raw is None or (raw == "" and name not in _EMPTY_OK):
             raw = default
         try:
             config[name] = parse(raw)

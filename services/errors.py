@@ -36,6 +36,21 @@ class NotFound(ChangefeedError):
 class MethodNotAllowed(ChangefeedError):
     status = 405
 
+    def __init__(self, message: str, allow: str):
+        super().__init__(message)
+        self.headers = {"Allow": allow}
+
+
+class TooManyRequests(ChangefeedError):
+    """A client went past one of its limits; `retry_after` seconds until it may try again."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        if retry_after is not None:
+            self.headers = {"Retry-After": str(max(1, int(retry_after + 0.999)))}
+
 
 class Conflict(ChangefeedError):
     status = 409

@@ -35,7 +35,7 @@ from bson import json_util
 
 from . import pipeline as pipelines
 from . import extjson, sse
-from .errors import BadRequest, HistoryLost, NotFound, Unavailable
+from .errors import BadRequest, HistoryLost, NotFound, TooManyRequests, Unavailable
 from .storage import Change, Engine, MetaChange
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,9 @@ END_REASONS = {
     "expired": (1008, "token expired"),
     "error": (1011, "internal error"),
     "gone": (1000, "client went away"),
+    "closed": (1000, ""),  # the client sent a close frame: this is the reply
+    "too_big": (1009, "message too big"),
+    "protocol": (1002, "protocol error"),
 }
 
 
@@ -137,13 +140,18 @@ def token_text(token: dict) -> str:
     return json.dumps(token, separators=(",", ":"))
 
 
-def encode(change: Change) -> Delivery | Control:
-    """Encode one change once: SSE frame bytes and WebSocket text."""
+def encode(change: Change, visibility: Any = None) -> Delivery | Control:
+    """Encode one change once: SSE frame bytes and WebSocket text.
+
+    `visibility` (services.hidden.Visibility, from the permission's projectResponse) hides
+    fields of the event's documents and update description.
+    """
     tid = token_text(change.token)
     if change.error is not None:
         data = json.dumps({"error": change.error, "id": change.token})
         return Control("error", sse.event(data, event="error", id=tid), data)
-    data = extjson.dumps(payload(change.event))
+    event = change.event if visibility is None else visibility.project_event(change.event)
+    data = extjson.dumps(payload(event))
     frame = sse.event(data, event="change", id=tid)
     return Delivery(change.position, frame, data, chunk(frame), ws_frame(data.encode()))
 
@@ -160,10 +168,12 @@ class Client:
     """One subscriber (SSE or WebSocket): a bounded queue of deliveries, woken on push."""
 
     __slots__ = ("watcher", "transport", "limit", "user", "pending", "wake", "ended", "skip_through",
-                 "catch_up_from", "catch_up_upto", "access_check", "raw", "mode", "direct", "__weakref__")
+                 "catch_up_from", "catch_up_upto", "access_check", "raw", "mode", "direct", "owner",
+                 "__weakref__")
 
-    def __init__(self, watcher: Watcher, transport: str, limit: int, user: Any = None):
+    def __init__(self, watcher: Watcher, transport: str, limit: int, user: Any = None, owner: Any = None):
         self.watcher = watcher
+        self.owner = owner  # whose limit of open streams this client counts against
         self.transport = transport
         self.limit = limit
         self.user = user
@@ -244,13 +254,15 @@ class Client:
 class Watcher:
     """The change-stream loop of one stream key, shared by all its clients in this process."""
 
-    def __init__(self, hub: Hub, key: tuple, coll: str, uri: str, definition: str, pipeline: Any):
+    def __init__(self, hub: Hub, key: tuple, coll: str, uri: str, definition: str, pipeline: Any,
+                 visibility: Any = None):
         self.hub = hub
         self.key = key
         self.coll = coll
         self.uri = uri
         self.definition = definition
         self.pipeline = pipeline
+        self.visibility = visibility
         self.clients: set[Client] = set()
         self.buffer: deque[Delivery | Control] = deque(maxlen=max(hub.replay_size, 1))
         self.stream = hub.engine.watch(coll, pipeline)
@@ -305,7 +317,7 @@ class Watcher:
             items = []
             for change in changes:
                 self.events += 1
-                item = encode(change)
+                item = encode(change, self.visibility)
                 if isinstance(item, Delivery) and self.hub.replay_size:
                     if len(self.buffer) == self.buffer.maxlen:
                         oldest = self.buffer[0]
@@ -444,15 +456,16 @@ class Subscription:
                     change = stream.try_next(timeout=0)
                     if change is None or change.position > upto:
                         break
-                    batch.append(encode(change))
+                    batch.append(encode(change, watcher.visibility))
                     if stream.position >= upto:
                         break
                 if batch:
                     yield batch
+                    gevent.sleep(0)  # a resume from far back must not hold the other clients
                 elif stream.position < upto:
                     change = stream.try_next(timeout=1.0)  # rows not yet in this process's feed
                     if change is not None and change.position <= upto:
-                        yield [encode(change)]
+                        yield [encode(change, watcher.visibility)]
         except HistoryLost as exc:
             yield [reset_control(str(exc), self.hub.engine_token(upto))]
         finally:
@@ -473,26 +486,35 @@ class Hub:
         self.queue_limit = config["STREAM_CLIENT_QUEUE"]
         self.replay_size = config["STREAM_REPLAY_BUFFER"]
         self.linger = config["STREAM_LINGER_SECONDS"]
+        self.max_per_user = config["STREAM_MAX_PER_USER"]
+        self.max_per_address = config["STREAM_MAX_PER_ADDRESS"]
+        self.max_watchers = config["STREAM_MAX_WATCHERS"]
         self.watchers: dict[tuple, Watcher] = {}
+        self.open_by_owner: dict[Any, int] = {}
         self.closing = False
         engine.on_meta_change(self._on_meta_change)
 
     # -- opening --
 
-    def prepare(self, coll: str, uri: str, avars_raw: str | None,
-                read_filter: dict | None = None) -> tuple[tuple, str, Any]:
-        """Find the stream definition and bind its variables; 404/400 before any response.
+    def prepare(self, coll: str, uri: str, avars_raw: str | None, read_filter: dict | None = None,
+                visibility: Any = None, stage_visibility: Any = None) -> tuple[tuple, str, Any]:
+        """Find the stream definition and bind its variables; 404/400/403 before any response.
 
         `read_filter` (an ACL permission's, already interpolated) is applied to
-        `fullDocument` before the stream's own stages, as it is to GETs.
+        `fullDocument` before the stream's own stages, as it is to GETs. `visibility`
+        (the permission's projectResponse) hides fields of every event; a stream whose own
+        stages read a field `stage_visibility` hides is refused (403), or its events would
+        be an oracle.
         """
         props = self.engine.get_collection(coll)
         definition = find_stream(props, uri)
         stages = list(definition.get("stages", []))
-        if read_filter:
-            stages.insert(0, {"$match": read_filter_on_events(read_filter)})
         try:
             avars = pipelines.parse_avars(avars_raw)
+            if stage_visibility is not None:
+                stage_visibility.check_stages(pipelines.bind_variables(stages, avars))
+            if read_filter:
+                stages.insert(0, {"$match": read_filter_on_events(read_filter)})
             compiled = pipelines.compile_pipeline(stages, avars)
         except (pipelines.AvarsError, pipelines.VariableError, pipelines.PipelineError) as exc:
             raise BadRequest(str(exc)) from None
@@ -500,22 +522,37 @@ class Hub:
             compiled = _WithoutPasswords(compiled)
         resolved = json_util.dumps(compiled.stages if hasattr(compiled, "stages") else definition,
                                    json_options=json_util.CANONICAL_JSON_OPTIONS, sort_keys=False)
-        key = (coll, uri, resolved)
+        key = (coll, uri, resolved, repr(visibility) if visibility is not None else None)
         return key, json.dumps(definition, sort_keys=True), compiled
 
     def subscribe(self, coll: str, uri: str, avars_raw: str | None, resume: dict | None,
-                  transport: str, user: Any = None, read_filter: dict | None = None) -> Subscription:
-        """Register a client on its stream key, resuming after `resume` when given."""
+                  transport: str, user: Any = None, read_filter: dict | None = None,
+                  visibility: Any = None, stage_visibility: Any = None, owner: Any = None) -> Subscription:
+        """Register a client on its stream key, resuming after `resume` when given.
+
+        `owner` is ("user", id) or ("address", ip): whose limit of open streams this one
+        counts against (STREAM_MAX_PER_USER / STREAM_MAX_PER_ADDRESS, per worker).
+        """
         if self.closing:
             raise Unavailable("server is shutting down; reconnect shortly")
-        key, definition, compiled = self.prepare(coll, uri, avars_raw, read_filter)
+        if owner is not None:
+            limit = self.max_per_user if owner[0] == "user" else self.max_per_address
+            if self.open_by_owner.get(owner, 0) >= limit:
+                who = f"user '{owner[1]}'" if owner[0] == "user" else "this address"
+                setting = "STREAM_MAX_PER_USER" if owner[0] == "user" else "STREAM_MAX_PER_ADDRESS"
+                raise TooManyRequests(f"{who} already has {limit} open streams on this server ({setting}); "
+                                      "close one first")
+        key, definition, compiled = self.prepare(coll, uri, avars_raw, read_filter, visibility, stage_visibility)
         resume_pos = self.engine.position(resume) if resume is not None else None
         # From here to the registration nothing may yield, so no event slips between.
         watcher = self.watchers.get(key)
         if watcher is None or watcher.stopped:
-            watcher = Watcher(self, key, coll, uri, definition, compiled)
+            if len(self.watchers) >= self.max_watchers:
+                raise TooManyRequests(f"this server already serves {self.max_watchers} distinct streams "
+                                      "(STREAM_MAX_WATCHERS); try again later")
+            watcher = Watcher(self, key, coll, uri, definition, compiled, visibility)
             self.watchers[key] = watcher
-        client = Client(watcher, transport, self.queue_limit, user)
+        client = Client(watcher, transport, self.queue_limit, user, owner)
         live_from = watcher.position
         if resume is not None:
             if resume_pos >= live_from:
@@ -529,6 +566,8 @@ class Hub:
                 client.catch_up_upto = live_from
                 client.skip_through = live_from
         watcher.clients.add(client)
+        if owner is not None:
+            self.open_by_owner[owner] = self.open_by_owner.get(owner, 0) + 1
         return Subscription(self, client)
 
     def engine_token(self, position: Any) -> dict:
@@ -537,7 +576,15 @@ class Hub:
 
     def unsubscribe(self, client: Client) -> None:
         watcher = client.watcher
+        if client not in watcher.clients:
+            return  # already done (a transport may close twice)
         watcher.clients.discard(client)
+        if client.owner is not None:
+            left = self.open_by_owner.get(client.owner, 1) - 1
+            if left > 0:
+                self.open_by_owner[client.owner] = left
+            else:
+                self.open_by_owner.pop(client.owner, None)
         if not watcher.clients:
             watcher.idle_since = time.monotonic()
             if self.linger <= 0:

@@ -73,7 +73,7 @@ from mongomock import filtering as _mm_filtering
 from mongomock import helpers as _mm_helpers
 
 from .errors import BadRequest
-from .query import check_bson_limits, forbidden_operator, shown
+from .query import check_bson_limits, forbidden_operator, has_dollar_key, shown
 
 __all__ = [
     "ALLOWED_STAGES",
@@ -91,6 +91,7 @@ __all__ = [
 
 ALLOWED_STAGES = ("$match", "$project", "$addFields", "$set", "$unset", "$replaceRoot", "$replaceWith", "$redact")
 
+STREAM_KEYS = ("uri", "stages")
 _URI_RE = re.compile(r"[A-Za-z0-9._~-]{1,100}")
 _LOGICAL = ("$and", "$or", "$nor")
 _MISSING = object()
@@ -426,20 +427,6 @@ def bind_variables(stages: list, avars: dict) -> list:
 # avars
 # --------------------------------------------------------------------------------------------
 
-def _has_dollar_key(value: Any) -> bool:
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            for k, v in item.items():
-                if k.startswith("$"):
-                    return True
-                stack.append(v)
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
-
-
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -462,7 +449,7 @@ def parse_avars(raw: str | None) -> dict:
         kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
             type(plain), "a number")
         raise AvarsError("illegal avars parameter, it is %s, not a json object: %s" % (kind, shown(raw)))
-    if _has_dollar_key(plain):
+    if has_dollar_key(plain):
         raise AvarsError("illegal avars parameter: aggregation variables cannot include operators")
     reserved = sorted(k for k in plain if k.startswith("@"))
     if reserved:
@@ -666,6 +653,11 @@ def validate_streams(streams: Any) -> list[dict]:
             raise PipelineError("stream '%s': 'uri' is defined more than once" % uri)
         seen.add(uri)
         label = "stream '%s'" % uri
+        unknown = sorted(str(k) for k in entry if k not in STREAM_KEYS)
+        if unknown:
+            raise PipelineError("%s: unknown key %s; a stream definition has only %s (any other key would be "
+                                "stored and ignored)" % (label, ", ".join(repr(k) for k in unknown),
+                                                        " and ".join(STREAM_KEYS)))
         if "stages" not in entry:
             raise PipelineError("%s: missing 'stages'" % label)
         try:

@@ -9,6 +9,7 @@ than a hand-written matcher.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from bson import json_util
@@ -23,8 +24,13 @@ MAX_NESTING = 100  # MongoDB refuses documents nested deeper than 100 levels
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def check_bson_limits(value: Any, what: str) -> None:
-    """Refuse what BSON cannot hold: nesting deeper than 100 levels, integers beyond int64.
+    """Refuse what BSON cannot hold: nesting deeper than 100 levels, integers beyond int64,
+    and strings (values or field names) that are not Unicode text (a lone surrogate such as
+    JSON's "\\ud800" has no UTF-8 form, so it could be parsed but never stored).
 
     Iterative, so a deeply nested body is refused with a 400 instead of overflowing the
     stack somewhere later (json encoding in the threadpool, the query evaluator).
@@ -37,11 +43,33 @@ def check_bson_limits(value: Any, what: str) -> None:
         if isinstance(item, int):
             if not _INT64[0] <= item <= _INT64[1]:
                 raise BadRequest(f"{what} has an integer that does not fit in 64 bits: {item}")
+        elif isinstance(item, str):
+            if _SURROGATE.search(item):
+                raise BadRequest(f"{what} has a string that is not valid Unicode (a lone surrogate)")
         elif isinstance(item, (dict, list)):
             if depth >= MAX_NESTING:
                 raise BadRequest(f"{what} is nested deeper than {MAX_NESTING} levels")
+            if isinstance(item, dict):
+                for key in item:
+                    if isinstance(key, str) and _SURROGATE.search(key):
+                        raise BadRequest(f"{what} has a field name that is not valid Unicode (a lone surrogate)")
             children = item.values() if isinstance(item, dict) else item
             stack.extend((child, depth + 1) for child in children)
+
+
+def has_dollar_key(value: Any) -> bool:
+    """True if any field name at any depth starts with '$' (an operator)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if isinstance(key, str) and key.startswith("$"):
+                    return True
+                stack.append(child)
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def forbidden_operator(value: Any) -> str | None:
@@ -86,19 +114,23 @@ def parse_filter(values: list[str]) -> dict:
     for raw in values:
         value = loads_json(raw, "filter")
         if not isinstance(value, dict):
-            raise BadRequest(f"illegal filter parameter, it is not a json object: {raw}")
-        op = forbidden_operator(value)
-        if op:
-            raise BadRequest(f"illegal filter parameter: the {op} operator is not allowed")
+            raise BadRequest(f"illegal filter parameter, it is not a json object: {shown(raw)}")
         filters.append(value)
     if not filters:
         return {}
-    combined = filters[0] if len(filters) == 1 else {"$and": filters}
+    return validate_filter(filters[0] if len(filters) == 1 else {"$and": filters}, "filter parameter")
+
+
+def validate_filter(value: dict, what: str) -> dict:
+    """Refuse a query MongoDB would refuse, or one using $where/$function/$accumulator."""
+    op = forbidden_operator(value)
+    if op:
+        raise BadRequest(f"illegal {what}: the {op} operator is not allowed")
     try:
-        filtering.filter_applies(combined, {})
+        filtering.filter_applies(value, {})
     except Exception as exc:  # mongomock raises several types for bad operators
-        raise BadRequest(f"illegal filter parameter: {_reason(exc)}") from None
-    return combined
+        raise BadRequest(f"illegal {what}: {_reason(exc)}") from None
+    return value
 
 
 def parse_sort(values: list[str]) -> list[tuple[str, int]]:

@@ -61,14 +61,19 @@ class Tokens:
         self.key = key
         self.ttl = ttl_seconds
 
-    def issue(self, user: dict) -> dict:
+    def issue(self, user: dict, not_after: int | None = None) -> dict:
+        """A token for `user`; with `not_after` (the expiry of the token presented to ask
+        for this one) it expires no later than that, so tokens cannot be renewed forever."""
         now = time.time()
         # exp is whole seconds: round up, so the token lives at least `expires_in` seconds
         # (int(now) + ttl cut up to a second off, a 2 s token could die after 1.0 s)
-        claims = {"sub": user["_id"], "iat": int(now), "exp": math.ceil(now + self.ttl), "jti": uuid.uuid4().hex,
+        exp = math.ceil(now + self.ttl)
+        if not_after is not None:
+            exp = min(exp, int(not_after))
+        claims = {"sub": user["_id"], "iat": int(now), "exp": exp, "jti": uuid.uuid4().hex,
                   "pwf": password_fingerprint(user)}
         token = jwt.encode(claims, self.key, algorithm=ALGORITHM)
-        return {"access_token": token, "token_type": "Bearer", "expires_in": self.ttl}
+        return {"access_token": token, "token_type": "Bearer", "expires_in": max(0, int(exp - now))}
 
     def verify(self, token: str) -> dict:
         """Return the claims of a valid token; :raise TokenError: naming the fault."""

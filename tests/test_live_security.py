@@ -182,8 +182,9 @@ def test_tutorial_step6_end_to_end(live):
         "/messages/_streams/all/%2e%2e/secret": 400,
         "/messages/_streams/all/%2E%2E/secret": 400,
         "/messages//_streams/secret": 400,
-        "/messages/_streams%2fsecret": 400,
-        "/messages/_streams%2Fsecret": 400,
+        # the document '_streams/secret' of messages (an id may hold '/'): no rule opens it
+        "/messages/_streams%2fsecret": 401,
+        "/messages/_streams%2Fsecret": 401,
         "/messages/_streams/all%2f..%2fsecret": 400,
         "/messages/%2e%2e/acl": 400,
         "/messages/_streams/all/..%2fsecret": 400,
@@ -204,7 +205,9 @@ def test_tutorial_step6_end_to_end(live):
                 assert json.loads(rest)["message"] == NOT_NORMAL, (target, rest)
     # the same tricks do not reach the REST API either
     for target, want in (("/messages/_streams/all/../../acl", 400), ("/messages/_streams/all/%2e%2e/%2e%2e/users", 400),
-                         ("//acl", 401), ("/messages/..%2f..%2facl", 400), ("http://127.0.0.1/acl", 400)):
+                         ("//acl", 401),
+                         ("/messages/..%2f..%2facl", 401),  # the document '../../acl' of messages
+                         ("http://127.0.0.1/acl", 400)):
         status, head, _ = raw(port, target)
         assert status == want, (target, head)
     # and the server still serves the stream afterwards

@@ -21,6 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import DocumentNotFound
+
+# A write guard: called inside the write, atomically with it, with the document before and
+# after (None for an insert's "before" and a delete's "after"); it raises a ChangefeedError
+# (services.errors) to refuse the write, which then changes nothing and emits nothing.
+WriteGuard = Callable[[dict | None, dict | None], None]
+
 
 @dataclass(frozen=True)
 class MetaChange:
@@ -123,8 +130,11 @@ class Engine(ABC):
     def get_document(self, coll: str, doc_id: Any) -> dict:
         """:raise DocumentNotFound: (or CollectionNotFound)"""
 
+    # Every write takes an optional `guard` (see WriteGuard): the permission checks that must
+    # hold for the document as it is when the write happens, not as it was read before.
+
     @abstractmethod
-    def insert_documents(self, coll: str, docs: list[dict]) -> list[dict]:
+    def insert_documents(self, coll: str, docs: list[dict], guard: WriteGuard | None = None) -> list[dict]:
         """Insert all or nothing; return the stored documents (with `_id` and `_etag`).
 
         :raise DuplicateKey:
@@ -132,18 +142,50 @@ class Engine(ABC):
 
     @abstractmethod
     def replace_document(
-        self, coll: str, doc_id: Any, doc: dict, upsert: bool, if_match: str | None = None
+        self, coll: str, doc_id: Any, doc: dict, upsert: bool, if_match: str | None = None,
+        guard: WriteGuard | None = None,
     ) -> tuple[bool, dict]:
         """Replace (or, with upsert, create) a document; return (created, stored document)."""
 
     @abstractmethod
     def update_document(
-        self, coll: str, doc_id: Any, spec: dict, if_match: str | None = None, upsert: bool = False
+        self, coll: str, doc_id: Any, spec: dict, if_match: str | None = None, upsert: bool = False,
+        guard: WriteGuard | None = None,
     ) -> tuple[bool, dict]:
         """Apply an operator update (see services.updates); return (created, stored document)."""
 
     @abstractmethod
-    def delete_document(self, coll: str, doc_id: Any, if_match: str | None = None) -> None: ...
+    def delete_document(self, coll: str, doc_id: Any, if_match: str | None = None,
+                        guard: WriteGuard | None = None) -> None: ...
+
+    def update_many(self, coll: str, filter: dict, spec: dict, guard: WriteGuard | None = None) -> tuple[int, int]:
+        """Apply an operator update to every document matching `filter`; return (matched, modified).
+
+        Each document is updated atomically with its guard (the embedded engine does all of
+        them in one transaction; on MongoDB, as with updateMany, a failure part-way leaves
+        the documents before it updated).
+        """
+        matched = modified = 0
+        for before in self.find(coll, filter, [("_id", 1)], None, 0, 0):
+            try:
+                _, after = self.update_document(coll, before["_id"], spec, guard=guard)
+            except DocumentNotFound:
+                continue  # deleted meanwhile
+            matched += 1
+            if after.get("_etag") != before.get("_etag"):  # a no-op update keeps the ETag
+                modified += 1
+        return matched, modified
+
+    def delete_many(self, coll: str, filter: dict, guard: WriteGuard | None = None) -> int:
+        """Delete every document matching `filter`; return how many (see update_many)."""
+        deleted = 0
+        for doc in self.find(coll, filter, [("_id", 1)], {"_id": 1}, 0, 0):
+            try:
+                self.delete_document(coll, doc["_id"], guard=guard)
+            except DocumentNotFound:
+                continue
+            deleted += 1
+        return deleted
 
     # -- change streams ----------------------------------------------------------------
 

@@ -49,7 +49,7 @@ from ..errors import (
     HistoryLost,
 )
 from ..query import run_query
-from .base import Change, ChangeStream, Engine, MetaChange
+from .base import Change, ChangeStream, Engine, MetaChange, WriteGuard
 
 log = logging.getLogger(__name__)
 
@@ -505,7 +505,7 @@ class EmbeddedEngine(Engine):
             raise DocumentNotFound(coll, _show_id(doc_id))
         return decode(text)
 
-    def insert_documents(self, coll: str, docs: list[dict]) -> list[dict]:
+    def insert_documents(self, coll: str, docs: list[dict], guard: WriteGuard | None = None) -> list[dict]:
         def run(txn: _Txn) -> list[dict]:
             txn.collection(coll)
             stored = []
@@ -513,6 +513,8 @@ class EmbeddedEngine(Engine):
                 doc = dict(doc)
                 doc.setdefault("_id", ObjectId())
                 doc = {"_id": doc.pop("_id"), **doc, "_etag": ObjectId()}
+                if guard is not None:
+                    guard(None, doc)
                 txn.store(coll, doc, new=True)
                 txn.emit(coll, "insert", doc["_id"], full=doc)
                 stored.append(doc)
@@ -520,7 +522,7 @@ class EmbeddedEngine(Engine):
 
         return self._write(run)
 
-    def replace_document(self, coll, doc_id, doc, upsert, if_match=None):
+    def replace_document(self, coll, doc_id, doc, upsert, if_match=None, guard=None):
         def run(txn: _Txn) -> tuple[bool, dict]:
             txn.collection(coll)
             old = txn.document(coll, doc_id)
@@ -530,49 +532,95 @@ class EmbeddedEngine(Engine):
                 _check_etag(old, if_match, f"document '{_show_id(doc_id)}'")
             new = {"_id": doc_id, **{k: v for k, v in doc.items() if k not in ("_id", "_etag")}}
             new["_etag"] = ObjectId()
+            if guard is not None:
+                guard(old, new)
             txn.store(coll, new, new=old is None)
             txn.emit(coll, "insert" if old is None else "replace", doc_id, full=new)
             return old is None, new
 
         return self._write(run)
 
-    def update_document(self, coll, doc_id, spec, if_match=None, upsert=False):
+    def update_document(self, coll, doc_id, spec, if_match=None, upsert=False, guard=None):
         def run(txn: _Txn) -> tuple[bool, dict]:
             txn.collection(coll)
-            old = txn.document(coll, doc_id)
-            if old is None:
-                if not upsert:
-                    raise DocumentNotFound(coll, _show_id(doc_id))
-                base = {"_id": doc_id}
-                insert_spec = dict(spec)
-                if "$setOnInsert" in insert_spec:
-                    insert_spec["$set"] = {**insert_spec.get("$set", {}), **insert_spec.pop("$setOnInsert")}
-                new, _ = updates.apply_update(base, _with_etag(insert_spec), txn.now)
-                txn.store(coll, new, new=True)
-                txn.emit(coll, "insert", doc_id, full=new)
-                return True, new
-            _check_etag(old, if_match, f"document '{_show_id(doc_id)}'")
-            probe, desc = updates.apply_update(old, spec, txn.now)
-            if desc is None:
-                return False, old  # a no-op update writes nothing and emits nothing (MongoDB §2.6)
-            new, desc = updates.apply_update(old, _with_etag(spec), txn.now)
-            txn.store(coll, new, new=False)
-            txn.emit(coll, "update", doc_id, full=new, desc=desc)
-            return False, new
+            return self._update_in(txn, coll, doc_id, txn.document(coll, doc_id), spec, if_match, upsert, guard)
 
         return self._write(run)
 
-    def delete_document(self, coll: str, doc_id: Any, if_match: str | None = None) -> None:
+    @staticmethod
+    def _update_in(txn: _Txn, coll: str, doc_id: Any, old: dict | None, spec: dict, if_match: str | None,
+                   upsert: bool, guard: WriteGuard | None) -> tuple[bool, dict]:
+        """One operator update inside `txn`, `old` being the document as stored now."""
+        if old is None:
+            if not upsert:
+                raise DocumentNotFound(coll, _show_id(doc_id))
+            base = {"_id": doc_id}
+            insert_spec = dict(spec)
+            if "$setOnInsert" in insert_spec:
+                insert_spec["$set"] = {**insert_spec.get("$set", {}), **insert_spec.pop("$setOnInsert")}
+            new, _ = updates.apply_update(base, _with_etag(insert_spec), txn.now)
+            if guard is not None:
+                guard(None, new)
+            txn.store(coll, new, new=True)
+            txn.emit(coll, "insert", doc_id, full=new)
+            return True, new
+        _check_etag(old, if_match, f"document '{_show_id(doc_id)}'")
+        probe, desc = updates.apply_update(old, spec, txn.now)
+        if desc is None:
+            return False, old  # a no-op update writes nothing and emits nothing (MongoDB §2.6)
+        new, desc = updates.apply_update(old, _with_etag(spec), txn.now)
+        if guard is not None:
+            guard(old, new)
+        txn.store(coll, new, new=False)
+        txn.emit(coll, "update", doc_id, full=new, desc=desc)
+        return False, new
+
+    def delete_document(self, coll: str, doc_id: Any, if_match: str | None = None,
+                        guard: WriteGuard | None = None) -> None:
         def run(txn: _Txn) -> None:
             txn.collection(coll)
             old = txn.document(coll, doc_id)
             if old is None:
                 raise DocumentNotFound(coll, _show_id(doc_id))
             _check_etag(old, if_match, f"document '{_show_id(doc_id)}'")
+            if guard is not None:
+                guard(old, None)
             txn.conn.execute("DELETE FROM documents WHERE coll=? AND key=?", (coll, _key(doc_id)))
             txn.emit(coll, "delete", doc_id)
 
         self._write(run)
+
+    def _matching(self, txn: _Txn, coll: str, filter: dict) -> list[dict]:
+        txn.collection(coll)
+        docs = [decode(r[0]) for r in txn.conn.execute("SELECT doc FROM documents WHERE coll=?", (coll,))]
+        return run_query(docs, filter, [("_id", 1)], None, 0, 0)
+
+    def update_many(self, coll, filter, spec, guard=None):
+        """All matching documents in one transaction: all updated, or (on a refusal) none."""
+
+        def run(txn: _Txn) -> tuple[int, int]:
+            matched = modified = 0
+            for old in self._matching(txn, coll, filter):
+                _, new = self._update_in(txn, coll, old["_id"], old, spec, None, False, guard)
+                matched += 1
+                modified += new is not old
+            return matched, modified
+
+        return self._write(run)
+
+    def delete_many(self, coll, filter, guard=None):
+        """All matching documents in one transaction: all deleted, or (on a refusal) none."""
+
+        def run(txn: _Txn) -> int:
+            docs = self._matching(txn, coll, filter)
+            for old in docs:
+                if guard is not None:
+                    guard(old, None)
+                txn.conn.execute("DELETE FROM documents WHERE coll=? AND key=?", (coll, _key(old["_id"])))
+                txn.emit(coll, "delete", old["_id"])
+            return len(docs)
+
+        return self._write(run)
 
     def collection_version(self, coll: str) -> int:
         """The position of the collection's last change: equal values mean nothing changed."""

@@ -102,7 +102,7 @@ from ..errors import (
     HistoryLost,
     Unavailable,
 )
-from .base import Change, ChangeStream, Engine, MetaChange
+from .base import Change, ChangeStream, Engine, MetaChange, WriteGuard
 
 log = logging.getLogger(__name__)
 
@@ -580,13 +580,15 @@ class MongoEngine(Engine):
             raise DocumentNotFound(coll, str(doc_id))
         return doc
 
-    def insert_documents(self, coll: str, docs: list[dict]) -> list[dict]:
+    def insert_documents(self, coll: str, docs: list[dict], guard: WriteGuard | None = None) -> list[dict]:
         self._require(coll)
         stored, seen = [], set()
         for doc in docs:
             doc = dict(doc)
             doc.setdefault("_id", ObjectId())
             doc = {"_id": doc.pop("_id"), **doc, "_etag": ObjectId()}
+            if guard is not None:
+                guard(None, doc)  # a new document: nothing to race with but a duplicate key
             key = json_util.dumps(doc["_id"])
             if key in seen:
                 raise DuplicateKey(coll, key)
@@ -613,9 +615,11 @@ class MongoEngine(Engine):
         self._bump(coll)
         return stored
 
-    def replace_document(self, coll, doc_id, doc, upsert, if_match=None):
+    def replace_document(self, coll, doc_id, doc, upsert, if_match=None, guard=None):
         self._require(coll)
         new = {"_id": doc_id, **{k: v for k, v in doc.items() if k not in ("_id", "_etag")}, "_etag": ObjectId()}
+        if guard is not None:
+            return self._guarded_replace(coll, doc_id, new, upsert, if_match, guard)
         flt: dict = {"_id": doc_id}
         tags = _etag_tags(if_match)
         if tags is not None:
@@ -625,7 +629,7 @@ class MongoEngine(Engine):
         except DuplicateKeyError:
             raise EtagMismatch(f"document '{doc_id}'") from None  # exists, with another ETag
         except OperationFailure as exc:
-            raise updates.UpdateError(_errmsg(exc)) from None
+            raise BadRequest(_errmsg(exc)) from None
         if result.upserted_id is not None:
             self._bump(coll)
             return True, new
@@ -636,7 +640,34 @@ class MongoEngine(Engine):
         self._bump(coll)
         return False, new
 
-    def update_document(self, coll, doc_id, spec, if_match=None, upsert=False):
+    def _guarded_replace(self, coll: str, doc_id: Any, new: dict, upsert: bool, if_match: str | None,
+                         guard: WriteGuard) -> tuple[bool, dict]:
+        """Read, check the guard, then write only if the document is still the one checked."""
+        target = self.db[coll]
+        for _ in range(10):
+            old = self._call(target.find_one, {"_id": doc_id})
+            if old is None:
+                if not upsert:
+                    raise DocumentNotFound(coll, str(doc_id))
+                guard(None, new)
+                try:
+                    self._call(target.insert_one, new)
+                except DuplicateKeyError:
+                    continue  # created meanwhile: check it as it is now
+                self._bump(coll)
+                return True, new
+            _check_etag(old.get("_etag"), if_match, f"document '{doc_id}'")
+            guard(old, new)
+            try:
+                result = self._call(target.replace_one, {"_id": doc_id, "_etag": old.get("_etag")}, new)
+            except OperationFailure as exc:
+                raise BadRequest(_errmsg(exc)) from None
+            if result.matched_count:
+                self._bump(coll)
+                return False, new
+        raise Conflict(f"document '{doc_id}' kept changing; retry")
+
+    def update_document(self, coll, doc_id, spec, if_match=None, upsert=False, guard=None):
         self._require(coll)
         target = self.db[coll]
         for _ in range(10):
@@ -645,6 +676,11 @@ class MongoEngine(Engine):
                 if old is None:
                     if not upsert:
                         raise DocumentNotFound(coll, str(doc_id))
+                    if guard is not None:
+                        insert_spec = dict(spec)
+                        if "$setOnInsert" in insert_spec:
+                            insert_spec["$set"] = {**insert_spec.get("$set", {}), **insert_spec.pop("$setOnInsert")}
+                        guard(None, updates.apply_update({"_id": doc_id}, insert_spec, _now())[0])
                     # Inserts only: an existing document (with an _etag) makes the upsert's
                     # insert fail with 11000 and we go round again.
                     new = self._call(target.find_one_and_update, {"_id": doc_id, "_etag": {"$exists": False}},
@@ -652,9 +688,11 @@ class MongoEngine(Engine):
                     self._bump(coll)
                     return True, new
                 _check_etag(old.get("_etag"), if_match, f"document '{doc_id}'")
-                _, desc = updates.apply_update(old, spec, _now())
+                after, desc = updates.apply_update(old, spec, _now())
                 if desc is None:
                     return False, old  # a no-op writes nothing and emits nothing, as MongoDB does
+                if guard is not None:
+                    guard(old, after)  # the write below is conditional on the ETag checked here
                 # The write is conditional on the ETag just checked: check and write are atomic.
                 new = self._call(target.find_one_and_update, {"_id": doc_id, "_etag": old.get("_etag")},
                                  _with_etag(spec), return_document=ReturnDocument.AFTER)
@@ -668,8 +706,20 @@ class MongoEngine(Engine):
             # changed (or deleted) between the read and the write: read again
         raise Conflict(f"document '{doc_id}' kept changing; retry")
 
-    def delete_document(self, coll: str, doc_id: Any, if_match: str | None = None) -> None:
+    def delete_document(self, coll: str, doc_id: Any, if_match: str | None = None,
+                        guard: WriteGuard | None = None) -> None:
         self._require(coll)
+        if guard is not None:
+            for _ in range(10):
+                old = self._call(self.db[coll].find_one, {"_id": doc_id})
+                if old is None:
+                    raise DocumentNotFound(coll, str(doc_id))
+                _check_etag(old.get("_etag"), if_match, f"document '{doc_id}'")
+                guard(old, None)
+                if self._call(self.db[coll].delete_one, {"_id": doc_id, "_etag": old.get("_etag")}).deleted_count:
+                    self._bump(coll)
+                    return
+            raise Conflict(f"document '{doc_id}' kept changing; retry")
         flt: dict = {"_id": doc_id}
         tags = _etag_tags(if_match)
         if tags is not None:
