@@ -220,6 +220,10 @@ class Grant:
     def shown(self, doc: dict) -> dict:
         return self.visibility.project_document(doc) if self.visibility is not None else doc
 
+    def check_filter(self, flt: dict) -> None:
+        if self.visibility is not None:
+            self.visibility.check_filter(flt)
+
     def check_query(self, flt: dict | None = None, sort: list | None = None, keys: dict | None = None) -> None:
         """403 for a filter, sort or keys that could reveal a hidden field."""
         if self.visibility is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 from bson import json_util
@@ -108,8 +109,12 @@ def loads_json(raw: str, what: str) -> Any:
     return value
 
 
-def parse_filter(values: list[str]) -> dict:
-    """Combine one or more `filter` parameters (RESTHeart ANDs them) into one filter."""
+def parse_filter(values: list[str], inspect: Callable[[dict], None] | None = None) -> dict:
+    """Combine one or more `filter` parameters (RESTHeart ANDs them) into one filter.
+
+    `inspect` sees the parsed filter before it is validated against the query engine (the
+    permission's hidden-field check: a hidden field is a 403 whatever else is wrong).
+    """
     filters = []
     for raw in values:
         value = loads_json(raw, "filter")
@@ -118,7 +123,10 @@ def parse_filter(values: list[str]) -> dict:
         filters.append(value)
     if not filters:
         return {}
-    return validate_filter(filters[0] if len(filters) == 1 else {"$and": filters}, "filter parameter")
+    combined = filters[0] if len(filters) == 1 else {"$and": filters}
+    if inspect is not None:
+        inspect(combined)
+    return validate_filter(combined, "filter parameter")
 
 
 def validate_filter(value: dict, what: str) -> dict:
