@@ -128,7 +128,7 @@ def stream(coll: str, uri: str):
         # server sends no body for HEAD, so a subscription would never be served or ended.
         hub().prepare(coll, uri, request.args.get("avars"), grant.read_filter, grant.visibility,
                       grant.stage_visibility)
-        return Response(b"", status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
+        return Response(iter(()), status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
     if not websocket and hub().closing:
         # A draining worker still reads requests on kept-alive sockets (and for up to 1 s on
         # new ones). Any non-200 would close an EventSource for good, so it gets `end` and

@@ -1,0 +1,259 @@
+"""Odd requests and limits, in-process: HEAD and write methods on stream URLs, reserved and
+unusual document ids, Location headers, text that is not Unicode, login throttling, client
+addresses behind proxies, tokens minted from tokens, stream limits, relative links.
+The same attacks over real sockets against gunicorn are in test_live_attacks.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import pytest
+
+from werkzeug.http import HTTP_STATUS_CODES
+
+from services.throttle import FailureThrottle
+
+from .test_security import basic, bearer, get_token
+
+SSE = {"Accept": "text/event-stream"}
+STREAMS = {"streams": [{"uri": "all", "stages": []}]}
+PUBLIC = {"_id": "pub", "roles": ["$unauthenticated"], "predicate": "path-prefix(/pub/_streams)", "priority": 0}
+
+
+def assert_error(r, status: int, message: str | None = None) -> str:
+    """The error format with exactly this status; returns the message."""
+    assert r.status_code == status, (r.status_code, r.get_data(as_text=True))
+    body = r.get_json()
+    assert list(body) == ["http status code", "http status description", "message"]
+    assert body["http status code"] == status
+    assert body["http status description"] == HTTP_STATUS_CODES[status]
+    if message is not None:
+        assert body["message"] == message
+    return body["message"]
+
+
+@pytest.fixture(autouse=True)
+def fast_bcrypt(monkeypatch):
+    monkeypatch.setattr("services.auth.BCRYPT_ROUNDS", 4)
+
+
+@pytest.fixture
+def pub(client):
+    assert client.put("/pub", json=STREAMS).status_code == 201
+    assert client.post("/acl", json=PUBLIC).status_code == 201
+
+
+# --------------------------------------------------------------------------- stream URLs
+
+
+def test_head_on_a_stream_answers_the_headers_and_subscribes_nothing(anon, app, pub):
+    r = anon.head("/pub/_streams/all", headers=SSE)
+    assert r.status_code == 200
+    assert r.mimetype == "text/event-stream" and r.headers["Cache-Control"] == "no-cache"
+    assert r.get_data() == b""
+    assert app.extensions["changefeed.hub"].status()["clients"] == 0
+    assert app.extensions["changefeed.hub"].status()["watchers"] == 0
+    assert anon.head("/pub/_streams/nope", headers=SSE).status_code == 404  # HEAD: no body
+    assert anon.head("/pub/_streams/all", headers=SSE, query_string={"avars": "[1]"}).status_code == 400
+    assert app.extensions["changefeed.hub"].status()["watchers"] == 0
+
+
+@pytest.mark.parametrize("path", ["/pub/_streams", "/pub/_streams/all", "/pub/_meta", "/pub/_size"])
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE"])
+def test_only_reads_exist_on_reserved_urls(anon, client, pub, method, path):
+    for c in (anon, client):
+        r = c.open(path, method=method, json={"x": 1}, query_string={"wm": "upsert"})
+        if c is anon and not path.startswith("/pub/_streams"):
+            assert r.status_code == 401  # the public rule does not reach these
+            continue
+        assert_error(r, 405)
+        assert r.headers["Allow"] == "GET, HEAD, OPTIONS"
+    assert client.get("/pub").get_json() == []
+
+
+def test_the_anonymous_upsert_attack_is_a_405(anon, client, pub):
+    r = anon.put("/pub/_streams", json={"planted": True}, query_string={"wm": "upsert"})
+    assert_error(r, 405)
+    assert client.get("/pub").get_json() == []
+
+
+@pytest.mark.parametrize("doc_id", ["_streams", "_meta", "_size", "_indexes", "_aggrs", "*"])
+def test_reserved_names_are_never_document_ids(client, pub, doc_id):
+    msg = f"'{doc_id}' is a reserved name and cannot be used as a document id"
+    assert_error(client.post("/pub", json={"_id": doc_id}), 400, msg)
+    assert_error(client.post("/pub", json=[{"_id": "ok"}, {"_id": doc_id}]), 400, msg)
+    assert client.get("/pub").get_json() == []
+    if doc_id not in ("_streams", "_meta", "_size", "*"):  # those URLs are routes of their own
+        assert_error(client.put(f"/pub/{doc_id}", json={}, query_string={"wm": "upsert"}), 400, msg)
+        assert_error(client.patch(f"/pub/{doc_id}", json={"a": 1}, query_string={"wm": "upsert"}), 400, msg)
+
+
+def test_stream_links_are_relative_unless_public_url_is_set(client, app, pub):
+    r = client.get("/pub/_streams", headers={"Host": "evil.example"})
+    assert r.get_json()[0]["url"] == "/pub/_streams/all"
+    app.config["PUBLIC_URL"] = "https://feeds.example.com"
+    assert client.get("/pub/_streams", headers={"Host": "evil.example"}).get_json()[0]["url"] == \
+        "https://feeds.example.com/pub/_streams/all"
+
+
+# --------------------------------------------------------------------------- ids and text
+
+ODD_IDS = ["a\nb", "a/b", "../x", ".", "..", "100%", "%41", "a b?c#d", "tab\there", "nul\0x", "café", "😀",
+           "a;b=c", "x" * 300, "\u2028", " lead", "trail "]
+
+
+@pytest.mark.parametrize("doc_id", ODD_IDS)
+def test_any_string_id_round_trips(client, doc_id):
+    client.put("/things", json={})
+    r = client.post("/things", json={"_id": doc_id, "v": 1})
+    assert r.status_code == 201, r.get_data(as_text=True)
+    location = r.headers["Location"]
+    assert location.isascii() and "\n" not in location
+    got = client.get(location)
+    assert got.status_code == 200, (location, got.get_data(as_text=True))
+    assert got.get_json()["_id"] == doc_id
+    assert client.patch(location, json={"v": 2}).status_code == 200
+    assert client.get(location).get_json()["v"] == 2
+    assert client.delete(location).status_code == 204
+    assert_error(client.get(location), 404)
+
+
+def test_empty_string_id_is_refused(client):
+    client.put("/things", json={})
+    assert_error(client.post("/things", json={"_id": ""}), 400)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"a": "\\ud800"}', b'{"\\udfff": 1}', b'{"a": ["x", {"b": "\\udc00y"}]}', b'{"a": "\xff"}', b'{"a": "\xed\xa0\x80"}',
+])
+def test_text_that_is_not_unicode_is_a_400_and_writes_nothing(client, app, body):
+    client.put("/things", json={})
+    r = client.post("/things", data=body, content_type="application/json")
+    assert_error(r, 400)
+    assert client.get("/things").get_json() == []
+
+
+def test_surrogates_in_query_parameters_and_patches(client):
+    client.put("/things", json={})
+    client.post("/things", json={"_id": "t"})
+    assert_error(client.get("/things", query_string={"filter": '{"a": "\\ud800"}'}), 400)
+    assert_error(client.patch("/things/t", data=b'{"$set": {"a": "\\ud83d"}}', content_type="application/json"), 400)
+    assert_error(client.put("/things/t", data=b'{"\\ud83d": 1}', content_type="application/json"), 400)
+
+
+# --------------------------------------------------------------------------- logins
+
+
+def test_failed_logins_are_throttled_per_address_and_user(client, anon, app):
+    app.config["AUTH_MAX_FAILURES"] = 3
+    app.extensions["changefeed.login_throttle"] = FailureThrottle(3, 60)
+    client.post("/users", json={"_id": "alice", "password": "right", "roles": []})
+    for _ in range(3):
+        assert_error(anon.get("/", headers=basic("alice", "wrong")), 401)
+    for password in ("wrong", "right"):  # now even the right password waits: no check is made
+        r = anon.get("/", headers=basic("alice", password))
+        assert_error(r, 429)
+        assert 1 <= int(r.headers["Retry-After"]) <= 60
+    # another address, another user: unaffected
+    other = {"REMOTE_ADDR": "10.9.9.9"}
+    assert anon.get("/", headers=basic("alice", "right"), environ_base=other).status_code == 403
+    assert anon.get("/", headers=basic("admin", "secret")).status_code == 200
+
+
+def test_throttled_attempts_run_no_bcrypt(client, anon, app, monkeypatch):
+    app.extensions["changefeed.login_throttle"] = FailureThrottle(2, 60)
+    for _ in range(2):
+        anon.get("/", headers=basic("ghost", "x"))
+    calls = []
+    monkeypatch.setattr("services.auth._checkpw", lambda *a: calls.append(a) or False)
+    for _ in range(5):
+        assert_error(anon.get("/", headers=basic("ghost", "x")), 429)
+    assert calls == []
+
+
+def test_a_trusted_proxy_names_the_client(client, anon, app):
+    app.extensions["changefeed.login_throttle"] = FailureThrottle(1, 60)
+    app.config["TRUSTED_PROXIES"] = ()  # none trusted
+    hop = {"X-Forwarded-For": "203.0.113.7"}
+    assert_error(anon.get("/", headers={**basic("admin", "bad"), **hop}), 401)
+    # untrusted peer: the header is ignored, the peer (127.0.0.1 here) is throttled
+    assert_error(anon.get("/", headers={**basic("admin", "bad"), "X-Forwarded-For": "198.51.100.1"}), 429)
+    from services.config import load
+
+    app.config["TRUSTED_PROXIES"] = load(overrides={"TRUSTED_PROXIES": "127.0.0.0/8"})["TRUSTED_PROXIES"]
+    # trusted peer: the last hop is the client; an earlier (client-written) entry is not
+    assert_error(anon.get("/", headers={**basic("admin", "bad"), "X-Forwarded-For": "1.2.3.4, 198.51.100.2"}), 401)
+    assert_error(anon.get("/", headers={**basic("admin", "bad"), "X-Forwarded-For": "198.51.100.2"}), 429)
+    assert_error(anon.get("/", headers={**basic("admin", "bad"), "X-Forwarded-For": "198.51.100.2, 1.2.3.4"}), 401)
+
+
+def test_unknown_users_cost_a_bcrypt_check_like_wrong_passwords(client, anon, monkeypatch):
+    client.post("/users", json={"_id": "alice", "password": "right", "roles": []})
+    assert anon.get("/", headers=basic("alice", "right")).status_code == 403  # remembered now
+    calls = []
+    import services.auth as auth
+
+    real = auth._checkpw
+    monkeypatch.setattr("services.auth._checkpw", lambda *a: calls.append(a) or real(*a))
+    for user, password in (("nobody", "x"), ("alice", "wrong"), ("alice", "p" * 100)):
+        assert_error(anon.get("/", headers=basic(user, password)), 401)
+    assert len(calls) == 3  # one bcrypt check each, remembered user or not
+    assert anon.get("/", headers=basic("alice", "right")).status_code == 403
+    assert len(calls) == 3  # the remembered right password needs none
+
+
+def test_a_token_cannot_mint_a_token_that_outlives_it(anon, app):
+    app.extensions["changefeed.tokens"].ttl = 1  # expires at the next whole second after 1 s: < 2 s
+    first = get_token(anon)
+    app.extensions["changefeed.tokens"].ttl = 3600
+    r = anon.post("/token", headers=bearer(first))
+    assert r.status_code == 200
+    assert r.get_json()["expires_in"] <= 2
+    time.sleep(2.1)
+    assert_error(anon.get("/", headers=bearer(r.get_json()["access_token"])), 401)
+    # Basic credentials still get the full lifetime
+    r = anon.post("/token", headers=basic("admin", "secret"))
+    assert r.get_json()["expires_in"] == 3600
+
+
+def test_malformed_basic_credentials(anon):
+    for value in ("Basic", "Basic !!!", "Basic " + base64.b64encode(b"nocolon").decode(),
+                  "Basic " + base64.b64encode(b":pw").decode(), "Basic " + base64.b64encode(b"\xff\xfe:x").decode()):
+        assert_error(anon.get("/", headers={"Authorization": value}), 401)
+
+
+# --------------------------------------------------------------------------- stream limits
+
+
+def test_open_streams_are_bounded_per_owner_and_watchers_per_worker(app, client):
+    hub = app.extensions["changefeed.hub"]
+    client.put("/pub", json={"streams": [{"uri": "v", "stages": [{"$match": {"fullDocument.v": {"$var": "v"}}}]}]})
+    hub.max_per_address, hub.max_per_user, hub.max_watchers = 2, 3, 4
+    subs = [hub.subscribe("pub", "v", '{"v": 1}', None, "sse", owner=("address", "1.1.1.1")) for _ in range(2)]
+    with pytest.raises(Exception) as info:
+        hub.subscribe("pub", "v", '{"v": 1}', None, "sse", owner=("address", "1.1.1.1"))
+    assert info.value.status == 429 and "STREAM_MAX_PER_ADDRESS" in info.value.message
+    subs.append(hub.subscribe("pub", "v", '{"v": 1}', None, "sse", owner=("address", "2.2.2.2")))
+    subs += [hub.subscribe("pub", "v", json.dumps({"v": i}), None, "sse", owner=("user", "u")) for i in range(2, 5)]
+    assert hub.status()["watchers"] == 4
+    with pytest.raises(Exception) as info:
+        hub.subscribe("pub", "v", '{"v": 9}', None, "sse", owner=("user", "other"))
+    assert info.value.status == 429 and "STREAM_MAX_WATCHERS" in info.value.message
+    with pytest.raises(Exception) as info:
+        hub.subscribe("pub", "v", '{"v": 1}', None, "sse", owner=("user", "u"))
+    assert "STREAM_MAX_PER_USER" in info.value.message
+    for sub in subs:
+        sub.close()
+        sub.close()  # a second close changes nothing
+    assert hub.open_by_owner == {}
+    hub.subscribe("pub", "v", '{"v": 1}', None, "sse", owner=("address", "1.1.1.1")).close()
+
+
+def test_limits_answer_429_over_http(client, anon, app, pub):
+    app.extensions["changefeed.hub"].max_per_address = 1
+    app.extensions["changefeed.hub"].open_by_owner[("address", "127.0.0.1")] = 1
+    r = anon.get("/pub/_streams/all", headers=SSE)
+    assert "STREAM_MAX_PER_ADDRESS" in assert_error(r, 429)
