@@ -21,7 +21,7 @@ from bson.objectid import ObjectId
 import gevent
 from mockupdb import MockupDB
 
-from services.errors import DocumentNotFound, DuplicateKey, EtagMismatch, HistoryLost, Unavailable
+from services.errors import DocumentNotFound, DuplicateKey, EtagMismatch, Forbidden, HistoryLost, Unavailable
 from services.pipeline import compile_pipeline
 from services.storage import MetaChange
 from services.storage.mongo import ENDED_MESSAGE, MongoEngine, Position
@@ -487,3 +487,79 @@ def test_metadata_watcher_turns_events_into_listener_calls(server, engine):
     assert metas == [MetaChange("props", "c"), MetaChange("drop", "other")]
     assert docs == [("acl", "p1")]
     assert engine.collection_version("acl") != v0
+
+
+# ----------------------------------------------------------------------------- guarded writes
+# A permission's writeFilter (and the users roles rule) run as a guard: the engine reads the
+# document, checks it, then writes only if the document is still the one it checked.
+
+
+def owned_by(owner: str):
+    def guard(old, new):
+        for doc in (old, new):
+            if doc is not None and doc.get("owner") != owner:
+                raise Forbidden("outside the writeFilter")
+    return guard
+
+
+def test_guarded_replace_reads_checks_then_writes_conditionally(server, engine):
+    etag = ObjectId()
+    future = go(engine.replace_document, "c", 1, {"owner": "bob", "x": 2}, False, None, owned_by("bob"))
+    props_found(server)
+    recv(server, "find").ok(cursor={"id": 0, "ns": "db.c", "firstBatch": [{"_id": 1, "owner": "bob", "_etag": etag}]})
+    request = recv(server, "update")
+    (op,) = request.doc["updates"]
+    assert op["q"] == {"_id": 1, "_etag": etag}  # only the document that was checked
+    assert op["u"]["owner"] == "bob" and not op.get("upsert", False)
+    request.ok(n=1, nModified=1)
+    assert future()[0] is False
+
+
+def test_guarded_replace_refuses_before_writing_and_retries_a_lost_race(server, engine):
+    future = go(engine.replace_document, "c", 1, {"owner": "bob"}, False, None, owned_by("bob"))
+    props_found(server)
+    recv(server, "find").ok(cursor={"id": 0, "ns": "db.c", "firstBatch": [{"_id": 1, "owner": "alice",
+                                                                           "_etag": ObjectId()}]})
+    with pytest.raises(Forbidden):
+        future()  # no update was sent: the next request is the next test step's
+    first, second = ObjectId(), ObjectId()
+    future = go(engine.replace_document, "c", 1, {"owner": "bob"}, False, None, owned_by("bob"))
+    props_found(server)
+    recv(server, "find").ok(cursor={"id": 0, "ns": "db.c", "firstBatch": [{"_id": 1, "owner": "bob", "_etag": first}]})
+    recv(server, "update").ok(n=0, nModified=0)  # changed meanwhile
+    recv(server, "find").ok(cursor={"id": 0, "ns": "db.c", "firstBatch": [{"_id": 1, "owner": "alice",
+                                                                           "_etag": second}]})
+    with pytest.raises(Forbidden):
+        future()  # checked again as it is now: alice's
+
+
+def test_guarded_upsert_insert_and_delete(server, engine):
+    future = go(engine.replace_document, "c", 7, {"owner": "alice"}, True, None, owned_by("bob"))
+    props_found(server)
+    recv(server, "find").ok(cursor={"id": 0, "ns": "db.c", "firstBatch": []})
+    with pytest.raises(Forbidden):
+        future()  # the new document would be outside: nothing inserted
+    future = go(engine.replace_document, "c", 7, {"owner": "bob"}, True, None, owned_by("bob"))
+    props_found(server)
+    recv(server, "find").ok(cursor={"id": 0, "ns": "db.c", "firstBatch": []})
+    request = recv(server, "insert")
+    assert request.doc["documents"][0]["owner"] == "bob"
+    request.ok(n=1)
+    assert future()[0] is True
+    etag = ObjectId()
+    future = go(engine.delete_document, "c", 7, None, owned_by("bob"))
+    props_found(server)
+    recv(server, "find").ok(cursor={"id": 0, "ns": "db.c", "firstBatch": [{"_id": 7, "owner": "bob", "_etag": etag}]})
+    request = recv(server, "delete")
+    assert request.doc["deletes"] == [{"q": {"_id": 7, "_etag": etag}, "limit": 1}]
+    request.ok(n=1)
+    future()
+
+
+def test_guarded_update_checks_the_computed_result(server, engine):
+    etag = ObjectId()
+    future = go(engine.update_document, "c", 1, normalize_patch({"owner": "alice"}), None, False, owned_by("bob"))
+    props_found(server)
+    recv(server, "find").ok(cursor={"id": 0, "ns": "db.c", "firstBatch": [{"_id": 1, "owner": "bob", "_etag": etag}]})
+    with pytest.raises(Forbidden):
+        future()  # no findAndModify: the update would move it out of the filter
