@@ -14,6 +14,8 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+from bson.errors import InvalidId
+from bson.objectid import ObjectId
 from bson.regex import Regex
 from flask import Blueprint, request
 
@@ -63,9 +65,29 @@ def _check_id(doc_id: Any) -> Any:
     return doc_id
 
 
+_ID_TYPES = ("STRING_OID", "STRING", "OID")
+
+
 def _url_id(segment: str) -> Any:
-    """The document id named by a URL segment (canonical form, services.paths)."""
-    return parse_id(decode_segment(segment))
+    """The document id named by a URL segment (canonical form, services.paths).
+
+    RESTHeart's `?id_type=`: STRING_OID (default: 24 hex digits are an ObjectId, anything
+    else a string), STRING (always a string: how a 24-hex string id is addressed), OID.
+    """
+    text = decode_segment(segment)
+    id_type = request.args.get("id_type", "STRING_OID").upper()
+    if id_type == "STRING":
+        if not text:
+            raise BadRequest("invalid document id")
+        return text
+    if id_type == "OID":
+        try:
+            return ObjectId(text)
+        except InvalidId:
+            raise BadRequest(f"id_type=OID needs 24 hexadecimal digits, got '{query.shown(text, 40)}'") from None
+    if id_type != "STRING_OID":
+        raise BadRequest(f"illegal id_type parameter: {query.shown(id_type, 40)}; use one of {', '.join(_ID_TYPES)}")
+    return parse_id(text)
 
 
 def _prepared(coll: str, doc: dict, doc_id: Any = None) -> dict:
@@ -96,7 +118,11 @@ def _etag(doc: dict) -> dict:
 
 
 def _location(coll: str, doc_id: Any) -> str:
-    return f"{request.script_root}/{coll}/{location_segment(str(doc_id))}"
+    """The document's URL; a string id that reads as an ObjectId gets `?id_type=STRING`."""
+    url = f"{request.script_root}/{coll}/{location_segment(str(doc_id))}"
+    if isinstance(doc_id, str) and not isinstance(parse_id(doc_id), str):
+        url += "?id_type=STRING"
+    return url
 
 
 def _query_args(grant: Grant) -> tuple[dict, list, dict | None]:

@@ -101,7 +101,7 @@ def test_stream_links_are_relative_unless_public_url_is_set(client, app, pub):
 
 # --------------------------------------------------------------------------- ids and text
 
-ODD_IDS = ["a\nb", "a/b", "../x", ".", "..", "100%", "%41", "a b?c#d", "tab\there", "nul\0x", "café", "😀",
+ODD_IDS = ["0123456789abcdef01234567", "a\nb", "a/b", "../x", ".", "..", "100%", "%41", "a b?c#d", "tab\there", "nul\0x", "café", "😀",
            "a;b=c", "x" * 300, "\u2028", " lead", "trail "]
 
 
@@ -119,6 +119,19 @@ def test_any_string_id_round_trips(client, doc_id):
     assert client.get(location).get_json()["v"] == 2
     assert client.delete(location).status_code == 204
     assert_error(client.get(location), 404)
+
+
+def test_id_type(client):
+    client.put("/things", json={})
+    oid = "0123456789abcdef01234567"
+    client.post("/things", json={"_id": {"$oid": oid}, "kind": "oid"})
+    r = client.post("/things", json={"_id": oid, "kind": "string"})
+    assert r.headers["Location"] == f"/things/{oid}?id_type=STRING"
+    assert client.get(f"/things/{oid}").get_json()["kind"] == "oid"
+    assert client.get(f"/things/{oid}", query_string={"id_type": "oid"}).get_json()["kind"] == "oid"
+    assert client.get(f"/things/{oid}", query_string={"id_type": "STRING"}).get_json()["kind"] == "string"
+    assert_error(client.get("/things/xyz", query_string={"id_type": "OID"}), 400)
+    assert_error(client.get("/things/xyz", query_string={"id_type": "NUMBER"}), 400)
 
 
 def test_empty_string_id_is_refused(client):
