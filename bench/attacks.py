@@ -38,6 +38,7 @@ import urllib.error
 import urllib.request
 
 from .__main__ import ROOT, Server, machine
+from .loadgen import client_frame
 
 STREAMS = {"streams": [{"uri": "all", "stages": []},
                        {"uri": "mine", "stages": [{"$match": {"fullDocument.name": {"$var": "n"}}}]}]}
@@ -75,18 +76,6 @@ def _prober(port: int, seconds: float, out) -> None:
     out.put(lat)
 
 
-def _frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
-    n = len(payload)
-    head = bytes([(0x80 if fin else 0) | opcode])
-    if n < 126:
-        head += bytes([0x80 | n])
-    elif n < 65536:
-        head += bytes([0x80 | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
-    return head + b"\0\0\0\0" + payload
-
-
 def _flooder(port: int, shape: str, out) -> None:
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
     key = base64.b64encode(os.urandom(16)).decode()
@@ -98,12 +87,12 @@ def _flooder(port: int, shape: str, out) -> None:
     sent, t0, code = 0, time.perf_counter(), None
     try:
         if shape == "continuation":
-            frames = [_frame(0x1 if i == 0 else 0x0, b"a" * MiB, fin=i == 59) for i in range(60)]
+            frames = [client_frame(0x1 if i == 0 else 0x0, b"a" * MiB, fin=i == 59) for i in range(60)]
             for f in frames:
                 s.sendall(f)
                 sent += MiB
         else:
-            small = _frame(0x2, b"b" * 65535)
+            small = client_frame(0x2, b"b" * 65535)
             deadline = time.time() + 5
             cap = 60 * MiB if shape == "small-messages" else 1 << 40  # "sustained": for 5 s
             while sent < cap and time.time() < deadline:

@@ -184,3 +184,17 @@ def summarize(latencies_ms: list[float]) -> dict:
 
 def ws_accept_key(key: str) -> str:
     return base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+
+
+def client_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """A WebSocket frame as a client sends it, with an all-zero mask (the payload goes as it
+    is, so building a large frame costs one copy)."""
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
+    return head + b"\0\0\0\0" + payload

@@ -17,6 +17,8 @@ import time
 import pytest
 import requests
 
+from bench.loadgen import client_frame
+
 from .conftest import ADMIN
 from .sseclient import SSEClient
 from .test_live_streams import open_sse, put_streams, wait_for
@@ -101,18 +103,6 @@ def ws_handshake(port: int, path: str) -> socket.socket:
         data += s.recv(4096)
     assert data.startswith(b"HTTP/1.1 101"), data
     return s
-
-
-def client_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
-    n = len(payload)
-    head = bytes([(0x80 if fin else 0) | opcode])
-    if n < 126:
-        head += bytes([0x80 | n])
-    elif n < 65536:
-        head += bytes([0x80 | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
-    return head + b"\0\0\0\0" + payload  # a zero mask: the payload goes as it is
 
 
 def close_code(s: socket.socket, timeout: float = 5.0) -> int | None:
