@@ -8,7 +8,7 @@ from typing import Any
 from bson import json_util
 from bson.errors import InvalidId
 from bson.objectid import ObjectId
-from flask import Response, current_app, request
+from flask import Response, current_app, g, request
 
 from services.errors import BadRequest, UnsupportedMediaType
 from services.query import MAX_NESTING, check_bson_limits
@@ -70,12 +70,22 @@ def parse_id(raw: str) -> Any:
     return raw
 
 
-def json_body(allow_array: bool = False, extended: bool = True) -> Any:
-    """Parse the JSON request body: 415 unless application/json, 400 unless an object.
+def parsed_body(extended: bool = True) -> Any:
+    """The JSON request body, parsed once per request (the ACL's body predicates and the view
+    share it); raises what `json_body` would for a body that is not JSON."""
+    cache = g.setdefault("parsed_bodies", {})
+    if extended not in cache:
+        try:
+            cache[extended] = (True, _parse_body(extended))
+        except (BadRequest, UnsupportedMediaType) as exc:
+            cache[extended] = (False, exc)
+    ok, value = cache[extended]
+    if not ok:
+        raise value
+    return value
 
-    `extended` decodes Extended JSON ({"$oid": ...}, {"$date": ...}) as documents need;
-    collection properties are kept exactly as sent, so they are parsed as plain JSON.
-    """
+
+def _parse_body(extended: bool) -> Any:
     mimetype = request.mimetype or ""
     if mimetype != "application/json" and not mimetype.endswith("+json"):
         raise UnsupportedMediaType(
@@ -92,6 +102,16 @@ def json_body(allow_array: bool = False, extended: bool = True) -> Any:
     except (ValueError, TypeError, InvalidId) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
     check_bson_limits(value, "the request body")
+    return value
+
+
+def json_body(allow_array: bool = False, extended: bool = True) -> Any:
+    """Parse the JSON request body: 415 unless application/json, 400 unless an object.
+
+    `extended` decodes Extended JSON ({"$oid": ...}, {"$date": ...}) as documents need;
+    collection properties are kept exactly as sent, so they are parsed as plain JSON.
+    """
+    value = parsed_body(extended)
     kinds = "a JSON object or array" if allow_array else "a JSON object"
     if isinstance(value, list):
         if not allow_array:

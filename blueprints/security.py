@@ -24,18 +24,16 @@ import hmac
 import ipaddress
 from typing import Any
 
-from bson import json_util
-from bson.errors import InvalidId
 from flask import Flask, current_app, g, request
 from flask_httpauth import HTTPBasicAuth
 
-from services import acl, query
-from services.errors import BadRequest, Forbidden, TooManyRequests, Unauthorized
+from services import acl
+from services.errors import BadRequest, ChangefeedError, Forbidden, TooManyRequests, Unauthorized
 from services.permissions import Grant
 from services.throttle import FailureThrottle
 from services.tokens import COOKIE_NAME, TokenError, password_fingerprint
 
-from .common import engine, users
+from .common import engine, parsed_body, users
 from .paths import CANONICAL_PATH, RAW_PATH
 
 REALM = "changefeed"
@@ -171,13 +169,9 @@ def _json_body() -> Any:
     valid (the view then refuses it with a 400 naming the fault)."""
     if request.method not in ("POST", "PUT", "PATCH"):
         return None
-    mimetype = request.mimetype or ""
-    if mimetype != "application/json" and not mimetype.endswith("+json"):
-        return None
     try:
-        value = json_util.loads(request.get_data(cache=True).decode("utf-8"))
-        query.check_bson_limits(value, "the request body")
-    except (ValueError, TypeError, RecursionError, InvalidId, BadRequest):
+        value = parsed_body()
+    except ChangefeedError:
         return None
     return value if isinstance(value, (dict, list)) else None
 
