@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 
+import gevent
 from gevent import pywsgi
 from geventwebsocket.handler import WebSocketHandler
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
@@ -28,6 +29,14 @@ def scrub(text: str) -> str:
 
 
 KEEPALIVE_SECONDS = 5.0
+# A client has this long to send its request line and headers. Each read may wait
+# KEEPALIVE_SECONDS, so without an overall deadline a client sending one byte every few
+# seconds ("slowloris") would hold its connection for as long as it likes.
+REQUEST_HEAD_SECONDS = 10.0
+
+
+class _SlowRequest(Exception):
+    """The request head did not arrive within REQUEST_HEAD_SECONDS."""
 
 
 class Handler(WebSocketHandler, PyWSGIHandler):
@@ -38,6 +47,40 @@ class Handler(WebSocketHandler, PyWSGIHandler):
         # stopping worker for its whole graceful_timeout; gunicorn's keepalive is 5 s.
         self.socket.settimeout(KEEPALIVE_SECONDS)
         return super().handle()
+
+    def handle_one_request(self):
+        self._head_timer = gevent.Timeout(REQUEST_HEAD_SECONDS, _SlowRequest)
+        self._head_timer.start()
+        try:
+            return super().handle_one_request()
+        except _SlowRequest:
+            self.close_connection = True
+            return None  # too slow to say what it wants: close, without a response
+        finally:
+            self._head_timer.close()
+
+    def MessageClass(self, *args):
+        message = super().MessageClass(*args)
+        # the framing headers as sent: pywsgi drops Content-Length when it sees chunked
+        self._framing = (message.get_all("content-length") or [], message.get_all("transfer-encoding") or [])
+        return message
+
+    def read_request(self, raw_requestline):
+        """Parse the head, then refuse ambiguous framing: a front proxy and this server
+        could read the body's length differently (request smuggling)."""
+        self._framing = ([], [])
+        try:
+            result = super().read_request(raw_requestline)
+        finally:
+            self._head_timer.cancel()  # the head is in (or refused): the deadline is met
+        lengths, encodings = self._framing
+        if len({v.strip() for v in lengths}) > 1:
+            raise ValueError("several different Content-Length headers")
+        if encodings and lengths:
+            raise ValueError("both Content-Length and Transfer-Encoding")
+        if len(encodings) > 1 or (encodings and encodings[0].strip().lower() != "chunked"):
+            raise ValueError("unsupported Transfer-Encoding (only one 'chunked' is accepted)")
+        return result
 
     def log_request(self):
         if getattr(self, "requestline", None):

@@ -12,6 +12,7 @@ from flask import Response, current_app, g, request
 
 from services.errors import BadRequest, UnsupportedMediaType
 from services.query import MAX_NESTING, check_bson_limits
+from services.query import shown as query_shown
 
 RELAXED = json_util.RELAXED_JSON_OPTIONS
 RESERVED_NAMES = {"_streams", "_meta", "_health", "_demo", "_status", "token", "_size"}
@@ -99,8 +100,8 @@ def _parse_body(extended: bool) -> Any:
         value = json_util.loads(text) if extended else json.loads(text)
     except RecursionError:
         raise BadRequest(f"the request body is nested deeper than {MAX_NESTING} levels") from None
-    except (ValueError, TypeError, InvalidId) as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - Extended JSON decoders raise many types (InvalidBSON, decimal ...)
+        raise BadRequest(f"the request body is not valid JSON: {query_shown(str(exc))}") from None
     check_bson_limits(value, "the request body")
     return value
 

@@ -16,7 +16,6 @@ from typing import Any
 
 from bson.errors import InvalidId
 from bson.objectid import ObjectId
-from bson.regex import Regex
 from flask import Blueprint, request
 
 from services import acl, auth, query, updates
@@ -55,24 +54,35 @@ def _validate_acl(doc: Any) -> None:
 
 
 def _check_id(doc_id: Any) -> Any:
+    """Only ids a URL can name: strings, ObjectIds and integers (`?id_type=NUMBER`)."""
     if isinstance(doc_id, str):
         if doc_id in RESERVED_IDS:
             raise BadRequest(f"'{doc_id}' is a reserved name and cannot be used as a document id")
         if not doc_id:
             raise BadRequest("a string _id must not be empty (it could not be addressed by a URL)")
-    elif isinstance(doc_id, (list, Regex)):
-        raise BadRequest("the _id cannot be an array or a regular expression")
+    elif isinstance(doc_id, bool) or not isinstance(doc_id, (ObjectId, int)):
+        raise BadRequest(f"an _id must be a string, an ObjectId or an integer, not {_type_name(doc_id)} "
+                         "(a document with such an id could not be addressed by a URL)")
     return doc_id
 
 
-_ID_TYPES = ("STRING_OID", "STRING", "OID")
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, (list, dict)):
+        return "an array" if isinstance(value, list) else "an object"
+    return type(value).__name__
+
+
+_ID_TYPES = ("STRING_OID", "STRING", "OID", "NUMBER")
 
 
 def _url_id(segment: str) -> Any:
     """The document id named by a URL segment (canonical form, services.paths).
 
     RESTHeart's `?id_type=`: STRING_OID (default: 24 hex digits are an ObjectId, anything
-    else a string), STRING (always a string: how a 24-hex string id is addressed), OID.
+    else a string), STRING (always a string: how a 24-hex string id is addressed), OID,
+    NUMBER (an integer id).
     """
     text = decode_segment(segment)
     id_type = request.args.get("id_type", "STRING_OID").upper()
@@ -85,6 +95,12 @@ def _url_id(segment: str) -> Any:
             return ObjectId(text)
         except InvalidId:
             raise BadRequest(f"id_type=OID needs 24 hexadecimal digits, got '{query.shown(text, 40)}'") from None
+    if id_type == "NUMBER":
+        try:
+            number = int(text)
+        except ValueError:
+            raise BadRequest(f"id_type=NUMBER needs an integer, got '{query.shown(text, 40)}'") from None
+        return _check_id(number) if -(1 << 63) <= number < (1 << 63) else _check_id(None)
     if id_type != "STRING_OID":
         raise BadRequest(f"illegal id_type parameter: {query.shown(id_type, 40)}; use one of {', '.join(_ID_TYPES)}")
     return parse_id(text)
@@ -97,7 +113,7 @@ def _prepared(coll: str, doc: dict, doc_id: Any = None) -> dict:
         _check_id(doc["_id"])
     doc = {k: v for k, v in doc.items() if k != "_etag"}
     if coll == auth.USERS:
-        doc = auth.prepare_user(doc, doc_id)
+        doc = auth.prepare_user(doc, doc_id, keep_hashes=security.grant(coll).admin)
     if coll == ACL:
         _validate_acl(doc)
     return doc
@@ -122,6 +138,8 @@ def _location(coll: str, doc_id: Any) -> str:
     url = f"{request.script_root}/{coll}/{location_segment(str(doc_id))}"
     if isinstance(doc_id, str) and not isinstance(parse_id(doc_id), str):
         url += "?id_type=STRING"
+    elif isinstance(doc_id, int):
+        url += "?id_type=NUMBER"
     return url
 
 
@@ -213,7 +231,8 @@ def _update_spec(coll: str, body: dict, grant: Grant) -> dict:
         if coll == auth.USERS and isinstance(fields, dict) and any(k.startswith("password") for k in fields):
             if op != "$set" or not isinstance(fields.get("password"), str):
                 raise BadRequest("a user's password can only be set to a new string")
-            fields["password"] = auth.prepare_user({"_id": "x", "password": fields["password"]})["password"]
+            fields["password"] = auth.prepare_user({"_id": "x", "password": fields["password"]},
+                                                   keep_hashes=grant.admin)["password"]
         if coll == auth.USERS and op == "$rename" and isinstance(fields, dict) and any(
             isinstance(to, str) and to.startswith("password") for to in fields.values()
         ):
@@ -228,6 +247,7 @@ def _update_spec(coll: str, body: dict, grant: Grant) -> dict:
             for value in fields.values():
                 each = isinstance(value, dict) and "$each" in value
                 check_field_names(value["$each"] if each else value)
+    grant.check_update(spec)
     return grant.merged_update(spec)
 
 
@@ -284,9 +304,9 @@ def _bulk_filter(grant: Grant) -> dict:
     if not values:
         raise BadRequest("a bulk write needs a filter parameter, e.g. ?filter={\"_id\":{\"$exists\":true}} "
                          "for every document")
-    filter_ = query.parse_filter(values, grant.check_filter)
+    filter_ = query.parse_filter(values, lambda f: grant.check_filter(f, grant.write_filter or grant.read_filter))
     # documents outside the writeFilter are not candidates (the guard checks each one again)
-    return {"$and": [filter_, grant.write_filter]} if grant.write_filter else filter_
+    return {"$and": [grant.write_filter, filter_]} if grant.write_filter else filter_
 
 
 @bp.patch(f"/<coll>/{BULK}")

@@ -122,7 +122,7 @@ def _basic(auth: Any) -> dict:
     if wait is not None:
         raise TooManyRequests(f"too many failed logins for user '{auth.username[:100]}' from this address; "
                               f"try again in {max(1, round(wait))} s", retry_after=wait)
-    user = users().verify(auth.username, auth.password)
+    user = users().verify(auth.username, auth.password, gate=lambda: throttle.checking(key))
     if not user:
         throttle.failed(key)
         raise unauthorized("wrong username or password")
@@ -284,5 +284,7 @@ def _stream_terms(granted: Grant, permission: acl.Permission | None) -> tuple:
 def init_app(app: Flask) -> None:
     app.extensions["changefeed.permissions"] = Permissions(app.extensions["changefeed.engine"])
     app.extensions["changefeed.login_throttle"] = FailureThrottle(
-        app.config["AUTH_MAX_FAILURES"], app.config["AUTH_FAILURE_WINDOW_SECONDS"])
+        app.config["AUTH_MAX_FAILURES"], app.config["AUTH_FAILURE_WINDOW_SECONDS"],
+        max_checks_per_address=app.config["AUTH_MAX_CHECKS_PER_ADDRESS"],
+        max_checks=app.config["AUTH_MAX_CHECKS"])
     app.before_request(check_access)

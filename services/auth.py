@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import bcrypt
@@ -53,11 +55,12 @@ def _checkpw(password: bytes, hashed: bytes) -> bool:
         return False
 
 
-def prepare_user(doc: dict, doc_id: Any = None) -> dict:
+def prepare_user(doc: dict, doc_id: Any = None, keep_hashes: bool = False) -> dict:
     """Validate a user document written through /users and hash its password.
 
-    A value that is already a bcrypt hash is kept, so a GET-then-PUT round trip of a user
-    (whose password is never returned) does not lock the user out.
+    With `keep_hashes` (an admin importing users) a value that is already a bcrypt hash is
+    stored as it is; for anyone else every password is hashed, whatever it looks like, so
+    nobody can plant a hash of their choosing or pass the 72-byte limit that way.
     """
     user_id = doc.get("_id", doc_id)
     if not isinstance(user_id, str) or not user_id or ":" in user_id:
@@ -66,7 +69,7 @@ def prepare_user(doc: dict, doc_id: Any = None) -> dict:
     if password is not None:
         if not isinstance(password, str) or not password:
             raise BadRequest("a user's password must be a non-empty string")
-        if not password.startswith(("$2a$", "$2b$", "$2y$")):
+        if not (keep_hashes and password.startswith(("$2a$", "$2b$", "$2y$"))):
             doc = {**doc, "password": hash_password(password)}
     roles = doc.get("roles", [])
     if not isinstance(roles, list) or not all(isinstance(r, str) and r for r in roles):
@@ -102,8 +105,13 @@ class Users:
             log.info("created user 'admin' with the password from ADMIN_PASSWORD")
         return True
 
-    def verify(self, username: str, password: str) -> dict | None:
-        """Return the user (without password) if the credentials are right, else None."""
+    def verify(self, username: str, password: str,
+               gate: Callable[[], AbstractContextManager[Any]] = nullcontext) -> dict | None:
+        """Return the user (without password) if the credentials are right, else None.
+
+        `gate()` is entered around every bcrypt check (the login throttle: it may refuse
+        with a 429 before any work is done); a remembered right password needs none.
+        """
         if not username or password is None:
             return None
         try:
@@ -113,14 +121,17 @@ class Users:
         stored = user.get("password") if user is not None else None
         given = password.encode("utf-8", errors="surrogatepass")
         if not isinstance(stored, str):
-            blocking.run_cpu(_checkpw, given, _NO_SUCH_USER)
+            with gate():
+                blocking.run_cpu(_checkpw, given, _NO_SUCH_USER)
             return None
         digest = hashlib.sha256(given).digest()
         key = (username, stored)
         known = self._verified.get(key)
         if known is not None and hmac.compare_digest(known, digest):
             return public_user(user)
-        if not blocking.run_cpu(_checkpw, given, stored.encode()):
+        with gate():
+            ok = blocking.run_cpu(_checkpw, given, stored.encode())
+        if not ok:
             return None
         if len(self._verified) > 10_000:
             self._verified.clear()

@@ -131,6 +131,8 @@ SETTINGS: dict[str, tuple[Callable[[str], Any], str, str]] = {
     "TRUSTED_PROXIES": (_networks, "", "proxies whose X-Forwarded-For last hop names the client"),
     "AUTH_MAX_FAILURES": (_int(1, 1_000_000), "10", "failed logins per (address, user) before 429"),
     "AUTH_FAILURE_WINDOW_SECONDS": (_float(1, 86_400), "60", "the window those failures are counted in"),
+    "AUTH_MAX_CHECKS_PER_ADDRESS": (_int(1, 10_000), "4", "password checks in progress per client address"),
+    "AUTH_MAX_CHECKS": (_int(1, 100_000), "32", "password checks in progress per worker"),
     "STREAM_MAX_PER_USER": (_int(1, 10_000_000), "1000", "open streams per authenticated user, per worker"),
     "STREAM_MAX_PER_ADDRESS": (_int(1, 10_000_000), "200", "open anonymous streams per client address, per worker"),
     "STREAM_MAX_WATCHERS": (_int(1, 10_000_000), "5000", "distinct stream keys (watchers) per worker"),

@@ -420,6 +420,9 @@ def _event_field(path: str) -> tuple[str, str]:
 # Visibility
 # --------------------------------------------------------------------------------------------
 
+_OVERWRITING = frozenset({"$set", "$setOnInsert", "$unset", "$currentDate"})
+
+
 class Visibility:
     """The fields one permission hides in one collection; build with ``Visibility.of``.
 
@@ -659,6 +662,39 @@ class Visibility:
         names) and code operators are refused.
         """
         _walk(where, lambda path: self._check(path, where), expression=expression)
+
+    def check_update(self, spec: dict, where: str = "update") -> None:
+        """Refuse an operator update that would read a hidden field.
+
+        Operators that compute from the current value (``$inc``, ``$push``, ``$pull`` ...)
+        and a ``$rename`` source read it (a rename to a visible name would simply show it);
+        their error messages would show it too. Overwriting a hidden field, or a whole
+        sub-document that holds one (``$set``, ``$setOnInsert``, ``$unset``,
+        ``$currentDate``, a ``$rename`` target), reads nothing, so a hidden field can stay
+        writable; reaching *into* a hidden value (``$set`` of ``secret.x``) is refused.
+        """
+        for op, fields in spec.items():
+            if not isinstance(fields, dict):
+                continue
+            for path in fields:
+                if op in _OVERWRITING:
+                    self._check_overwrite(path, f"{where} ({op})")
+                else:
+                    self._check(path, f"{where} ({op})")
+            if op == "$rename":
+                for target in fields.values():
+                    if isinstance(target, str):
+                        self._check_overwrite(target, f"{where} ($rename target)")
+
+    def _check_overwrite(self, path: str, where: str) -> None:
+        segments = _segments(path)
+        if segments is None:
+            raise Forbidden("%s: invalid field path '%s'" % (where, path))
+        for i in range(1, len(segments)):
+            inside = ".".join(segments[:i])
+            if self._entirely_hidden(inside):
+                raise Forbidden("%s: the field '%s' is hidden by your permission; it can be replaced "
+                                "as a whole but not written into" % (where, inside))
 
     def check_sort(self, sort: Iterable[Any] | dict | None, where: str = "sort") -> None:
         """Raise Forbidden if a sort key is hidden or holds hidden data (``(path, direction)``

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import socket
 import struct
 import time
 from collections import deque
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 RELAXED = json_util.RELAXED_JSON_OPTIONS
 # Event fields that are the driver's or the server's, not the user's (issue 3, item 2).
 _COALESCE_MAX = 500  # events a watcher sends to a client in one write, at most
+OVERFLOW_GRACE_SECONDS = 10.0  # an overflowed client's last chance to take its end frame
 _INTERNAL_FIELDS = ("_id", "ns", "clusterTime", "txnNumber", "lsid", "collectionUUID")
 
 
@@ -106,9 +108,9 @@ class Control:
 class _Remainder:
     """The unsent tail of a frame a direct write could only partly send; it goes out first."""
 
-    data: bytes
+    data: bytes | memoryview
 
-    def frame(self, mode: int) -> bytes:
+    def frame(self, mode: int) -> bytes | memoryview:
         return self.data
 
 
@@ -223,10 +225,15 @@ class Client:
             self.push(item)
 
     def write_ordered(self, data: bytes) -> None:
-        """Bytes from elsewhere (gevent-websocket's pongs) join the same ordered stream."""
+        """Bytes from elsewhere (gevent-websocket's pongs) join the same ordered stream;
+        they count against the queue bound like events (a client that sends pings and never
+        reads the pongs is ended, not buffered for)."""
         if self.direct:
             self._send_now(data)
-        else:
+        elif self.ended is None:
+            if len(self.pending) >= self.limit:
+                self.end("overflow")
+                return
             self.pending.append(_Remainder(data))
             self.wake.set()
 
@@ -241,14 +248,29 @@ class Client:
             return
         if sent < len(data):
             self.direct = False
-            self.pending.append(_Remainder(data[sent:]))
+            # a view, not a copy: the frame bytes are shared by every client of the watcher
+            self.pending.append(_Remainder(memoryview(data)[sent:]))
             self.wake.set()
 
     def end(self, reason: str, message: str = "") -> None:
-        """End this client after what it already has; the transport closes with `reason`."""
+        """End this client after what it already has; the transport closes with `reason`.
+
+        A client that fell behind (`overflow`) may not be reading at all: its transport can
+        be stuck in a write that never completes. After OVERFLOW_GRACE_SECONDS its socket is
+        shut down, which ends that write, so the connection and its greenlet go away.
+        """
         if self.ended is None:
             self.ended = end_control(reason, message)
             self.wake.set()
+            if reason == "overflow" and self.raw is not None:
+                gevent.spawn_later(OVERFLOW_GRACE_SECONDS, _shut_down, self.raw)
+
+
+def _shut_down(sock: Any) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed: the transport finished in time
 
 
 class Watcher:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import query
-from .errors import BadRequest, Forbidden
+from .errors import BadRequest, DocumentNotFound, Forbidden
 from .hidden import Visibility, validate_projection
 
 USERS = "users"
@@ -144,6 +144,19 @@ def _roles(doc: dict | None) -> Any:
     return doc.get("roles", [])
 
 
+def _uses_expr(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if "$expr" in item:
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def check_user_document(doc: dict) -> None:
     """What every stored user must look like, whoever writes it and however."""
     roles = doc.get("roles", [])
@@ -206,10 +219,15 @@ class Grant:
     # -- reads --
 
     def restrict(self, flt: dict | None) -> dict:
-        """A client filter ANDed with the readFilter (both optional)."""
+        """A client filter ANDed with the readFilter (both optional), the readFilter first."""
         if not self.read_filter:
             return flt or {}
-        return {"$and": [flt, self.read_filter]} if flt else self.read_filter
+        return {"$and": [self.read_filter, flt]} if flt else self.read_filter
+
+    def check_update(self, spec: dict) -> None:
+        """403 for an operator update that would read a hidden field (services.hidden)."""
+        if self.visibility is not None:
+            self.visibility.check_update(spec)
 
     @property
     def stage_visibility(self) -> Visibility | None:
@@ -220,9 +238,22 @@ class Grant:
     def shown(self, doc: dict) -> dict:
         return self.visibility.project_document(doc) if self.visibility is not None else doc
 
-    def check_filter(self, flt: dict) -> None:
+    def check_filter(self, flt: dict, scope: dict | None = _UNSET) -> None:  # type: ignore[assignment]
+        """403 for a client filter that could reveal what the permission hides.
+
+        Hidden fields (projectResponse) may not be named. And where a filter narrows what
+        the caller may see (`scope`: the readFilter for reads, the writeFilter for bulk
+        writes), `$expr` is refused: an expression can fail on a document (`$toInt` of a
+        string, a division by zero), and the error, or that there was one, would describe a
+        document outside the caller's filter, whatever order the engine evaluates in.
+        """
         if self.visibility is not None:
             self.visibility.check_filter(flt)
+        if scope is _UNSET:
+            scope = self.read_filter
+        if scope and _uses_expr(flt):
+            raise Forbidden("filter: $expr is not allowed under a permission with a readFilter or writeFilter "
+                            "(an expression that fails on another document would reveal it)")
 
     def check_query(self, flt: dict | None = None, sort: list | None = None, keys: dict | None = None) -> None:
         """403 for a filter, sort or keys that could reveal a hidden field."""
@@ -279,10 +310,13 @@ class Grant:
         """The checks the engine runs inside the write, on the stored and the new document."""
         checks: list[Callable[[dict | None, dict | None], None]] = []
         if self.write_filter:
-            flt = self.write_filter
+            flt, readable = self.write_filter, self.read_filter
 
             def inside_write_filter(old: dict | None, new: dict | None) -> None:
                 if old is not None and not query.matches(flt, old):
+                    if readable and not query.matches(readable, old):
+                        # outside the readFilter too: as absent as in GET
+                        raise DocumentNotFound(coll, str(old.get("_id")))
                     raise Forbidden(f"document '{old.get('_id')}' is outside what your permission lets you "
                                     "write (mongo.writeFilter)")
                 if new is not None and not query.matches(flt, new):

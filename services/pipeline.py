@@ -65,6 +65,8 @@ from datetime import datetime
 from typing import Any, Callable
 
 from bson import json_util
+from bson.max_key import MaxKey
+from bson.min_key import MinKey
 from bson.timestamp import Timestamp
 
 import mongomock
@@ -72,6 +74,7 @@ from mongomock import aggregate as _mm_aggregate  # also registers $expr support
 from mongomock import filtering as _mm_filtering
 from mongomock import helpers as _mm_helpers
 
+from . import linear_regex
 from .errors import BadRequest
 from .query import check_bson_limits, forbidden_operator, has_dollar_key, shown
 
@@ -138,9 +141,13 @@ def _patch_mongomock() -> None:
     original_compare_type = _mm_filtering._get_compare_type
 
     def _get_compare_type(val: Any) -> int:
-        # BSON order: ... ObjectId(35) < Boolean(40) < Date(45) < Timestamp < Regex(50)
+        # BSON order: MinKey < ... ObjectId(35) < Boolean(40) < Date(45) < Timestamp < Regex(50) < MaxKey
         if isinstance(val, Timestamp):
             return 47
+        if isinstance(val, MinKey):
+            return -1
+        if isinstance(val, MaxKey):
+            return 127
         return original_compare_type(val)
 
     _mm_filtering._get_compare_type = _get_compare_type
@@ -213,6 +220,7 @@ def _patch_mongomock() -> None:
 
 
 _patch_mongomock()
+linear_regex.apply()  # regexes in stream stages run on every event: RE2, linear time
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,8 +469,8 @@ def parse_avars(raw: str | None) -> dict:
         raise AvarsError("illegal avars parameter: " + exc.message.replace("the avars parameter ", "it ")) from None
     try:
         return json_util.loads(raw)
-    except (ValueError, TypeError, RecursionError) as exc:  # pragma: no cover - plain JSON re-parse
-        raise AvarsError("illegal avars parameter, it is not a json object: %s" % raw) from exc
+    except Exception:  # noqa: BLE001 - plain JSON without '$' keys; only a decoder fault lands here
+        raise AvarsError("illegal avars parameter, it is not a json object: %s" % shown(raw)) from None
 
 
 # --------------------------------------------------------------------------------------------

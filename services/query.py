@@ -14,11 +14,13 @@ from collections.abc import Callable
 from typing import Any
 
 from bson import json_util
-from bson.errors import InvalidId
 from mongomock import filtering
 from mongomock.collection import _combine_projection_spec, _project_by_spec
 
+from . import linear_regex
 from .errors import BadRequest
+
+linear_regex.apply()  # $regex is matched by RE2: no pattern can make a query take exponential time
 
 FORBIDDEN_OPERATORS = ("$where", "$function", "$accumulator")
 MAX_NESTING = 100  # MongoDB refuses documents nested deeper than 100 levels
@@ -103,8 +105,8 @@ def loads_json(raw: str, what: str) -> Any:
         value = json_util.loads(raw)
     except RecursionError:
         raise BadRequest(f"illegal {what} parameter: nested deeper than {MAX_NESTING} levels") from None
-    except (ValueError, TypeError, InvalidId) as exc:
-        raise BadRequest(f"illegal {what} parameter, it is not valid JSON: {shown(raw)} ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - Extended JSON decoders raise many types (InvalidBSON, decimal ...)
+        raise BadRequest(f"illegal {what} parameter, it is not valid JSON: {shown(raw)} ({shown(str(exc))})") from None
     check_bson_limits(value, f"the {what} parameter")
     return value
 

@@ -57,6 +57,10 @@ from bson.timestamp import Timestamp
 from mongomock.filtering import filter_applies
 from pymongo.errors import PyMongoError
 
+from . import linear_regex
+
+linear_regex.apply()  # $pull conditions may hold a $regex
+
 __all__ = ["UpdateError", "normalize_patch", "apply_update"]
 
 

@@ -134,6 +134,30 @@ def test_id_type(client):
     assert_error(client.get("/things/xyz", query_string={"id_type": "NUMBER"}), 400)
 
 
+@pytest.mark.parametrize("doc_id", [{"$minKey": 1}, {"$maxKey": 1}, None, True, 1.5, {"a": 1}, [1],
+                                    {"$date": "2020-01-01T00:00:00Z"}])
+def test_ids_a_url_cannot_name_are_refused(client, doc_id):
+    client.put("/things", json={})
+    assert "could not be addressed" in assert_error(client.post("/things", json={"_id": doc_id}), 400)
+    assert client.get("/things").get_json() == []
+
+
+def test_integer_ids_round_trip_with_id_type_number(client):
+    client.put("/things", json={})
+    r = client.post("/things", json={"_id": 42, "v": 1})
+    assert r.headers["Location"] == "/things/42?id_type=NUMBER"
+    assert client.get(r.headers["Location"]).get_json()["_id"] == 42
+    assert_error(client.get("/things/42"), 404)  # the string "42"
+    assert_error(client.get("/things/x", query_string={"id_type": "NUMBER"}), 400)
+
+
+def test_min_and_max_keys_in_values_sort_in_bson_order(client):
+    client.put("/things", json={})
+    client.post("/things", json=[{"_id": "a", "v": {"$maxKey": 1}}, {"_id": "b", "v": 1}, {"_id": "c", "v": {"$minKey": 1}}])
+    r = client.get("/things", query_string={"sort": "v"})
+    assert r.status_code == 200 and [d["_id"] for d in r.get_json()] == ["c", "b", "a"]
+
+
 def test_empty_string_id_is_refused(client):
     client.put("/things", json={})
     assert_error(client.post("/things", json={"_id": ""}), 400)
@@ -314,3 +338,34 @@ def test_a_resume_from_far_back_yields_between_batches(data_dir):
     finally:
         hub.close_all()
         engine.close()
+
+
+def test_checks_in_progress_count_against_the_throttle():
+    from services.errors import TooManyRequests
+
+    throttle = FailureThrottle(3, 60, max_checks_per_address=10, max_checks=100)
+    key = ("1.1.1.1", "alice")
+    with throttle.checking(key), throttle.checking(key), throttle.checking(key):
+        with pytest.raises(TooManyRequests):  # three in flight may all fail: no fourth
+            with throttle.checking(key):
+                pass
+        assert throttle.retry_after(key) == 1.0
+        with throttle.checking(("1.1.1.1", "bob")):  # another user is unaffected
+            pass
+    assert throttle.retry_after(key) is None  # all succeeded (nothing recorded)
+
+
+def test_password_checks_are_bounded_per_address_and_in_all():
+    from services.errors import TooManyRequests
+
+    throttle = FailureThrottle(10, 60, max_checks_per_address=2, max_checks=3)
+    with throttle.checking(("a", "u1")), throttle.checking(("a", "u2")):
+        with pytest.raises(TooManyRequests):
+            with throttle.checking(("a", "u3")):
+                pass
+        with throttle.checking(("b", "u1")):
+            with pytest.raises(TooManyRequests):
+                with throttle.checking(("c", "u1")):
+                    pass
+    with throttle.checking(("a", "u3")):
+        pass

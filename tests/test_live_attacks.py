@@ -245,7 +245,8 @@ def test_bob_against_alice_over_http(live):
                                      timeout=10).status_code,
         "upsert": requests.put(f"{base}/notes/a2", auth=bob, params={"wm": "upsert"}, json={}, timeout=10).status_code,
     }
-    assert statuses == {"replace": 403, "take over": 403, "patch": 403, "delete": 403, "read": 404,
+    # alice's document is outside bob's readFilter: for him it does not exist (404)
+    assert statuses == {"replace": 404, "take over": 404, "patch": 404, "delete": 404, "read": 404,
                         "redefine streams": 403, "drop": 403, "query secret": 403, "upsert": 403}
     r = requests.post(f"{base}/notes", auth=bob, json={"_id": "b1", "owner": "alice", "title": "planted"}, timeout=10)
     assert r.status_code == 201
@@ -324,3 +325,92 @@ def test_odd_input_is_never_a_500(live):
     assert requests.get(f"{base}/things", auth=ADMIN, timeout=10).json()[0]["_id"] == "line1\nline2"
     assert pid(live) == before
     assert "Traceback" not in live.read_log()
+
+
+def test_parallel_guesses_cannot_outrun_the_throttle(live_factory):
+    import concurrent.futures
+
+    server = live_factory(AUTH_MAX_FAILURES=5)
+    base = server.url
+    requests.post(f"{base}/users", auth=ADMIN, json={"_id": "bob", "password": "pw-bob"}, timeout=10)
+    before = pid(server)
+
+    def guess(i: int) -> int:
+        return requests.get(f"{base}/", auth=("bob", f"guess{i}"), timeout=60).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(40) as pool:
+        codes = list(pool.map(guess, range(40)))
+    assert codes.count(401) <= 5 and codes.count(429) >= 35, codes  # at most 5 passwords were checked
+    # unknown user names are not throttled per name, but checks in flight per address are bounded
+    with concurrent.futures.ThreadPoolExecutor(30) as pool:
+        codes = list(pool.map(lambda i: requests.get(f"{base}/", auth=(f"nobody{i}", "x"), timeout=60).status_code,
+                              range(30)))
+    assert set(codes) <= {401, 429} and codes.count(429) > 0
+    assert requests.get(f"{base}/", auth=ADMIN, timeout=10).status_code == 200
+    assert pid(server) == before
+
+
+def test_a_websocket_client_that_pings_and_never_reads_is_dropped(live_factory):
+    server = live_factory(STREAM_CLIENT_QUEUE=5)
+    setup_tutorial(server.url)
+    before = pid(server)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", server.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    s.sendall((f"GET /messages/_streams/all HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    s.settimeout(5)
+    assert s.recv(4096).startswith(b"HTTP/1.1 101")
+    assert wait_for(lambda: server.status()["clients"] == 1)
+    ping = client_frame(0x9, b"p" * 125)
+    s.settimeout(0.2)
+    sent = 0
+    deadline = time.time() + 15
+    try:
+        while sent < 200_000 and time.time() < deadline:
+            s.sendall(ping * 100)  # never read a pong
+            sent += 100
+    except (socket.timeout, BrokenPipeError, ConnectionResetError):
+        pass  # the server stopped reading, or closed: both are the point
+    # the pongs it could not send count against the queue: the client is ended, its socket
+    # shut down within the grace period, and nothing of it is left
+    assert wait_for(lambda: server.status()["clients"] == 0, timeout=20)
+    s.close()
+    assert pid(server) == before
+
+
+@pytest.mark.parametrize("framing", [
+    "Content-Length: 5\r\nContent-Length: 6\r\n",
+    "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+    "Transfer-Encoding: gzip, chunked\r\n",
+    "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+])
+def test_ambiguous_body_framing_is_refused(live, framing):
+    before = pid(live)
+    head = f"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{framing}Connection: close\r\n\r\n"
+    status, _ = raw_request(live.port, head, b"0\r\n\r\n")
+    assert status == 400
+    assert pid(live) == before
+
+
+def test_a_request_head_sent_byte_by_byte_is_cut_off(live):
+    s = socket.create_connection(("127.0.0.1", live.port), timeout=5)
+    s.sendall(b"GET /_health HTTP/1.1\r\nHost: x\r\n")
+    started = time.time()
+    closed = False
+    while time.time() - started < 30:
+        try:
+            s.sendall(b"X")  # one byte of a header every 2 s: never a complete head
+            s.settimeout(2)
+            if s.recv(100) == b"":
+                closed = True
+                break
+        except socket.timeout:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            closed = True
+            break
+    s.close()
+    assert closed  # within the head deadline (plus a read timeout), not held for good
+    assert requests.get(f"{live.url}/_health", timeout=5).status_code == 200

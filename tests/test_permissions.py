@@ -113,11 +113,40 @@ def test_visible_fields_can_be_queried(anon, docs):
 
 def test_bob_cannot_replace_or_take_over_alices_document(anon, docs):
     before = stored(docs, "a1")
-    for body in ({"title": "mine now"}, {"title": "mine now", "owner": "bob"}, {"owner": "alice", "title": "x"}):
-        assert_error(anon.put("/docs/a1", headers=BOB, json=body), 403)
-        assert_error(anon.patch("/docs/a1", headers=BOB, json=body), 403)
-    assert_error(anon.delete("/docs/a1", headers=BOB), 403)
+    # alice's document is outside bob's readFilter: it does not exist for him (404, as GET),
+    # whatever else is wrong with the request (the ETag, the operators)
+    for body in ({"title": "mine now"}, {"title": "mine now", "owner": "bob"}, {"owner": "alice", "title": "x"},
+                 {"$set": {"title.x": 1}}, {"$inc": {"title": 1}}):  # these two would fail on alice's data
+        if "$set" not in body and "$inc" not in body:
+            assert_error(anon.put("/docs/a1", headers=BOB, json=body), 404)
+        assert_error(anon.patch("/docs/a1", headers=BOB, json=body), 404)
+        assert_error(anon.patch("/docs/a1", headers={**BOB, "If-Match": "wrong"}, json=body), 404)
+    assert_error(anon.delete("/docs/a1", headers=BOB), 404)
+    assert_error(anon.delete("/docs/a1", headers={**BOB, "If-Match": "wrong"}), 404)
     assert stored(docs, "a1") == before
+
+
+def test_writable_but_not_readable_is_a_403_not_a_404(client, anon, docs):
+    with_rule(client, readFilter=None)  # bob may read everything, write only his own
+    assert_error(anon.patch("/docs/a1", headers=BOB, json={"title": "x"}), 403)
+    assert_error(anon.delete("/docs/a1", headers=BOB), 403)
+
+
+@pytest.mark.parametrize("body", [
+    {"$set": {"secret.x": 1}}, {"$inc": {"secret": 1}}, {"$push": {"secret": 1}}, {"$pull": {"secret": 1}},
+    {"$rename": {"secret": "leak"}}, {"$max": {"secret": "z"}}, {"$set": {"secret.a.b": 1}},
+])
+def test_updates_cannot_read_hidden_fields(anon, docs, body):
+    msg = assert_error(anon.patch("/docs/b1", headers=BOB, json=body), 403)
+    assert "hidden by your permission" in msg
+    assert stored(docs, "b1")["secret"] == "s-b1"
+
+
+def test_hidden_fields_can_still_be_overwritten(anon, docs):
+    for body in ({"secret": "new"}, {"$set": {"secret": {"a": 1}}}, {"$unset": {"secret": 1}},
+                 {"$rename": {"title": "secret"}}, {"$currentDate": {"secret": True}}):
+        assert anon.patch("/docs/b1", headers=BOB, json=body).status_code == 200, body
+    assert "secret" in stored(docs, "b1")
 
 
 def test_bob_cannot_plant_documents_in_alices_list(anon, docs):
@@ -185,8 +214,8 @@ def test_write_mode_needs_the_option(client, anon, docs):
     r = anon.put("/docs/new", headers=BOB, json={"title": "upserted"}, query_string={"wm": "upsert"})
     assert r.status_code == 201
     assert stored(docs, "new")["owner"] == "bob"
-    # an upsert onto alice's existing document is a replace of it: refused
-    assert_error(anon.put("/docs/a1", headers=BOB, json={}, query_string={"wm": "upsert"}), 403)
+    # an upsert onto alice's existing document is a replace of it: refused (404: not his to see)
+    assert_error(anon.put("/docs/a1", headers=BOB, json={}, query_string={"wm": "upsert"}), 404)
 
 
 def test_bulk_patch_and_delete_need_their_options(client, anon, docs):
@@ -309,3 +338,30 @@ def test_basic_auth_never_base64_errors(anon, client):
     # a password over 72 bytes at login is just a wrong password
     header = {"Authorization": "Basic " + base64.b64encode(b"admin:" + b"p" * 100).decode()}
     assert_error(anon.get("/", headers=header), 401)
+
+
+# --------------------------------------------------------------------------- errors describe nothing hidden
+
+
+@pytest.mark.parametrize("flt", [
+    {"$expr": {"$cond": [{"$eq": ["$owner", "alice"]}, {"$toInt": "$_id"}, False]}},
+    {"$expr": {"$cond": [{"$eq": ["$owner", "alice"]}, {"$divide": [1, 0]}, False]}},
+    {"$or": [{"title": "x"}, {"$expr": {"$toInt": "$title"}}]},
+])
+def test_expressions_are_refused_under_a_read_filter(anon, docs, flt):
+    """An expression that fails on a document outside the readFilter would describe it."""
+    for url in ("/docs", "/docs/_size"):
+        msg = assert_error(anon.get(url, headers=BOB, query_string={"filter": q(flt)}), 403)
+        assert "$expr" in msg and "a1" not in msg and "alice" not in msg
+
+
+def test_expressions_are_fine_without_a_read_filter(client, anon, docs):
+    with_rule(client, readFilter=None, writeFilter=None, mergeRequest=None)
+    r = anon.get("/docs", headers=BOB, query_string={"filter": q({"$expr": {"$eq": ["$title", "bob's"]}})})
+    assert [d["_id"] for d in r.get_json()] == ["b1"]
+
+
+def test_bulk_filters_may_not_probe_outside_the_write_filter(client, anon, docs):
+    with_rule(client, allowBulkPatch=True, readFilter=None)
+    flt = {"$expr": {"$cond": [{"$eq": ["$owner", "alice"]}, {"$divide": [1, 0]}, False]}}
+    assert_error(anon.patch("/docs/*", headers=BOB, json={"x": 1}, query_string={"filter": q(flt)}), 403)

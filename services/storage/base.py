@@ -26,6 +26,9 @@ from ..errors import DocumentNotFound
 # A write guard: called inside the write, atomically with it, with the document before and
 # after (None for an insert's "before" and a delete's "after"); it raises a ChangefeedError
 # (services.errors) to refuse the write, which then changes nothing and emits nothing.
+# Engines call guard(stored, None) as soon as they have the stored document, before anything
+# else looks at it (the ETag, the update's operators: their errors would describe it), and
+# guard(stored, new) once the new document is known.
 WriteGuard = Callable[[dict | None, dict | None], None]
 
 

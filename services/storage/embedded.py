@@ -529,6 +529,8 @@ class EmbeddedEngine(Engine):
             if old is None and not upsert:
                 raise DocumentNotFound(coll, _show_id(doc_id))
             if old is not None:
+                if guard is not None:
+                    guard(old, None)
                 _check_etag(old, if_match, f"document '{_show_id(doc_id)}'")
             new = {"_id": doc_id, **{k: v for k, v in doc.items() if k not in ("_id", "_etag")}}
             new["_etag"] = ObjectId()
@@ -564,6 +566,8 @@ class EmbeddedEngine(Engine):
             txn.store(coll, new, new=True)
             txn.emit(coll, "insert", doc_id, full=new)
             return True, new
+        if guard is not None:
+            guard(old, None)  # before the ETag and the operators look at it
         _check_etag(old, if_match, f"document '{_show_id(doc_id)}'")
         probe, desc = updates.apply_update(old, spec, txn.now)
         if desc is None:
@@ -582,9 +586,9 @@ class EmbeddedEngine(Engine):
             old = txn.document(coll, doc_id)
             if old is None:
                 raise DocumentNotFound(coll, _show_id(doc_id))
-            _check_etag(old, if_match, f"document '{_show_id(doc_id)}'")
             if guard is not None:
                 guard(old, None)
+            _check_etag(old, if_match, f"document '{_show_id(doc_id)}'")
             txn.conn.execute("DELETE FROM documents WHERE coll=? AND key=?", (coll, _key(doc_id)))
             txn.emit(coll, "delete", doc_id)
 

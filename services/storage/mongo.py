@@ -656,6 +656,7 @@ class MongoEngine(Engine):
                     continue  # created meanwhile: check it as it is now
                 self._bump(coll)
                 return True, new
+            guard(old, None)
             _check_etag(old.get("_etag"), if_match, f"document '{doc_id}'")
             guard(old, new)
             try:
@@ -687,6 +688,8 @@ class MongoEngine(Engine):
                                      _with_etag(spec), upsert=True, return_document=ReturnDocument.AFTER)
                     self._bump(coll)
                     return True, new
+                if guard is not None:
+                    guard(old, None)  # before the ETag and the operators look at it
                 _check_etag(old.get("_etag"), if_match, f"document '{doc_id}'")
                 after, desc = updates.apply_update(old, spec, _now())
                 if desc is None:
@@ -714,8 +717,8 @@ class MongoEngine(Engine):
                 old = self._call(self.db[coll].find_one, {"_id": doc_id})
                 if old is None:
                     raise DocumentNotFound(coll, str(doc_id))
-                _check_etag(old.get("_etag"), if_match, f"document '{doc_id}'")
                 guard(old, None)
+                _check_etag(old.get("_etag"), if_match, f"document '{doc_id}'")
                 if self._call(self.db[coll].delete_one, {"_id": doc_id, "_etag": old.get("_etag")}).deleted_count:
                     self._bump(coll)
                     return
