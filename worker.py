@@ -11,11 +11,15 @@ WebSocket. Until then any error is an ordinary HTTP response.
 from __future__ import annotations
 
 import re
+import time
 
 import gevent
 from gevent import pywsgi
 from geventwebsocket.handler import WebSocketHandler
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
+from werkzeug.exceptions import ClientDisconnected
+
+from services import config as _settings
 
 # `access%5Ftoken` is `access_token` to the app too, so the encoded name is hidden as well.
 _SECRET_PARAMS = re.compile(r"(?i)((?:^|[?&;])(?:access|%61ccess)?(?:_|%5f)?(?:token|%74oken)=)[^&;\s'\"]*")
@@ -29,14 +33,55 @@ def scrub(text: str) -> str:
 
 
 KEEPALIVE_SECONDS = 5.0
+_CONF = _settings.load()
 # A client has this long to send its request line and headers. Each read may wait
 # KEEPALIVE_SECONDS, so without an overall deadline a client sending one byte every few
 # seconds ("slowloris") would hold its connection for as long as it likes.
-REQUEST_HEAD_SECONDS = 10.0
+REQUEST_HEAD_SECONDS = _CONF["REQUEST_HEAD_SECONDS"]
+# ... and this long, from the end of the head, to send its body (16 MiB at most, see
+# MAX_CONTENT_LENGTH): a body sent a byte at a time would otherwise hold the request.
+REQUEST_BODY_SECONDS = _CONF["REQUEST_BODY_SECONDS"]
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110 §5.1)
+_DIGITS = re.compile(r"[0-9]+")
 
 
-class _SlowRequest(Exception):
-    """The request head did not arrive within REQUEST_HEAD_SECONDS."""
+class _SlowRequest(BaseException):
+    """The request head (or body) did not arrive in time. A BaseException, like the
+    gevent.Timeout that raises it, so that pywsgi's handling of client errors, which would
+    log a traceback, lets it through to Handler.handle_one_request."""
+
+
+class _DeadlineInput:
+    """`wsgi.input` that must be read before a deadline; a read past it is a 400."""
+
+    def __init__(self, inner, deadline: float):
+        self._inner, self._deadline = inner, deadline
+
+    def _timed(self, fn, *args):
+        left = self._deadline - time.monotonic()
+        if left > 0:
+            try:
+                with gevent.Timeout(left, _SlowRequest):
+                    return fn(*args)
+            except _SlowRequest:
+                pass
+        raise ClientDisconnected(f"the request body did not arrive within {REQUEST_BODY_SECONDS:.0f} s")
+
+    def read(self, *args):
+        return self._timed(self._inner.read, *args)
+
+    def readline(self, *args):
+        return self._timed(self._inner.readline, *args)
+
+    def readlines(self, *args):
+        return self._timed(self._inner.readlines, *args)
+
+    def __iter__(self):
+        while True:
+            line = self.readline()
+            if not line:
+                return
+            yield line
 
 
 class Handler(WebSocketHandler, PyWSGIHandler):
@@ -63,17 +108,29 @@ class Handler(WebSocketHandler, PyWSGIHandler):
         message = super().MessageClass(*args)
         # the framing headers as sent: pywsgi drops Content-Length when it sees chunked
         self._framing = (message.get_all("content-length") or [], message.get_all("transfer-encoding") or [])
+        self._bad_names = [name for name in message.keys() if not _TOKEN.fullmatch(name)]
+        if getattr(message, "defects", None):  # e.g. a line that is no "name: value" header
+            self._bad_names.append(type(message.defects[0]).__name__)
         return message
 
     def read_request(self, raw_requestline):
         """Parse the head, then refuse ambiguous framing: a front proxy and this server
         could read the body's length differently (request smuggling)."""
-        self._framing = ([], [])
+        self._framing, self._bad_names = ([], []), []
         try:
             result = super().read_request(raw_requestline)
+        except ValueError:
+            if any(not _DIGITS.fullmatch(v.strip()) for v in self._framing[0]):
+                raise ValueError("Content-Length must be a whole number of digits") from None
+            raise
         finally:
             self._head_timer.cancel()  # the head is in (or refused): the deadline is met
+        if self._bad_names:
+            # 'Content-Length : 5' is no Content-Length here, but could be one to a proxy
+            raise ValueError(f"malformed header ({self._bad_names[0][:40]!r})")
         lengths, encodings = self._framing
+        if any(not _DIGITS.fullmatch(v.strip()) for v in lengths):
+            raise ValueError("Content-Length must be a whole number of digits")
         if len({v.strip() for v in lengths}) > 1:
             raise ValueError("several different Content-Length headers")
         if encodings and lengths:
@@ -103,6 +160,7 @@ class Handler(WebSocketHandler, PyWSGIHandler):
     def get_environ(self):
         env = super().get_environ()
         env["changefeed.handler"] = self  # streams write events to the socket directly
+        env["wsgi.input"] = _DeadlineInput(env["wsgi.input"], time.monotonic() + REQUEST_BODY_SECONDS)
         return env
 
     def run_application(self):

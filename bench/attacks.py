@@ -64,9 +64,9 @@ def _call(port: int, method: str, path: str, body=None, auth: tuple | None = ("a
     return status, (time.perf_counter() - t0) * 1000
 
 
-def _prober(port: int, seconds: float, out) -> None:
+def _prober(port: int, seconds: float, out, stop=None) -> None:
     lat, deadline = [], time.time() + seconds
-    while time.time() < deadline:
+    while time.time() < deadline and not (stop is not None and stop.is_set()):
         try:
             _, ms = _call(port, "GET", "/_health", auth=None, timeout=60)
         except OSError:
@@ -250,8 +250,89 @@ def scenario_bindings(data_root: str, n: int = 3000) -> dict:
         server.stop()
 
 
+def _peak_rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def scenario_far_resume(data_root: str, small: int = 20_000, large: int = 40, clients: int = 20) -> dict:
+    """`clients` SSE clients resume from before `small` small and `large` 4 MiB events and
+    read everything as fast as they can; a prober times /_health meanwhile."""
+    import selectors
+
+    server = Server(os.path.join(data_root, "far"))
+    try:
+        server.put("/far", {"streams": [{"uri": "all", "stages": []}]})
+        auth = ("admin", "secret")
+        # the token before everything: open a stream, take the id of a first event
+        _call(server.port, "POST", "/far", {"first": True}, auth)
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        s.sendall(b"GET /far/_streams/all HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\nAuthorization: Basic "
+                  + base64.b64encode(b"admin:secret") + b"\r\n\r\n")
+        _call(server.port, "POST", "/far", {"second": True}, auth)
+        data = b""
+        while b"id:" not in data:
+            data += s.recv(65536)
+        token = data.split(b"id:", 1)[1].split(b"\n", 1)[0].decode()
+        s.close()
+        for i in range(0, small, 1000):
+            _call(server.port, "POST", "/far", [{"n": j} for j in range(i, min(small, i + 1000))], auth, timeout=120)
+        big = "x" * (4 << 20)
+        for i in range(large):
+            _call(server.port, "POST", "/far", {"big": i, "payload": big}, auth, timeout=120)
+        _call(server.port, "POST", "/far", {"marker": "done"}, auth)
+        q: mp.Queue = mp.Queue()
+        stop = mp.Event()
+        probe = mp.Process(target=_prober, args=(server.port, 180.0, q, stop))
+        probe.start()
+        time.sleep(0.5)
+        sel = selectors.DefaultSelector()
+        t0 = time.perf_counter()
+        finished = {}
+        for i in range(clients):
+            c = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+            c.sendall(("GET /far/_streams/all HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
+                       f"Authorization: Basic {base64.b64encode(b'admin:secret').decode()}\r\n"
+                       f"Last-Event-ID: {token}\r\n\r\n").encode())
+            c.setblocking(False)
+            sel.register(c, selectors.EVENT_READ, {"tail": b"", "bytes": 0, "i": i})
+        deadline = time.time() + 120
+        while len(finished) < clients and time.time() < deadline:
+            for key, _ in sel.select(timeout=1):
+                try:
+                    part = key.fileobj.recv(1 << 20)
+                except BlockingIOError:
+                    continue
+                st = key.data
+                st["bytes"] += len(part)
+                window = st["tail"] + part
+                if b'"marker": "done"' in window or not part:
+                    finished[st["i"]] = time.perf_counter() - t0
+                    sel.unregister(key.fileobj)
+                    key.fileobj.close()
+                st["tail"] = window[-64:]
+        elapsed = time.perf_counter() - t0
+        for key in list(sel.get_map().values()):
+            key.fileobj.close()
+        stop.set()
+        lat = q.get(timeout=90)
+        probe.join(10)
+        status = server.get("/_status")
+        return {"small_events": small, "large_events": large, "clients": clients,
+                "clients_finished": len(finished), "seconds_to_last": round(elapsed, 1),
+                "health_p50_ms": _pct(lat, 0.5), "health_p99_ms": _pct(lat, 0.99),
+                "health_max_ms": round(max(lat), 1) if lat else None,
+                "worker_peak_rss_mb": round(_peak_rss_kb(server.worker_pid) / 1024),
+                "same_worker": status.get("pid") == server.worker_pid}
+    finally:
+        server.stop()
+
+
 SCENARIOS = {"ws-flood": scenario_ws_flood, "logins": scenario_logins, "anon-flood": scenario_anon_flood,
-             "bindings": scenario_bindings}
+             "bindings": scenario_bindings, "far-resume": scenario_far_resume}
 
 
 ROWS = [

@@ -113,7 +113,7 @@ def _prepared(coll: str, doc: dict, doc_id: Any = None) -> dict:
         _check_id(doc["_id"])
     doc = {k: v for k, v in doc.items() if k != "_etag"}
     if coll == auth.USERS:
-        doc = auth.prepare_user(doc, doc_id, keep_hashes=security.grant(coll).admin)
+        doc = auth.prepare_user(doc, doc_id, keep_hashes=security.grant(coll).admin, gate=security.bcrypt_gate())
     if coll == ACL:
         _validate_acl(doc)
     return doc
@@ -190,8 +190,9 @@ def get_document(coll: str, doc_id: str):
     grant = security.grant(coll)
     oid = _url_id(doc_id)
     doc = engine().get_document(coll, oid)
-    if grant.read_filter and not engine().find(coll, grant.restrict({"_id": oid}), [], {"_id": 1}, 0, 1):
-        # the permission's readFilter hides it: as absent as in GET /<coll>
+    if grant.read_filter and not query.matches(grant.read_filter, doc):
+        # the permission's readFilter hides it: as absent as in GET /<coll> (checked on the
+        # document itself, not by a second query, so the answer takes as long either way)
         raise DocumentNotFound(coll, str(oid))
     headers = _etag(doc)
     if request.headers.get("If-None-Match", "").strip('"') == headers.get("ETag"):
@@ -232,7 +233,7 @@ def _update_spec(coll: str, body: dict, grant: Grant) -> dict:
             if op != "$set" or not isinstance(fields.get("password"), str):
                 raise BadRequest("a user's password can only be set to a new string")
             fields["password"] = auth.prepare_user({"_id": "x", "password": fields["password"]},
-                                                   keep_hashes=grant.admin)["password"]
+                                                   keep_hashes=grant.admin, gate=security.bcrypt_gate())["password"]
         if coll == auth.USERS and op == "$rename" and isinstance(fields, dict) and any(
             isinstance(to, str) and to.startswith("password") for to in fields.values()
         ):
@@ -266,7 +267,7 @@ def update_document(coll: str, doc_id: str):
             guard=grant.write_guard(coll),
         )
     except updates.UpdateError as exc:
-        raise BadRequest(str(exc)) from None
+        raise BadRequest(grant.redact(str(exc))) from None
     return json_response({"_id": stored["_id"]}, status=201 if created else 200, headers=_etag(stored))
 
 
@@ -320,7 +321,7 @@ def bulk_update(coll: str):
     try:
         matched, modified = engine().update_many(coll, filter_, spec, grant.write_guard(coll))
     except updates.UpdateError as exc:
-        raise BadRequest(str(exc)) from None
+        raise BadRequest(grant.redact(str(exc))) from None
     return json_response({"inserted": 0, "deleted": 0, "modified": modified, "matched": matched})
 
 

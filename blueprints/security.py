@@ -130,6 +130,13 @@ def _basic(auth: Any) -> dict:
     return user
 
 
+def bcrypt_gate():
+    """For hashing a new password: bounded like login checks, per client address."""
+    throttle: FailureThrottle = current_app.extensions["changefeed.login_throttle"]
+    address = client_address()
+    return lambda: throttle.busy(address)
+
+
 def _credentials(is_stream: bool) -> tuple[dict | None, str, int | None]:
     """Return (user or None, how, token expiry); raise 401 for wrong credentials."""
     header = request.headers.get("Authorization", "")
@@ -161,7 +168,8 @@ def _credentials(is_stream: bool) -> tuple[dict | None, str, int | None]:
 
 def request_info(user: dict | None) -> acl.RequestInfo:
     return acl.RequestInfo(method=request.method, path=canonical_path() or request.environ.get(RAW_PATH, "/"),
-                           query={k: v for k, v in request.args.lists()}, user=user, body=_json_body())
+                           query={k: v for k, v in request.args.lists()}, user=user,
+                           body=acl.LazyBody(_json_body))
 
 
 def _json_body() -> Any:

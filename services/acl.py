@@ -1,7 +1,8 @@
 """Access control: ACL documents, the RESTHeart/Undertow predicate language, the decision.
 
-Standard library only, besides services.paths and (for the ``mongo`` object of ACL
-documents) services.permissions. The pieces:
+Standard library only, besides services.paths, RE2 for ``regex()`` (matching in linear
+time: the matched text is the client's) and, for the ``mongo`` object of ACL documents,
+services.permissions. The pieces:
 
 * ``normalize_path`` (services.paths) turns the raw, percent-encoded request path into the
   one path every rule is matched against and the router routes on: decoded once, ``//``
@@ -81,6 +82,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import re2
+
 from .paths import normalize_path
 
 log = logging.getLogger(__name__)
@@ -118,8 +121,30 @@ class RequestInfo:
     query: dict  # dict[str, list[str]], decoded
     user: dict | None = None  # authenticated user document without password, or None
     # the parsed JSON request body (a dict, or a list of dicts for a bulk POST); None when the
-    # request has no JSON body or it could not be parsed. Keep it last: callers pass it by name.
+    # request has no JSON body or it could not be parsed; or a LazyBody that reads it only
+    # when a body predicate needs it. Keep it last: callers pass it by name.
     body: Any = None
+
+
+class LazyBody:
+    """A request body that is read and parsed only if a body predicate asks for it, so that
+    a request no body predicate concerns (most, and every anonymous one a rule refuses
+    without looking at its body) is decided before its body is read."""
+
+    __slots__ = ("_load", "_value", "_loaded")
+
+    def __init__(self, load: Any):
+        self._load, self._value, self._loaded = load, None, False
+
+    def get(self) -> Any:
+        if not self._loaded:
+            self._value, self._loaded = self._load(), True
+        return self._value
+
+
+def _body_of(req: RequestInfo) -> Any:
+    body = req.body
+    return body.get() if isinstance(body, LazyBody) else body
 
 
 # --------------------------------------------------------------------------- paths
@@ -245,7 +270,7 @@ def _lookup(var: _Var, ctx: _Ctx) -> Any:
             return values[0] if values else _MISSING
         return _MISSING if values is None else values
     if var.kind == "body":
-        body = ctx.req.body
+        body = _body_of(ctx.req)
         if not isinstance(body, dict):  # no body, or a bulk list: which element would it be?
             return _MISSING
         v = _written(body, var.name)
@@ -650,19 +675,33 @@ class _MethodFn(Predicate):
         return f"Method({sorted(self.methods)})"
 
 
+def _linear_regex(pattern: str, case_sensitive: bool) -> Any:
+    """RE2, whose matching time is linear: the text matched (path, query, body values) is the
+    client's, and a backtracking engine lets one crafted request hold the worker for good."""
+    options = re2.Options()
+    options.log_errors = False
+    options.case_sensitive = case_sensitive
+    return re2.compile(pattern, options=options)
+
+
 class _RegexFn(Predicate):
     def __init__(self, pattern: _Template, value: _Template | None, full: bool, case_sensitive: bool):
         self.pattern = pattern
         self.value = value
         self.full = full
-        self.flags = 0 if case_sensitive else re.IGNORECASE
+        self.case_sensitive = case_sensitive
         lit = pattern.literal
         self.compiled = None
         if lit is not None:
             try:
-                self.compiled = re.compile(lit, self.flags)
+                re.compile(lit)  # the syntax error Python would give, if any, is the clearer one
             except re.error as e:
                 raise PredicateError(f"invalid regex {lit!r}: {e} at {pattern.pos}") from None
+            try:
+                self.compiled = _linear_regex(lit, case_sensitive)
+            except re2.error:
+                raise PredicateError(f"regex {lit!r} needs backtracking (backreferences or lookaround), which "
+                                     f"is not supported: it could take exponential time at {pattern.pos}") from None
 
     def _eval(self, ctx):
         value = ctx.path if self.value is None else _resolve_str(self.value, ctx)
@@ -674,8 +713,8 @@ class _RegexFn(Predicate):
             if pat is _MISSING:
                 return None
             try:
-                rx = re.compile(pat, self.flags)
-            except re.error:
+                rx = _linear_regex(pat, self.case_sensitive)
+            except re2.error:
                 return False
         return bool(rx.fullmatch(value) if self.full else rx.search(value))
 
@@ -852,7 +891,7 @@ class _BodyFn(Predicate):
             wanted = self._resolve_values(ctx)
             if wanted is _MISSING:
                 return None
-        docs = _body_docs(ctx.req.body)
+        docs = _body_docs(_body_of(ctx.req))
         if docs is _MISSING:
             return None
         if not docs:  # no body, or an empty bulk list

@@ -42,9 +42,12 @@ def check_password_length(password: str) -> None:
         raise BadRequest(f"a password can be at most {MAX_PASSWORD_BYTES} bytes long (bcrypt's limit)")
 
 
-def hash_password(password: str) -> str:
+def hash_password(password: str, gate: Callable[[], AbstractContextManager[Any]] = nullcontext) -> str:
+    """bcrypt hash of `password`; `gate()` is entered around the work (the login throttle's
+    bound on bcrypt work per client address: password changes cost what logins cost)."""
     check_password_length(password)
-    return blocking.run_cpu(bcrypt.hashpw, password.encode(), bcrypt.gensalt(BCRYPT_ROUNDS)).decode()
+    with gate():
+        return blocking.run_cpu(bcrypt.hashpw, password.encode(), bcrypt.gensalt(BCRYPT_ROUNDS)).decode()
 
 
 def _checkpw(password: bytes, hashed: bytes) -> bool:
@@ -55,7 +58,8 @@ def _checkpw(password: bytes, hashed: bytes) -> bool:
         return False
 
 
-def prepare_user(doc: dict, doc_id: Any = None, keep_hashes: bool = False) -> dict:
+def prepare_user(doc: dict, doc_id: Any = None, keep_hashes: bool = False,
+                 gate: Callable[[], AbstractContextManager[Any]] = nullcontext) -> dict:
     """Validate a user document written through /users and hash its password.
 
     With `keep_hashes` (an admin importing users) a value that is already a bcrypt hash is
@@ -70,7 +74,7 @@ def prepare_user(doc: dict, doc_id: Any = None, keep_hashes: bool = False) -> di
         if not isinstance(password, str) or not password:
             raise BadRequest("a user's password must be a non-empty string")
         if not (keep_hashes and password.startswith(("$2a$", "$2b$", "$2y$"))):
-            doc = {**doc, "password": hash_password(password)}
+            doc = {**doc, "password": hash_password(password, gate)}
     roles = doc.get("roles", [])
     if not isinstance(roles, list) or not all(isinstance(r, str) and r for r in roles):
         raise BadRequest("a user's roles must be an array of non-empty strings")

@@ -137,6 +137,8 @@ SETTINGS: dict[str, tuple[Callable[[str], Any], str, str]] = {
     "STREAM_MAX_PER_ADDRESS": (_int(1, 10_000_000), "200", "open anonymous streams per client address, per worker"),
     "STREAM_MAX_WATCHERS": (_int(1, 10_000_000), "5000", "distinct stream keys (watchers) per worker"),
     "WS_MAX_MESSAGE_BYTES": (_int(126, 1 << 30), "65536", "largest WebSocket message a client may send"),
+    "REQUEST_HEAD_SECONDS": (_float(0.5, 3600), "10", "time a client has to send its request line and headers"),
+    "REQUEST_BODY_SECONDS": (_float(0.5, 3600), "60", "time a client has to send its request body"),
 }
 
 

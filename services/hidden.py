@@ -320,9 +320,15 @@ def _refuse(where: str, construct: str, reason: str) -> Forbidden:
                      % (where, construct, reason))
 
 
-def _walk(where: str, check_path: Callable[[str], None], query: Any = None, expression: Any = None) -> None:
+def _walk(where: str, check_path: Callable[[str], None], query: Any = None, expression: Any = None,
+          check_container: Callable[[str], None] | None = None) -> None:
     """Check every path a query (and/or an aggregation expression) reads with ``check_path``;
     raise Forbidden for constructs that read fields without naming them.
+
+    A field only looked into (``$elemMatch`` with a query document) is not read whole, but
+    ``check_container`` still refuses it when nothing in it is visible: even an empty
+    condition on its elements (``{"$elemMatch": {"$and": [{}]}}``) tells whether it is a
+    non-empty array.
 
     Iterative: the stack holds (kind, node, prefix) with kind "q" (query document), "o"
     (operator document of the field ``prefix``) or "e" (aggregation expression).
@@ -357,6 +363,8 @@ def _walk(where: str, check_path: Callable[[str], None], query: Any = None, expr
                 if isinstance(value, dict) and any(isinstance(k, str) and k.startswith("$") for k in value):
                     if not _descends_only(value):
                         check_path(path)
+                    elif check_container is not None:
+                        check_container(path)
                     stack.append(("o", value, path))
                 else:  # equality with a literal reads the field as a whole
                     check_path(path)
@@ -421,6 +429,39 @@ def _event_field(path: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------------
 
 _OVERWRITING = frozenset({"$set", "$setOnInsert", "$unset", "$currentDate"})
+
+
+def project(doc: dict, projection: dict) -> dict:
+    """A client's ``keys`` projection (validated by services.query.parse_keys), with the same
+    MongoDB semantics as projectResponse: through arrays, scalars dropped by an inclusion;
+    ``_id`` kept unless ``{"_id": 0}``."""
+    fields = {k: v for k, v in projection.items() if k != "_id"}
+    keep_id = bool(projection.get("_id", 1))
+    if not fields:
+        out = {"_id": _copy(doc["_id"])} if keep_id and "_id" in doc else {}
+        if not keep_id and projection:
+            out = {k: _copy(v) for k, v in doc.items() if k != "_id"}
+        return out
+    tree = _tree(tuple(k.split(".")) for k in fields)
+    if next(iter(fields.values())):
+        out = {}
+        for key, value in doc.items():
+            if key == "_id":
+                if keep_id:
+                    out[key] = _copy(value)
+                continue
+            sub = tree.get(key) if isinstance(key, str) else None
+            if sub is True:
+                out[key] = _copy(value)
+            elif sub is not None:
+                kept = _include(value, sub)
+                if kept is not _DROP:
+                    out[key] = kept
+        return out
+    out = _exclude(doc, tree)
+    if not keep_id:
+        out.pop("_id", None)
+    return out
 
 
 class Visibility:
@@ -651,7 +692,8 @@ class Visibility:
         arguments are literals.
         """
         if flt:
-            _walk(where, lambda path: self._check(path, where), query=flt)
+            _walk(where, lambda path: self._check(path, where), query=flt,
+                  check_container=lambda path: self._check_container(path, where))
 
     def check_expression(self, expression: Any, where: str = "expression") -> None:
         """Raise Forbidden if the aggregation expression reads hidden data.
@@ -687,14 +729,20 @@ class Visibility:
                         self._check_overwrite(target, f"{where} ($rename target)")
 
     def _check_overwrite(self, path: str, where: str) -> None:
-        segments = _segments(path)
-        if segments is None:
+        if _segments(path) is None:
             raise Forbidden("%s: invalid field path '%s'" % (where, path))
-        for i in range(1, len(segments)):
-            inside = ".".join(segments[:i])
+        # every proper prefix as written: 'secret.0' writes into 'secret' (an array index is
+        # still inside it), so the index must not be skipped here
+        parts = path.split(".")
+        for i in range(1, len(parts)):
+            inside = ".".join(parts[:i])
             if self._entirely_hidden(inside):
                 raise Forbidden("%s: the field '%s' is hidden by your permission; it can be replaced "
                                 "as a whole but not written into" % (where, inside))
+
+    def _check_container(self, path: str, where: str) -> None:
+        if self._entirely_hidden(path):
+            raise Forbidden("%s: the field '%s' is hidden by your permission" % (where, path))
 
     def check_sort(self, sort: Iterable[Any] | dict | None, where: str = "sort") -> None:
         """Raise Forbidden if a sort key is hidden or holds hidden data (``(path, direction)``
@@ -737,8 +785,13 @@ class Visibility:
                     if kind == "doc":
                         self._check(detail, here, shown=path)
 
+                def container(path: str, here: str = here) -> None:
+                    kind, detail = _event_field(path)
+                    if kind == "whole" or (kind == "doc" and self._entirely_hidden(detail)):
+                        raise Forbidden("%s: the field '%s' is hidden by your permission" % (here, path))
+
                 if name == "$match":
-                    _walk(here, check, query=arg)
+                    _walk(here, check, query=arg, check_container=container)
                 elif name in ("$project", "$addFields", "$set"):
                     values = list(arg.values()) if isinstance(arg, dict) else arg
                     _walk(here, check, expression=values)

@@ -32,6 +32,7 @@ from typing import Any
 
 import gevent
 import gevent.event
+import gevent.lock
 from bson import json_util
 
 from . import pipeline as pipelines
@@ -45,6 +46,12 @@ RELAXED = json_util.RELAXED_JSON_OPTIONS
 # Event fields that are the driver's or the server's, not the user's (issue 3, item 2).
 _COALESCE_MAX = 500  # events a watcher sends to a client in one write, at most
 OVERFLOW_GRACE_SECONDS = 10.0  # an overflowed client's last chance to take its end frame
+# A resume from far back goes out in batches of at most this many events or bytes, and at
+# most CATCH_UP_CONCURRENCY clients of a worker read and encode a batch at the same time.
+CATCH_UP_BATCH_EVENTS = 500
+CATCH_UP_BATCH_BYTES = 1 << 20
+CATCH_UP_YIELD_BYTES = 256 << 10
+CATCH_UP_CONCURRENCY = 4
 _INTERNAL_FIELDS = ("_id", "ns", "clusterTime", "txnNumber", "lsid", "collectionUUID")
 
 
@@ -473,14 +480,23 @@ class Subscription:
             return
         try:
             while stream.position < upto and client.ended is None:
-                batch = []
-                while len(batch) < 500:
-                    change = stream.try_next(timeout=0)
-                    if change is None or change.position > upto:
-                        break
-                    batch.append(encode(change, watcher.visibility))
-                    if stream.position >= upto:
-                        break
+                batch: list[Delivery | Control] = []
+                size = 0
+                # Reading and encoding take turns among clients (CATCH_UP_CONCURRENCY at a
+                # time, one batch each): many clients resuming from far back cannot each hold
+                # a batch's memory at once, nor the loop; sending is not under the lock.
+                with self.hub.catch_ups:
+                    while len(batch) < CATCH_UP_BATCH_EVENTS and size < CATCH_UP_BATCH_BYTES:
+                        change = stream.try_next(timeout=0)
+                        if change is None or change.position > upto:
+                            break
+                        item = encode(change, watcher.visibility)
+                        batch.append(item)
+                        size += len(item.sse)
+                        if stream.position >= upto:
+                            break
+                        if size >= CATCH_UP_YIELD_BYTES:
+                            gevent.sleep(0)  # a large event took a while: let others run
                 if batch:
                     yield batch
                     gevent.sleep(0)  # a resume from far back must not hold the other clients
@@ -513,6 +529,7 @@ class Hub:
         self.max_watchers = config["STREAM_MAX_WATCHERS"]
         self.watchers: dict[tuple, Watcher] = {}
         self.open_by_owner: dict[Any, int] = {}
+        self.catch_ups = gevent.lock.BoundedSemaphore(CATCH_UP_CONCURRENCY)
         self.closing = False
         engine.on_meta_change(self._on_meta_change)
 

@@ -32,6 +32,7 @@ value the caller does not have refuses the request (403) rather than lose a cond
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,8 @@ from .errors import BadRequest, DocumentNotFound, Forbidden
 from .hidden import Visibility, validate_projection
 
 USERS = "users"
+_ELEMENT = re.compile(r"\{.*\}", re.S)
+_NUMBER_VALUE = re.compile(r"\(Number\w+\)\S+")
 ALWAYS_HIDDEN = {USERS: ("password",)}
 BOOLEAN_KEYS = ("allowManagementRequests", "allowBulkPatch", "allowBulkDelete", "allowWriteMode")
 FILTER_KEYS = ("readFilter", "writeFilter")
@@ -223,6 +226,13 @@ class Grant:
         if not self.read_filter:
             return flt or {}
         return {"$and": [self.read_filter, flt]} if flt else self.read_filter
+
+    def redact(self, message: str) -> str:
+        """An update error's message without the stored values it quotes (`in element {...}`,
+        `(NumberLong)5`) when the caller's permission hides fields: they may hold them."""
+        if self.visibility is None:
+            return message
+        return _NUMBER_VALUE.sub("(...)", _ELEMENT.sub("{...}", message))
 
     def check_update(self, spec: dict) -> None:
         """403 for an operator update that would read a hidden field (services.hidden)."""

@@ -15,9 +15,8 @@ from typing import Any
 
 from bson import json_util
 from mongomock import filtering
-from mongomock.collection import _combine_projection_spec, _project_by_spec
 
-from . import linear_regex
+from . import hidden, linear_regex
 from .errors import BadRequest
 
 linear_regex.apply()  # $regex is matched by RE2: no pattern can make a query take exponential time
@@ -174,11 +173,19 @@ def parse_keys(values: list[str]) -> dict | None:
     for raw in values:
         spec = loads_json(raw, "keys")
         if not isinstance(spec, dict):
-            raise BadRequest(f"illegal keys parameter, it is not a json object: {raw}")
+            raise BadRequest(f"illegal keys parameter, it is not a json object: {shown(raw)}")
         for key, flag in spec.items():
             if flag not in (0, 1, True, False):
                 raise BadRequest(f"illegal keys parameter: {key!r} must be 0 or 1")
-            projection[_field_name(key, "keys")] = int(flag)
+            name = _field_name(key, "keys")
+            if any(part.startswith("$") or part.isdigit() for part in name.split(".")):
+                raise BadRequest(f"illegal keys parameter: {key!r}: positional ($) and array index paths "
+                                 "are not supported in keys")
+            projection[name] = int(flag)
+    names = sorted(projection)
+    for a, b in zip(names, names[1:]):
+        if b.startswith(a + "."):
+            raise BadRequest(f"illegal keys parameter: path collision at {b!r} ({a!r} is already projected)")
     flags = {v for k, v in projection.items() if k != "_id"}
     if len(flags) > 1:
         raise BadRequest("illegal keys parameter: cannot mix inclusion and exclusion")
@@ -212,21 +219,7 @@ def project(doc: dict, projection: dict | None) -> dict:
     """Apply an inclusion or exclusion projection; `_id` is kept unless excluded."""
     if not projection:
         return doc
-    spec = dict(projection)
-    include_id = spec.pop("_id", 1)
-    if not spec:
-        out = dict(doc)
-        if not include_id:
-            out.pop("_id", None)
-        return out
-    is_include = bool(next(iter(spec.values())))
-    combined = _combine_projection_spec(spec)
-    out = _project_by_spec(doc, combined, is_include, dict)
-    if is_include and include_id and "_id" in doc:
-        out = {"_id": doc["_id"], **out}
-    if not include_id:
-        out.pop("_id", None)
-    return out
+    return hidden.project(doc, projection)
 
 
 def run_query(
@@ -244,7 +237,10 @@ def run_query(
     except Exception as exc:
         raise BadRequest(f"cannot run the query: {_reason(exc)}") from None
     page = selected[skip : skip + limit] if limit else selected[skip:]
-    return [project(d, projection) for d in page]
+    try:
+        return [project(d, projection) for d in page]
+    except Exception as exc:  # noqa: BLE001 - mongomock's projector on shapes it does not expect
+        raise BadRequest(f"cannot apply the keys projection: {_reason(exc)}") from None
 
 
 def compact_json(value: Any) -> str:

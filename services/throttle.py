@@ -71,25 +71,29 @@ class FailureThrottle:
         if wait is not None:
             raise TooManyRequests("too many failed logins for this user from this address; "
                                   f"try again in {max(1, round(wait))} s", retry_after=wait)
-        address = key[0]
+        with self.busy(key[0]):
+            self._pending[key] = self._pending.get(key, 0) + 1
+            try:
+                yield
+            finally:
+                _decrement(self._pending, key)
+
+    @contextmanager
+    def busy(self, address: Hashable) -> Iterator[None]:
+        """Around any bcrypt work done for `address` (a login, hashing a new password); 429
+        when that address, or the worker, already has its share in progress."""
         if self._by_address.get(address, 0) >= self.max_checks_per_address:
-            raise TooManyRequests("too many logins in progress from this address; try again shortly",
+            raise TooManyRequests("too many password checks in progress from this address; try again shortly",
                                   retry_after=1)
         if self._checks >= self.max_checks:
-            raise TooManyRequests("too many logins in progress; try again shortly", retry_after=1)
-        self._pending[key] = self._pending.get(key, 0) + 1
+            raise TooManyRequests("too many password checks in progress; try again shortly", retry_after=1)
         self._by_address[address] = self._by_address.get(address, 0) + 1
         self._checks += 1
         try:
             yield
         finally:
             self._checks -= 1
-            for table, k in ((self._pending, key), (self._by_address, address)):
-                left = table.get(k, 1) - 1
-                if left > 0:
-                    table[k] = left
-                else:
-                    table.pop(k, None)
+            _decrement(self._by_address, address)
 
     def failed(self, key: Hashable) -> None:
         now = self.clock()
@@ -108,3 +112,11 @@ class FailureThrottle:
             self._recent(key, now)
         while len(self._failures) >= self.max_keys:
             del self._failures[next(iter(self._failures))]
+
+
+def _decrement(table: dict, key: Hashable) -> None:
+    left = table.get(key, 1) - 1
+    if left > 0:
+        table[key] = left
+    else:
+        table.pop(key, None)

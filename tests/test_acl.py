@@ -422,3 +422,14 @@ def test_decide_rule_for_other_role_does_not_apply():
 def test_decide_options_and_bad_path():
     assert decide(PERMS, [], req("OPTIONS", "/acl")).allowed
     assert not decide(PERMS, ["user"], req("GET", "/messages%2f_streams", BOB)).allowed
+
+
+def test_regex_predicates_run_in_linear_time_and_refuse_backtracking_patterns():
+    """`^/docs/([a-z0-9]+/?)*$` against a crafted path held a worker 30 s on Python's re."""
+    pred = parse_predicate("regex(pattern='^/docs/([a-z0-9]+/?)*$', full-match=true)")
+    path = "/docs/" + "a" * 5000 + "!"
+    assert pred.matches(RequestInfo("GET", path, {}, None), path) is False  # at once, not 2^5000 steps
+    assert pred.matches(RequestInfo("GET", "/docs/a/b", {}, None), "/docs/a/b") is True
+    for pattern in ("(a)\\\\1", "a(?=b)"):
+        with pytest.raises(PredicateError, match="backtracking"):
+            parse_predicate(f"regex(pattern='{pattern}')")

@@ -516,7 +516,32 @@ def test_stream_that_falls_behind_the_window_reports_history_lost(tmp_path):
             with pytest.raises(HistoryLost):
                 fresh.watch("c", None, resume_after=early)
             with pytest.raises(HistoryLost):
-                fresh.read_batch("c", engine.position(early), 10_000)
+                fresh.read_batch("c", engine.position(early), 10_000)[0]
+        finally:
+            fresh.close()
+    finally:
+        engine.close()
+
+
+def test_catch_up_from_the_table_is_read_in_byte_bounded_batches_and_loses_nothing(tmp_path):
+    engine = EmbeddedEngine(str(tmp_path / "data"))
+    try:
+        engine.put_collection("c", {})
+        engine.put_collection("other", {})
+        start = engine.current_token()
+        big = "x" * (512 << 10)
+        for i in range(30):  # 15 MiB of events, interleaved with another collection's
+            engine.insert_documents("c", [{"_id": i, "big": big}])
+            engine.insert_documents("other", [{"_id": i}])
+        fresh = EmbeddedEngine(str(tmp_path / "data"))  # its feed starts after all of them
+        try:
+            rows, complete = fresh.read_batch("c", engine.position(start), 10_000)
+            assert 1 <= len(rows) < 30 and not complete  # cut by bytes, and says so
+            stream = fresh.watch("c", None, resume_after=start)
+            seen = []
+            while (change := stream.try_next(timeout=0)) is not None:
+                seen.append(change.event["documentKey"]["_id"])
+            assert seen == list(range(30))
         finally:
             fresh.close()
     finally:

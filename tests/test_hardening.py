@@ -369,3 +369,16 @@ def test_password_checks_are_bounded_per_address_and_in_all():
                     pass
     with throttle.checking(("a", "u3")):
         pass
+
+
+@pytest.mark.parametrize("keys, status", [
+    ({"arr.$": 1}, 400), ({"arr.0": 1}, 400), ({"arr": 1, "arr.0": 1}, 400), ({"text": 1, "text.a": 1}, 400),
+    ({"_id": 1}, 200), ({"arr.x": 1}, 200),
+])
+def test_keys_projections_never_500(client, keys, status):
+    client.put("/things", json={})
+    client.post("/things", json={"_id": "t", "arr": [1, {"x": 2}], "text": "a"})
+    r = client.get("/things", query_string={"keys": json.dumps(keys)})
+    assert r.status_code == status, r.get_data(as_text=True)
+    if keys == {"_id": 1}:
+        assert r.get_json() == [{"_id": "t"}]

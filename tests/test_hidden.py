@@ -850,3 +850,23 @@ def test_property_filters_naming_hidden_fields_are_refused(case):
             vis.check_filter(flt)
     else:
         vis.check_filter(flt)
+
+
+def test_elem_match_on_an_entirely_hidden_field_is_refused():
+    """Even an empty condition on the elements tells whether the field is a non-empty array."""
+    vis = Visibility.of({"secret": 0, "items.pin": 0})
+    for flt in ({"secret": {"$elemMatch": {"$and": [{}]}}}, {"secret": {"$elemMatch": {"x": 1}}},
+                {"secret": {"$all": [{"$elemMatch": {"a": 1}}]}}):
+        with pytest.raises(Forbidden):
+            vis.check_filter(flt)
+    vis.check_filter({"items": {"$elemMatch": {"name": "x"}}})  # items is visible but for items.pin
+    with pytest.raises(Forbidden):
+        vis.check_stages([{"$match": {"fullDocument.secret": {"$elemMatch": {"$and": [{}]}}}}])
+
+
+@pytest.mark.parametrize("spec", [{"$set": {"secret.0": "x"}}, {"$currentDate": {"secret.0": True}},
+                                  {"$set": {"secret.00": 1}}, {"$rename": {"title": "secret.0"}},
+                                  {"$unset": {"secret.1": 1}}])
+def test_array_indexes_inside_a_hidden_field_are_writes_into_it(spec):
+    with pytest.raises(Forbidden):
+        Visibility.of({"secret": 0}).check_update(spec)

@@ -414,3 +414,39 @@ def test_a_request_head_sent_byte_by_byte_is_cut_off(live):
     s.close()
     assert closed  # within the head deadline (plus a read timeout), not held for good
     assert requests.get(f"{live.url}/_health", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize("head", [
+    "Content-Length : 5\r\n",  # no Content-Length to us, perhaps one to a proxy
+    "Content-Length: +5\r\n",
+    "Transfer-Encoding : chunked\r\nContent-Length: 5\r\n",
+])
+def test_header_names_and_lengths_a_proxy_could_read_otherwise_are_refused(live, head):
+    status, _ = raw_request(live.port, f"POST /messages HTTP/1.1\r\nHost: x\r\n{head}Connection: close\r\n\r\n",
+                            b"{}\r\n\r\n")
+    assert status == 400
+
+
+def test_a_body_sent_byte_by_byte_is_cut_off(live_factory):
+    server = live_factory(REQUEST_BODY_SECONDS=2)
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    auth = base64.b64encode(b"admin:secret")
+    s.sendall(b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Basic "
+              + auth + b"\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n{")
+    answer = b""
+    for _ in range(20):
+        try:
+            s.sendall(b" ")
+            s.settimeout(1)
+            part = s.recv(4096)
+            if not part:
+                break
+            answer += part
+            if b"\r\n\r\n" in answer:
+                break
+        except socket.timeout:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    s.close()
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 _CANONICAL = json_util.CANONICAL_JSON_OPTIONS
 _FEED_ROWS = 20_000  # rows each process keeps in memory for its streams
 _DB_BATCH = 1_000
+_DB_BATCH_BYTES = 8 << 20
 _TAIL_BATCH = 5_000
 _POOL_MAX = 12  # SQLite connections per process (gevent's threadpool runs 10 calls at once)
 _PRUNE_EVERY_SECONDS = 30.0
@@ -671,22 +672,34 @@ class EmbeddedEngine(Engine):
             raise HistoryLost("the resume token is older than the retained change history")
         return _EmbeddedStream(self, coll, pipeline, seq)
 
-    def read_batch(self, coll: str, after: int, upto: int) -> list[_Row]:
-        """Rows of `coll` in (after, upto], from the table; :raise HistoryLost: if pruned."""
+    def read_batch(self, coll: str, after: int, upto: int) -> tuple[list[_Row], bool]:
+        """Rows of `coll` in (after, upto], from the table, and whether they are all of them;
+        :raise HistoryLost: if pruned.
 
-        def run(conn: sqlite3.Connection) -> tuple[int, list[_Row]]:
+        At most _DB_BATCH rows or _DB_BATCH_BYTES of events (and at least one row), so that
+        a stream catching up over large documents holds a bounded amount of memory.
+        """
+
+        def run(conn: sqlite3.Connection) -> tuple[int, list[_Row], bool]:
             pruned = int(conn.execute("SELECT value FROM meta WHERE key='pruned_through'").fetchone()[0])
             cur = conn.execute(
                 "SELECT seq, coll, kind, event FROM changes WHERE coll=? AND seq > ? AND seq <= ? "
                 "ORDER BY seq LIMIT ?",
                 (coll, after, upto, _DB_BATCH),
             )
-            return pruned, [_Row(*r) for r in cur.fetchall()]
+            rows, size, cut = [], 0, False
+            for r in cur:
+                rows.append(_Row(*r))
+                size += len(r[3])
+                if size >= _DB_BATCH_BYTES:
+                    cut = True
+                    break
+            return pruned, rows, not cut and len(rows) < _DB_BATCH
 
-        pruned, rows = self._run(run)
+        pruned, rows, complete = self._run(run)
         if after < pruned:
             raise HistoryLost("the stream fell behind the retained change history")
-        return rows
+        return rows, complete
 
 
 class _EmbeddedStream(ChangeStream):
@@ -712,8 +725,8 @@ class _EmbeddedStream(ChangeStream):
             return self._backlog.pop(0)
         feed = self.engine._feed
         if self._pos < feed.start_seq:
-            rows = self.engine.read_batch(self.coll, self._pos, feed.start_seq)
-            if len(rows) < _DB_BATCH:
+            rows, complete = self.engine.read_batch(self.coll, self._pos, feed.start_seq)
+            if complete:
                 rows.append(_Row(feed.start_seq, "", "skip", ""))  # advance to the feed's window
             self._backlog = rows
             return self._backlog.pop(0)
