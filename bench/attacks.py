@@ -372,6 +372,12 @@ def report(results: dict) -> str:
         cell(lb, "bindings", lambda d: (", ".join(f"{v} x {k}" for k, v in d["answers"].items())
                                          + f"; {d['watchers']} watchers; {round(d['idle_cpu_share'] * 100)} % of a core"))
         for lb in labels) + " |\n")
+    out.append("| 20 clients resume over 20,000 small + 40 x 4 MiB events: `/_health` p50 / p99 / max, "
+               "worker peak RSS, same worker | " + " | ".join(
+                   cell(lb, "far-resume", lambda d: (f"{d['health_p50_ms']} / {d['health_p99_ms']} / "
+                                                     f"{d['health_max_ms']} ms, {d['worker_peak_rss_mb']} MB, "
+                                                     f"{'yes' if d['same_worker'] else 'no'}"))
+                   for lb in labels) + " |\n")
     for key, title in (("unknown_user_ms_median", "login, unknown user: median ms"),
                        ("wrong_password_ms_median", "login, wrong password: median ms"),
                        ("wrong_password_recent_user_ms_median", "login, wrong password of a remembered user: median ms"),

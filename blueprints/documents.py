@@ -63,6 +63,8 @@ def _check_id(doc_id: Any) -> Any:
     elif isinstance(doc_id, bool) or not isinstance(doc_id, (ObjectId, int)):
         raise BadRequest(f"an _id must be a string, an ObjectId or an integer, not {_type_name(doc_id)} "
                          "(a document with such an id could not be addressed by a URL)")
+    elif isinstance(doc_id, int):
+        return int(doc_id)  # 5 and {"$numberLong": "5"} are one _id, as in MongoDB
     return doc_id
 
 
@@ -110,7 +112,7 @@ def _prepared(coll: str, doc: dict, doc_id: Any = None) -> dict:
     # an ACL document's mongo object holds queries ($or, $in ...): validate_mongo checks it
     check_field_names({k: v for k, v in doc.items() if k != "mongo"} if coll == ACL else doc)
     if "_id" in doc:
-        _check_id(doc["_id"])
+        doc = {**doc, "_id": _check_id(doc["_id"])}
     doc = {k: v for k, v in doc.items() if k != "_etag"}
     if coll == auth.USERS:
         doc = auth.prepare_user(doc, doc_id, keep_hashes=security.grant(coll).admin, gate=security.bcrypt_gate())

@@ -148,6 +148,7 @@ def test_integer_ids_round_trip_with_id_type_number(client):
     assert r.headers["Location"] == "/things/42?id_type=NUMBER"
     assert client.get(r.headers["Location"]).get_json()["_id"] == 42
     assert_error(client.get("/things/42"), 404)  # the string "42"
+    assert_error(client.post("/things", json={"_id": {"$numberLong": "42"}}), 409)  # the same _id
     assert_error(client.get("/things/x", query_string={"id_type": "NUMBER"}), 400)
 
 
