@@ -102,20 +102,25 @@ def _url_id(segment: str) -> Any:
             number = int(text)
         except ValueError:
             raise BadRequest(f"id_type=NUMBER needs an integer, got '{query.shown(text, 40)}'") from None
-        return _check_id(number) if -(1 << 63) <= number < (1 << 63) else _check_id(None)
+        if not -(1 << 63) <= number < (1 << 63):
+            raise BadRequest("id_type=NUMBER needs an integer that fits in 64 bits")
+        return number
     if id_type != "STRING_OID":
         raise BadRequest(f"illegal id_type parameter: {query.shown(id_type, 40)}; use one of {', '.join(_ID_TYPES)}")
     return parse_id(text)
 
 
-def _prepared(coll: str, doc: dict, doc_id: Any = None) -> dict:
+def _prepared(coll: str, doc: dict, grant: Grant, doc_id: Any = None) -> dict:
+    """A document to write: the permission's mergeRequest merged in, then checked (field
+    names, id, users and ACL rules)."""
+    doc = grant.merged_document(doc)
     # an ACL document's mongo object holds queries ($or, $in ...): validate_mongo checks it
     check_field_names({k: v for k, v in doc.items() if k != "mongo"} if coll == ACL else doc)
     if "_id" in doc:
         doc = {**doc, "_id": _check_id(doc["_id"])}
     doc = {k: v for k, v in doc.items() if k != "_etag"}
     if coll == auth.USERS:
-        doc = auth.prepare_user(doc, doc_id, keep_hashes=security.grant(coll).admin, gate=security.bcrypt_gate())
+        doc = auth.prepare_user(doc, doc_id, keep_hashes=grant.admin, gate=security.bcrypt_gate())
     if coll == ACL:
         _validate_acl(doc)
     return doc
@@ -180,9 +185,9 @@ def create_documents(coll: str):
     body = json_body(allow_array=True)
     guard = grant.write_guard(coll)
     if isinstance(body, list):
-        docs = engine().insert_documents(coll, [_prepared(coll, grant.merged_document(d)) for d in body], guard)
+        docs = engine().insert_documents(coll, [_prepared(coll, d, grant) for d in body], guard)
         return json_response({"inserted": len(docs), "_ids": [d["_id"] for d in docs]}, status=201)
-    doc = engine().insert_documents(coll, [_prepared(coll, grant.merged_document(body))], guard)[0]
+    doc = engine().insert_documents(coll, [_prepared(coll, body, grant)], guard)[0]
     headers = {"Location": _location(coll, doc["_id"]), **_etag(doc)}
     return json_response({"_id": doc["_id"]}, status=201, headers=headers)
 
@@ -210,7 +215,7 @@ def replace_document(coll: str, doc_id: str):
     if "_id" in body and body["_id"] != oid:
         raise BadRequest("the _id in the body does not match the URL")
     mode = _write_mode("update", grant)
-    doc = _prepared(coll, grant.merged_document(body), oid)
+    doc = _prepared(coll, body, grant, oid)
     guard = grant.write_guard(coll)
     if mode == "insert":
         stored = engine().insert_documents(coll, [{**doc, "_id": oid}], guard)[0]
@@ -307,7 +312,7 @@ def _bulk_filter(grant: Grant) -> dict:
     if not values:
         raise BadRequest("a bulk write needs a filter parameter, e.g. ?filter={\"_id\":{\"$exists\":true}} "
                          "for every document")
-    filter_ = query.parse_filter(values, lambda f: grant.check_filter(f, grant.write_filter or grant.read_filter))
+    filter_ = query.parse_filter(values, grant.check_bulk_filter)
     # documents outside the writeFilter are not candidates (the guard checks each one again)
     return {"$and": [grant.write_filter, filter_]} if grant.write_filter else filter_
 

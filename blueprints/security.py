@@ -20,6 +20,7 @@ only that entry is the proxy's word; earlier ones are the client's).
 
 from __future__ import annotations
 
+import datetime
 import hmac
 import ipaddress
 from typing import Any
@@ -29,7 +30,7 @@ from flask_httpauth import HTTPBasicAuth
 
 from services import acl
 from services.errors import BadRequest, ChangefeedError, Forbidden, TooManyRequests, Unauthorized
-from services.permissions import Grant
+from services.permissions import Grant, interpolate
 from services.throttle import FailureThrottle
 from services.tokens import COOKIE_NAME, TokenError, password_fingerprint
 
@@ -229,14 +230,11 @@ def decide(user: dict | None, info: acl.RequestInfo) -> acl.Decision:
 
 def grant(coll: str | None) -> Grant:
     """What the request's permission lets it do on `coll` (admin: everything)."""
-    return _grant_of(g.get("permission"), g.user, coll)
+    permission = g.get("permission")
+    return Grant.of(permission.mongo if permission is not None else None, g.user, coll, admin=is_admin(g.user))
 
 
-def _grant_of(permission: acl.Permission | None, user: dict | None, coll: str | None) -> Grant:
-    return Grant.of(permission.mongo if permission is not None else None, user, coll, admin=is_admin(user))
-
-
-def access_checker(app: Flask, coll: str):
+def access_checker(app: Flask):
     """A callable that tells, later and outside this request, whether access still holds.
 
     Streams call it when users or the ACL change: a deleted user, a changed password (for
@@ -248,7 +246,7 @@ def access_checker(app: Flask, coll: str):
     kind = g.auth_kind
     info = request_info(user)
     user_id = user["_id"] if user else None
-    opened = _stream_terms(grant(coll), g.get("permission"))
+    opened = _stream_terms(g.get("permission"), user)
     fingerprint = None
     if user_id is not None:
         stored = app.extensions["changefeed.engine"].get_document("users", user_id)
@@ -276,17 +274,25 @@ def access_checker(app: Flask, coll: str):
             if not decision.allowed:
                 return False
             try:
-                return _stream_terms(_grant_of(decision.permission, current, coll), decision.permission) == opened
+                return _stream_terms(decision.permission, current) == opened
             except Forbidden:
                 return False
 
     return still_allowed
 
 
-def _stream_terms(granted: Grant, permission: acl.Permission | None) -> tuple:
-    """What a stream was opened with: its readFilter (interpolated) and projectResponse."""
-    projection = (permission.mongo or {}).get("projectResponse") if permission is not None else None
-    return granted.read_filter, projection
+_SOME_INSTANT = datetime.datetime(1970, 1, 1)
+
+
+def _stream_terms(permission: acl.Permission | None, user: dict | None) -> tuple:
+    """What shapes a stream's events: the permission's readFilter (with the user's values)
+    and projectResponse. Computed without a Grant, so a re-check of many clients stays
+    cheap; "@now" is one fixed instant here, since time passing changes no access."""
+    mongo = (permission.mongo or {}) if permission is not None else {}
+    read_filter = mongo.get("readFilter") or None
+    if read_filter is not None:
+        read_filter = interpolate(read_filter, user, _SOME_INSTANT, "readFilter")
+    return read_filter, mongo.get("projectResponse") or None
 
 
 def init_app(app: Flask) -> None:

@@ -126,19 +126,17 @@ def stream(coll: str, uri: str):
     if request.method == "HEAD":
         # The headers a GET would get, after the same checks, and nothing subscribed: the
         # server sends no body for HEAD, so a subscription would never be served or ended.
-        hub().prepare(coll, uri, request.args.get("avars"), grant.read_filter, grant.visibility,
-                      grant.stage_visibility)
+        hub().prepare(coll, uri, request.args.get("avars"), grant)
         return Response(iter(()), status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
     if not websocket and hub().closing:
         # A draining worker still reads requests on kept-alive sockets (and for up to 1 s on
         # new ones). Any non-200 would close an EventSource for good, so it gets `end` and
         # retries after `retry:` with its Last-Event-ID, by then on the next server.
         return _draining_sse_response()
-    still_allowed = security.access_checker(current_app._get_current_object(), coll)
+    still_allowed = security.access_checker(current_app._get_current_object())
     owner = ("user", g.user["_id"]) if g.user is not None else ("address", security.client_address())
     sub = hub().subscribe(coll, uri, request.args.get("avars"), token,
-                          "websocket" if websocket else "sse", g.user, read_filter=grant.read_filter,
-                          visibility=grant.visibility, stage_visibility=grant.stage_visibility, owner=owner)
+                          "websocket" if websocket else "sse", g.user, grant=grant, owner=owner)
     sub.client.access_check = still_allowed
     if g.auth_expires is not None:
         delay = max(0.0, g.auth_expires - time.time())
@@ -180,8 +178,7 @@ def _watch_for_hangup(environ: dict, sub: Subscription):
 
 def _draining_sse_response() -> Response:
     body = sse.retry(current_app.config["SSE_RETRY_MS"]) + end_control("shutdown").sse
-    return Response(body, status=200, mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "close"})
+    return Response(body, status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
 
 
 def _sse_response(sub: Subscription, environ: dict) -> Response:

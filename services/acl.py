@@ -84,6 +84,7 @@ from typing import Any
 
 import re2
 
+from .linear_regex import compile_re2
 from .paths import normalize_path
 
 log = logging.getLogger(__name__)
@@ -675,16 +676,10 @@ class _MethodFn(Predicate):
         return f"Method({sorted(self.methods)})"
 
 
-def _linear_regex(pattern: str, case_sensitive: bool) -> Any:
-    """RE2, whose matching time is linear: the text matched (path, query, body values) is the
-    client's, and a backtracking engine lets one crafted request hold the worker for good."""
-    options = re2.Options()
-    options.log_errors = False
-    options.case_sensitive = case_sensitive
-    return re2.compile(pattern, options=options)
-
-
 class _RegexFn(Predicate):
+    """regex(): matched by RE2 in linear time, since the matched text (path, query, body
+    values) is the client's and a backtracking engine lets one request hold the worker."""
+
     def __init__(self, pattern: _Template, value: _Template | None, full: bool, case_sensitive: bool):
         self.pattern = pattern
         self.value = value
@@ -698,7 +693,7 @@ class _RegexFn(Predicate):
             except re.error as e:
                 raise PredicateError(f"invalid regex {lit!r}: {e} at {pattern.pos}") from None
             try:
-                self.compiled = _linear_regex(lit, case_sensitive)
+                self.compiled = compile_re2(lit, case_sensitive)
             except re2.error:
                 raise PredicateError(f"regex {lit!r} needs backtracking (backreferences or lookaround), which "
                                      f"is not supported: it could take exponential time at {pattern.pos}") from None
@@ -713,7 +708,7 @@ class _RegexFn(Predicate):
             if pat is _MISSING:
                 return None
             try:
-                rx = _linear_regex(pat, self.case_sensitive)
+                rx = compile_re2(pat, self.case_sensitive)
             except re2.error:
                 return False
         return bool(rx.fullmatch(value) if self.full else rx.search(value))

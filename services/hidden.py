@@ -217,6 +217,25 @@ def _include(value: Any, tree: _Tree) -> Any:
 # validation
 # --------------------------------------------------------------------------------------------
 
+def _include_document(doc: dict, tree: _Tree, keep_id: bool = True) -> dict:
+    """An inclusion projection of a whole document: `_id` (unless `keep_id` is false) and
+    the paths of `tree`."""
+    out: dict = {}
+    for key, value in doc.items():
+        if key == "_id":
+            if keep_id:
+                out[key] = _copy(value)
+            continue
+        sub = tree.get(key) if isinstance(key, str) else None
+        if sub is True:
+            out[key] = _copy(value)
+        elif sub is not None:
+            kept = _include(value, sub)
+            if kept is not _DROP:
+                out[key] = kept
+    return out
+
+
 def _flag(value: Any) -> int | None:
     if isinstance(value, bool):
         return int(value)
@@ -444,20 +463,7 @@ def project(doc: dict, projection: dict) -> dict:
         return out
     tree = _tree(tuple(k.split(".")) for k in fields)
     if next(iter(fields.values())):
-        out = {}
-        for key, value in doc.items():
-            if key == "_id":
-                if keep_id:
-                    out[key] = _copy(value)
-                continue
-            sub = tree.get(key) if isinstance(key, str) else None
-            if sub is True:
-                out[key] = _copy(value)
-            elif sub is not None:
-                kept = _include(value, sub)
-                if kept is not _DROP:
-                    out[key] = kept
-        return out
+        return _include_document(doc, tree, keep_id)
     out = _exclude(doc, tree)
     if not keep_id:
         out.pop("_id", None)
@@ -588,18 +594,7 @@ class Visibility:
         if not isinstance(doc, dict):
             return _copy(doc)
         if self._include is not None:
-            out: Any = {}
-            for key, value in doc.items():
-                if key == "_id":
-                    out[key] = _copy(value)
-                    continue
-                sub = self._include.get(key) if isinstance(key, str) else None
-                if sub is True:
-                    out[key] = _copy(value)
-                elif sub is not None:
-                    kept = _include(value, sub)
-                    if kept is not _DROP:
-                        out[key] = kept
+            out = _include_document(doc, self._include)
             return _exclude(out, self._exclude) if self._exclude else out
         return _exclude(doc, self._exclude)
 

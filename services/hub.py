@@ -38,6 +38,7 @@ from bson import json_util
 from . import pipeline as pipelines
 from . import extjson, sse
 from .errors import BadRequest, HistoryLost, NotFound, TooManyRequests, Unavailable
+from .permissions import Grant
 from .storage import Change, Engine, MetaChange
 
 log = logging.getLogger(__name__)
@@ -535,16 +536,18 @@ class Hub:
 
     # -- opening --
 
-    def prepare(self, coll: str, uri: str, avars_raw: str | None, read_filter: dict | None = None,
-                visibility: Any = None, stage_visibility: Any = None) -> tuple[tuple, str, Any]:
+    def prepare(self, coll: str, uri: str, avars_raw: str | None,
+                grant: Grant | None = None) -> tuple[tuple, str, Any]:
         """Find the stream definition and bind its variables; 404/400/403 before any response.
 
-        `read_filter` (an ACL permission's, already interpolated) is applied to
-        `fullDocument` before the stream's own stages, as it is to GETs. `visibility`
-        (the permission's projectResponse) hides fields of every event; a stream whose own
-        stages read a field `stage_visibility` hides is refused (403), or its events would
-        be an oracle.
+        `grant` is the caller's permission (services.permissions; None: nothing restricted).
+        Its readFilter is applied to `fullDocument` before the stream's own stages, as it is
+        to GETs; its projectResponse hides fields of every event, and a stream whose own
+        stages read one of those fields is refused (403), or its events would be an oracle.
         """
+        read_filter = grant.read_filter if grant is not None else None
+        visibility = grant.visibility if grant is not None else None
+        stage_visibility = grant.stage_visibility if grant is not None else None
         props = self.engine.get_collection(coll)
         definition = find_stream(props, uri)
         stages = list(definition.get("stages", []))
@@ -565,8 +568,8 @@ class Hub:
         return key, json.dumps(definition, sort_keys=True), compiled
 
     def subscribe(self, coll: str, uri: str, avars_raw: str | None, resume: dict | None,
-                  transport: str, user: Any = None, read_filter: dict | None = None,
-                  visibility: Any = None, stage_visibility: Any = None, owner: Any = None) -> Subscription:
+                  transport: str, user: Any = None, grant: Grant | None = None,
+                  owner: Any = None) -> Subscription:
         """Register a client on its stream key, resuming after `resume` when given.
 
         `owner` is ("user", id) or ("address", ip): whose limit of open streams this one
@@ -581,7 +584,7 @@ class Hub:
                 setting = "STREAM_MAX_PER_USER" if owner[0] == "user" else "STREAM_MAX_PER_ADDRESS"
                 raise TooManyRequests(f"{who} already has {limit} open streams on this server ({setting}); "
                                       "close one first")
-        key, definition, compiled = self.prepare(coll, uri, avars_raw, read_filter, visibility, stage_visibility)
+        key, definition, compiled = self.prepare(coll, uri, avars_raw, grant)
         resume_pos = self.engine.position(resume) if resume is not None else None
         # From here to the registration nothing may yield, so no event slips between.
         watcher = self.watchers.get(key)
@@ -589,7 +592,8 @@ class Hub:
             if len(self.watchers) >= self.max_watchers:
                 raise TooManyRequests(f"this server already serves {self.max_watchers} distinct streams "
                                       "(STREAM_MAX_WATCHERS); try again later")
-            watcher = Watcher(self, key, coll, uri, definition, compiled, visibility)
+            watcher = Watcher(self, key, coll, uri, definition, compiled,
+                              grant.visibility if grant is not None else None)
             self.watchers[key] = watcher
         client = Client(watcher, transport, self.queue_limit, user, owner)
         live_from = watcher.position

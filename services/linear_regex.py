@@ -33,6 +33,15 @@ _SUPPORTED_FLAGS = re.I | re.M | re.S | re.U  # re.U is implied for str patterns
 _CACHE_SIZE = 1024
 
 
+def compile_re2(pattern: str, case_sensitive: bool = True, dot_nl: bool = False) -> Any:
+    """An RE2 pattern (linear-time matching); :raise re2.error: if RE2 cannot run it."""
+    options = re2.Options()
+    options.log_errors = False  # a client's bad pattern is its 4xx, not a line in our log
+    options.case_sensitive = case_sensitive
+    options.dot_nl = dot_nl
+    return re2.compile(pattern, options=options)
+
+
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def compile_linear(pattern: str, flags: int = 0) -> Any:
     """An RE2 pattern for a MongoDB regex; OperationFailure (a 400) if RE2 cannot run it."""
@@ -40,13 +49,9 @@ def compile_linear(pattern: str, flags: int = 0) -> Any:
         raise OperationFailure("$regex option 'x' (extended) is not supported by the embedded engine")
     if flags & ~_SUPPORTED_FLAGS & ~re.X:
         raise OperationFailure(f"$regex has unsupported flags: {flags}")
-    options = re2.Options()
-    options.log_errors = False  # a client's bad pattern is its 400, not a line in our log
-    options.case_sensitive = not flags & re.I
-    options.dot_nl = bool(flags & re.S)
     prefix = "(?m)" if flags & re.M else ""
     try:
-        return re2.compile(prefix + pattern, options=options)
+        return compile_re2(prefix + pattern, case_sensitive=not flags & re.I, dot_nl=bool(flags & re.S))
     except re2.error as exc:
         reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
         raise OperationFailure(

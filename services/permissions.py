@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import query
+from . import query, updates
 from .errors import BadRequest, DocumentNotFound, Forbidden
 from .hidden import Visibility, validate_projection
 
@@ -248,19 +248,24 @@ class Grant:
     def shown(self, doc: dict) -> dict:
         return self.visibility.project_document(doc) if self.visibility is not None else doc
 
-    def check_filter(self, flt: dict, scope: dict | None = _UNSET) -> None:  # type: ignore[assignment]
-        """403 for a client filter that could reveal what the permission hides.
+    def check_filter(self, flt: dict) -> None:
+        """403 for a read's filter that could reveal what the permission hides.
 
         Hidden fields (projectResponse) may not be named. And where a filter narrows what
-        the caller may see (`scope`: the readFilter for reads, the writeFilter for bulk
-        writes), `$expr` is refused: an expression can fail on a document (`$toInt` of a
-        string, a division by zero), and the error, or that there was one, would describe a
-        document outside the caller's filter, whatever order the engine evaluates in.
+        the caller may see (the readFilter), `$expr` is refused: an expression can fail on a
+        document (`$toInt` of a string, a division by zero), and the error, or that there
+        was one, would describe a document outside the caller's filter, whatever order the
+        engine evaluates in.
         """
+        self._check_client_filter(flt, self.read_filter)
+
+    def check_bulk_filter(self, flt: dict) -> None:
+        """`check_filter` for a bulk write, whose candidates the writeFilter narrows."""
+        self._check_client_filter(flt, self.write_filter or self.read_filter)
+
+    def _check_client_filter(self, flt: dict, scope: dict | None) -> None:
         if self.visibility is not None:
             self.visibility.check_filter(flt)
-        if scope is _UNSET:
-            scope = self.read_filter
         if scope and _uses_expr(flt):
             raise Forbidden("filter: $expr is not allowed under a permission with a readFilter or writeFilter "
                             "(an expression that fails on another document would reveal it)")
@@ -279,20 +284,16 @@ class Grant:
     # -- writes --
 
     def merged_document(self, doc: dict) -> dict:
-        """``doc`` with mergeRequest's values set (dotted paths reach into sub-documents)."""
+        """``doc`` with mergeRequest's values set, as a ``$set`` of them would (dotted paths
+        reach into sub-documents; a body whose shape conflicts with them is a 400)."""
         if not self.merge:
             return doc
-        out = dict(doc)
-        for path, value in self.merge.items():
-            parts = path.split(".")
-            target = out
-            for part in parts[:-1]:
-                child = target.get(part)
-                child = dict(child) if isinstance(child, dict) else {}
-                target[part] = child
-                target = child
-            target[parts[-1]] = value
-        return out
+        try:
+            merged, _ = updates.apply_update(doc, {"$set": self.merge}, dt.datetime.now(dt.timezone.utc))
+        except updates.UpdateError as exc:
+            raise BadRequest(f"the body conflicts with the fields the server sets (mongo.mergeRequest): {exc}") \
+                from None
+        return merged
 
     def merged_update(self, spec: dict) -> dict:
         """An operator update with mergeRequest added as ``$set``; a client operator that
