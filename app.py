@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +13,7 @@ from blueprints import collections, cors, demo, documents, errors, health, secur
 from blueprints.paths import CanonicalPaths
 from services import config as settings
 from services.auth import Users
+from services.backoff import Backoff
 from services.hub import Hub
 from services.storage import open_engine
 from services.tokens import Tokens, load_key
@@ -41,15 +41,15 @@ def _bootstrap(engine, users: Users, conf: dict) -> None:
 
 
 def _bootstrap_until_done(engine, users: Users, conf: dict) -> None:
-    delay = 0.5
+    backoff = Backoff(0.5, 30.0)
     while True:
         try:
             _bootstrap(engine, users, conf)
             return
         except Exception as exc:
+            delay = backoff.next()
             log.warning("waiting for the database: %s (retry in %.0f s)", exc, delay)
-            gevent.sleep(delay + random.random() * delay)
-            delay = min(delay * 2, 30.0)
+            gevent.sleep(delay)
 
 
 def create_app(config: Mapping[str, Any] | None = None, engine=None) -> Flask:

@@ -61,5 +61,14 @@ def post_worker_init(worker):
     gevent.spawn(drain_on_stop)
 
 
+def on_starting(server):
+    """Refuse TLS: streams are written straight to the OS socket (blueprints/transports.py),
+    which would bypass it."""
+    if server.cfg.is_ssl:
+        print("changefeed: refusing to start with certfile/keyfile: it does not terminate TLS; "
+              "put a TLS proxy (nginx, Caddy, a load balancer) in front of it", file=sys.stderr)
+        sys.exit(2)
+
+
 def when_ready(server):
     server.log.info("changefeed listening on http://%s (%s worker(s))", bind, workers)

@@ -159,7 +159,6 @@ class Handler(WebSocketHandler, PyWSGIHandler):
 
     def get_environ(self):
         env = super().get_environ()
-        env["changefeed.handler"] = self  # streams write events to the socket directly
         env["wsgi.input"] = _DeadlineInput(env["wsgi.input"], time.monotonic() + REQUEST_BODY_SECONDS)
         return env
 

@@ -3,47 +3,29 @@
 Everything that can fail (auth, unknown stream, bad avars, bad Last-Event-ID, bad
 handshake) is decided before the 200 or the 101 goes out, so a client never gets an
 open, silent stream. The view is registered twice, once with `websocket=True`, because
-Werkzeug routes a WebSocket handshake only to such rules (stack-probe §1.2, trap 1).
+Werkzeug routes a WebSocket handshake only to such rules: a plain rule answers a
+handshake with 404. Once subscribed, blueprints/transports.py writes the stream.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import logging
-import socket as pysocket
-import ssl
-import struct
-import time
 
-import gevent
 from flask import Blueprint, Response, current_app, g, request
 
 from services import sse
-from services.errors import BadRequest
+from services.errors import BadRequest, Unavailable
+from services.hub import end_message, find_stream
 from services.query import shown
-from services.hub import (
-    SSE_CHUNKED,
-    SSE_PLAIN,
-    WEBSOCKET,
-    WS_PING,
-    Control,
-    Subscription,
-    chunk,
-    end_control,
-    find_stream,
-)
 
-from . import security
+from . import security, transports
 from .common import engine, hub, json_response
-from .ws_reader import Close, MessageTooBig, Ping, WebSocketReadError, read_client_frames
 
-log = logging.getLogger(__name__)
 bp = Blueprint("streams", __name__)
 
 _WS_VERSIONS = ("13", "8", "7")
 _MAX_TOKEN_CHARS = 1024  # tokens we issue are ~45 characters (MongoDB's a few hundred)
-_OPCODE_PING = 0x9
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "close"}
@@ -135,180 +117,43 @@ def stream(coll: str, uri: str):
         return _draining_sse_response()
     still_allowed = security.access_checker(current_app._get_current_object())
     owner = ("user", g.user["_id"]) if g.user is not None else ("address", security.client_address())
-    sub = hub().subscribe(coll, uri, request.args.get("avars"), token,
-                          "websocket" if websocket else "sse", g.user, grant=grant, owner=owner)
-    sub.client.access_check = still_allowed
-    if g.auth_expires is not None:
-        delay = max(0.0, g.auth_expires - time.time())
-        sub.expiry = gevent.spawn_later(delay, sub.client.end, "expired", "the token expired")
+    sub = hub().subscribe(coll, uri, request.args.get("avars"), token, "websocket" if websocket else "sse",
+                          g.user, grant=grant, owner=owner, access_check=still_allowed,
+                          expires_at=g.auth_expires)
+    sock = environ.get("gunicorn.sock")
+    if sock is None:
+        sub.close()
+        raise Unavailable("streams are written to the socket by changefeed's worker: run the server "
+                          "with gunicorn -c gunicorn.conf.py (make run)")
     if websocket:
-        return _serve_websocket(sub, environ)
-    return _sse_response(sub, environ)
+        with sub:
+            ws = environ["changefeed.websocket_accept"]()
+            if ws is None:
+                raise BadRequest("WebSocket handshake failed")
+            config = current_app.config
+            transports.serve_websocket(sub, ws, sock, config["WS_MAX_MESSAGE_BYTES"], config["WS_PING_SECONDS"])
+        return Response(b"")
+    try:
+        config = current_app.config
+        opening = sse.retry(config["SSE_RETRY_MS"]) + sse.comment("connected")
+        # pywsgi frames a response without Content-Length as chunked unless the request is HTTP/1.0
+        chunked = environ.get("SERVER_PROTOCOL") != "HTTP/1.0"
+        body = transports.sse_body(sub, sock, chunked, opening, config["SSE_HEARTBEAT_SECONDS"])
+        # A stream's connection is not reused: when the stream ends (redefinition, shutdown)
+        # the socket closes too, so a draining worker is not held by idle keep-alive sockets.
+        response = Response(body, status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
+        response.call_on_close(sub.close)  # also when the body never runs
+    except BaseException:
+        sub.close()
+        raise
+    return response
 
 
 bp.add_url_rule("/<coll>/_streams/<uri>", "stream", stream, methods=["GET"])
 bp.add_url_rule("/<coll>/_streams/<uri>", "stream_ws", stream, methods=["GET"], websocket=True)
 
 
-def _watch_for_hangup(environ: dict, sub: Subscription):
-    """End the client as soon as its socket closes (stack-probe §2: ~1 ms, not 2×heartbeat)."""
-    sock = environ.get("gunicorn.sock")
-    if sock is None:
-        return None
-    raw = getattr(sock, "_sock", sock)
-    try:
-        watcher = gevent.get_hub().loop.io(sock.fileno(), 1)
-    except (OSError, ValueError):
-        return None
-
-    def on_readable():
-        try:
-            data = raw.recv(1, pysocket.MSG_PEEK | pysocket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        watcher.stop()
-        if not data:
-            sub.client.end("gone")
-
-    watcher.start(on_readable)
-    return watcher
-
-
 def _draining_sse_response() -> Response:
-    body = sse.retry(current_app.config["SSE_RETRY_MS"]) + end_control("shutdown").sse
+    body = sse.retry(current_app.config["SSE_RETRY_MS"]) + transports.encode(end_message("shutdown"),
+                                                                             transports.SSE_PLAIN)
     return Response(body, status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
-
-
-def _sse_response(sub: Subscription, environ: dict) -> Response:
-    config = current_app.config
-    heartbeat = config["SSE_HEARTBEAT_SECONDS"]
-    opening = sse.retry(config["SSE_RETRY_MS"]) + sse.comment("connected")
-    hangup: list = []  # the hang-up watcher, started when the body starts
-    sock = environ.get("gunicorn.sock")
-    if sock is not None:
-        # A peer that accepts no byte for this long is gone; its greenlet must not wait forever.
-        sock.settimeout(max(30.0, 2 * heartbeat))
-
-    handler = environ.get("changefeed.handler")
-    direct = handler is not None and sock is not None and not _is_tls(sock)
-
-    def cleanup() -> None:
-        """Stop watching the socket and unsubscribe; runs once the response is closed,
-        whether or not its body ever ran (a libev watcher left on a closed descriptor
-        aborts the whole worker)."""
-        while hangup:
-            hangup.pop().stop()
-        sub.close()
-
-    def generate():
-        try:
-            watcher = _watch_for_hangup(environ, sub)
-            if watcher is not None:
-                hangup.append(watcher)
-            yield opening
-            if direct:
-                # The headers and the opening are on the wire now: write events straight to
-                # the socket from here on (the server only adds the final chunk when we return).
-                try:
-                    chunked = handler.response_use_chunked
-                    mode = SSE_CHUNKED if chunked else SSE_PLAIN
-                    hb = sse.comment("hb")
-                    sub.write_directly(sock, mode, chunk(hb) if chunked else hb, heartbeat)
-                except OSError:
-                    pass
-                return
-            for batch in sub.items(heartbeat):
-                if not batch:
-                    yield sse.comment("hb")
-                    continue
-                last = batch[-1]
-                if isinstance(last, Control) and last.terminal:
-                    if last.cause == "gone":
-                        return
-                    yield b"".join(item.sse for item in batch)
-                    return
-                yield b"".join(item.sse for item in batch)
-        finally:
-            cleanup()
-
-    # A stream's connection is not reused: when the stream ends (redefinition, shutdown)
-    # the socket closes too, so a draining worker is not held by idle keep-alive sockets.
-    response = Response(generate(), status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
-    response.call_on_close(cleanup)
-    return response
-
-
-def _serve_websocket(sub: Subscription, environ: dict) -> Response:
-    ping_seconds = current_app.config["WS_PING_SECONDS"]
-    ws = environ["changefeed.websocket_accept"]()
-    if ws is None:
-        sub.close()
-        raise BadRequest("WebSocket handshake failed")
-
-    limit = current_app.config["WS_MAX_MESSAGE_BYTES"]
-
-    def read_until_closed():
-        # Client messages are ignored (never buffered); pings are answered; a message over
-        # WS_MAX_MESSAGE_BYTES ends the connection with 1009, a protocol error with 1002.
-        try:
-            for frame in read_client_frames(ws.raw_read, limit):
-                if isinstance(frame, Ping):
-                    ws.send_frame(frame.payload, ws.OPCODE_PONG)
-                elif isinstance(frame, Close):
-                    sub.client.end("closed")
-                    return
-        except MessageTooBig:
-            sub.client.end("too_big", f"message larger than {limit} bytes")
-            return
-        except WebSocketReadError as exc:
-            sub.client.end("protocol", exc.reason)
-            return
-        except Exception:
-            pass
-        sub.client.end("gone")
-
-    reader = gevent.spawn(read_until_closed)
-    sock = environ.get("gunicorn.sock")
-    try:
-        if sock is not None and not _is_tls(sock):
-            # gevent-websocket's own writes (pong replies) join the client's ordered stream,
-            # so they never land in the middle of a partly sent event frame.
-            ws.raw_write = sub.client.write_ordered
-            sub.write_directly(sock, WEBSOCKET, WS_PING, ping_seconds)
-            ws.closed = True
-            return Response(b"")
-        for batch in sub.items(ping_seconds):
-            if not batch:
-                ws.send_frame(b"", _OPCODE_PING)
-                continue
-            for item in batch:
-                if isinstance(item, Control) and item.terminal:
-                    if not ws.closed and item.cause != "gone":
-                        _close_websocket(ws, item.ws_code, item.reason)
-                    return Response(b"")
-                ws.send(item.ws)
-    except Exception as exc:  # the peer vanished mid-write
-        log.debug("websocket ended: %s", exc)
-    finally:
-        reader.kill(block=False)
-        sub.close()
-        if not ws.closed:
-            _close_websocket(ws, 1000, "")
-    return Response(b"")
-
-
-def _close_websocket(ws, code: int, reason: str) -> None:
-    """Send a close frame with a status code (gevent-websocket's close() drops the code)."""
-    payload = struct.pack("!H", code) + reason.encode("utf-8")[:120]
-    try:
-        ws.send_frame(payload, ws.OPCODE_CLOSE)
-    except Exception:
-        pass
-    ws.closed = True
-
-
-def _is_tls(sock) -> bool:
-    """Raw writes would bypass TLS: gunicorn's certfile mode wraps sockets in (gevent) SSLSocket."""
-    return isinstance(sock, ssl.SSLSocket) or "SSL" in type(sock).__name__

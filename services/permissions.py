@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import pipeline as pipelines
 from . import query, updates
 from .errors import BadRequest, DocumentNotFound, Forbidden
 from .hidden import Visibility, validate_projection
@@ -245,6 +246,20 @@ class Grant:
         password never reaches any stage: the engines remove it before the stages run.)"""
         return Visibility.of(self.projection) if self.projection else None
 
+    def stream_stages(self, stages: list, avars: dict) -> list:
+        """A stream's stages as this caller may run them.
+
+        403 when a stage reads a field projectResponse hides (its events would be an
+        oracle for it); the readFilter, rewritten for change events, goes first, so the
+        stream's own stages only ever see events of documents the caller may read, as GETs.
+        """
+        hidden = self.stage_visibility
+        if hidden is not None:
+            hidden.check_stages(pipelines.bind_variables(stages, avars))
+        if not self.read_filter:
+            return list(stages)
+        return [{"$match": read_filter_on_events(self.read_filter)}, *stages]
+
     def shown(self, doc: dict) -> dict:
         return self.visibility.project_document(doc) if self.visibility is not None else doc
 
@@ -357,3 +372,18 @@ class Grant:
                 check(old, new)
 
         return guard
+
+
+def read_filter_on_events(read_filter: dict) -> dict:
+    """Rewrite a document filter to match change events' `fullDocument` (deletes never match)."""
+    out: dict = {}
+    for key, value in read_filter.items():
+        if key in ("$and", "$or", "$nor"):
+            if not isinstance(value, list):
+                raise BadRequest(f"readFilter: {key} needs an array")
+            out[key] = [read_filter_on_events(v) for v in value]
+        elif key.startswith("$"):
+            raise BadRequest(f"readFilter: {key} cannot be applied to a stream")
+        else:
+            out[f"fullDocument.{key}"] = value
+    return out

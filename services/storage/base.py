@@ -19,9 +19,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import DocumentNotFound
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
 
 # A write guard: called inside the write, atomically with it, with the document before and
 # after (None for an insert's "before" and a delete's "after"); it raises a ChangefeedError
@@ -55,7 +58,17 @@ class Change:
 
 
 class ChangeStream(ABC):
-    """A cursor over one collection's change events, after a pipeline, like PyMongo's."""
+    """A cursor over one collection's change events, after a pipeline, like PyMongo's.
+
+    A stream ends for good when its collection is dropped or renamed (MongoDB's
+    `invalidate`) or when its position falls out of the retained history (`try_next` then
+    raises HistoryLost once): `ended` is then true and `end_reason` says why, and
+    `try_next` returns None (after waiting up to its timeout, so loops do not spin).
+    Use it as a context manager, or call `close()`, to release its cursor.
+    """
+
+    ended: bool = False
+    end_reason: str = ""
 
     @abstractmethod
     def try_next(self, timeout: float) -> Change | None:
@@ -72,6 +85,12 @@ class ChangeStream(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release the cursor."""
+
+    def __enter__(self) -> ChangeStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class Engine(ABC):
@@ -193,10 +212,12 @@ class Engine(ABC):
     # -- change streams ----------------------------------------------------------------
 
     @abstractmethod
-    def watch(self, coll: str, pipeline: Any, resume_after: dict | None = None) -> ChangeStream:
-        """Open a change stream on `coll` through a compiled pipeline (services.pipeline).
+    def watch(self, coll: str, pipeline: Pipeline | None, resume_after: dict | None = None) -> ChangeStream:
+        """Open a change stream on `coll` through a compiled pipeline (None: every event).
 
-        Without `resume_after` the stream starts at the current end of the feed.
+        Without `resume_after` the stream starts at the current end of the feed. A stream
+        of `users` never carries password hashes, whatever its pipeline: each engine strips
+        them before the pipeline runs.
         :raise HistoryLost: `resume_after` is older than the retained history.
         """
 
@@ -209,8 +230,16 @@ class Engine(ABC):
         """Return the comparable position of a token; :raise BadRequest: if malformed."""
 
     @abstractmethod
+    def token(self, position: Any) -> dict:
+        """The resume token of a position (the inverse of `position`)."""
+
+    @abstractmethod
     def current_token(self) -> dict:
         """A token for "now": resuming after it yields only later changes."""
+
+    def tail_once(self) -> None:
+        """Make every change already committed, by any process, visible to this process's
+        streams now. Engines whose streams read the database directly need do nothing."""
 
     def on_meta_change(self, listener: Callable[[MetaChange], None]) -> None:
         """Call `listener` in this process for every MetaChange made by any process."""

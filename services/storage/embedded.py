@@ -29,7 +29,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import bson
 import gevent
@@ -50,6 +50,9 @@ from ..errors import (
 )
 from ..query import run_query
 from .base import Change, ChangeStream, Engine, MetaChange, WriteGuard
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -659,7 +662,7 @@ class EmbeddedEngine(Engine):
     def current_token(self) -> dict:
         return self.token(self._feed.tail)
 
-    def watch(self, coll: str, pipeline: Any, resume_after: dict | None = None) -> ChangeStream:
+    def watch(self, coll: str, pipeline: Pipeline | None, resume_after: dict | None = None) -> ChangeStream:
         if resume_after is None:
             return _EmbeddedStream(self, coll, pipeline, self._feed.tail)
         seq = self.position(resume_after)
@@ -705,10 +708,11 @@ class EmbeddedEngine(Engine):
 class _EmbeddedStream(ChangeStream):
     """A change stream over the process feed (or the table when behind), through a pipeline."""
 
-    def __init__(self, engine: EmbeddedEngine, coll: str, pipeline: Any, start: int):
+    def __init__(self, engine: EmbeddedEngine, coll: str, pipeline: Pipeline | None, start: int):
         self.engine = engine
         self.coll = coll
         self.pipeline = pipeline
+        self._without_passwords = coll == "users"
         self._pos = start
         self._backlog: list[_Row] = []
         self._closed = False
@@ -725,7 +729,12 @@ class _EmbeddedStream(ChangeStream):
             return self._backlog.pop(0)
         feed = self.engine._feed
         if self._pos < feed.start_seq:
-            rows, complete = self.engine.read_batch(self.coll, self._pos, feed.start_seq)
+            try:
+                rows, complete = self.engine.read_batch(self.coll, self._pos, feed.start_seq)
+            except HistoryLost as exc:
+                self.ended, self.end_reason = True, exc.message
+                self._closed = True
+                raise
             if complete:
                 rows.append(_Row(feed.start_seq, "", "skip", ""))  # advance to the feed's window
             self._backlog = rows
@@ -737,6 +746,9 @@ class _EmbeddedStream(ChangeStream):
 
     def try_next(self, timeout: float) -> Change | None:
         deadline = time.monotonic() + timeout
+        if self._closed:
+            gevent.sleep(min(max(timeout, 0.0), 1.0))
+            return None
         while not self._closed:
             row = self._next_row()
             if row is None:
@@ -750,6 +762,8 @@ class _EmbeddedStream(ChangeStream):
                 continue
             token = self.engine.token(row.seq)
             event = {"_id": token, **row.event()}
+            if self._without_passwords:
+                event = without_passwords(event)
             if self.pipeline is None:
                 return Change(row.seq, token, event)  # read-only from here on: nothing mutates events
             try:
@@ -759,6 +773,21 @@ class _EmbeddedStream(ChangeStream):
             if out is not None:
                 return Change(row.seq, token, out)
         return None
+
+
+def without_passwords(event: dict) -> dict:
+    """A `users` event without password hashes: they never reach a stage or a client."""
+    event = dict(event)
+    if isinstance(event.get("fullDocument"), dict):
+        event["fullDocument"] = {k: v for k, v in event["fullDocument"].items() if k != "password"}
+    desc = event.get("updateDescription")
+    if isinstance(desc, dict):
+        desc = dict(desc)
+        desc["updatedFields"] = {k: v for k, v in (desc.get("updatedFields") or {}).items()
+                                 if k != "password" and not k.startswith("password.")}
+        desc["removedFields"] = [f for f in desc.get("removedFields") or [] if f != "password"]
+        event["updateDescription"] = desc
+    return event
 
 
 def _new_etag() -> dict:

@@ -39,7 +39,7 @@ collection and by every event of it that the greenlet sees. While that greenlet 
 connected it returns a fresh value on every call (callers reload: always exact, never stale).
 
 Streams (``_MongoStream``). Positions are ``_data`` hex strings (upper case), which
-compare in event order within a deployment (reference §3.1); the position object also
+compare in event order within a deployment (MongoDB documents `_data` as ordered); the position object also
 carries its full token (``_typeBits`` kept) for ``token(position)``. Tokens handed to the
 hub are JSON-safe: ``_typeBits``, when present, is Extended JSON ``{"$binary": ...}``.
 
@@ -69,12 +69,12 @@ from __future__ import annotations
 import base64
 import copy
 import datetime as dt
+import enum
 import json
 import logging
-import random
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 from bson import json_util
@@ -92,6 +92,7 @@ from pymongo.errors import (
 )
 
 from .. import updates
+from ..backoff import Backoff
 from ..errors import (
     BadRequest,
     CollectionNotFound,
@@ -103,6 +104,9 @@ from ..errors import (
     Unavailable,
 )
 from .base import Change, ChangeStream, Engine, MetaChange, WriteGuard
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +125,7 @@ RS_GHOST_HELP = (
     "`mongosh --eval 'rs.initiate()'` once (the docker compose file in the README does it)."
 )
 _HISTORY_CODES = (286, 280, 260)
-# Pre-4.4 servers put no labels on errors; these codes are transient (reference §4.1).
+# Pre-4.4 servers put no labels on errors; MongoDB lists these codes as transient.
 _TRANSIENT_CODES = frozenset({6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436,
                               63, 150, 13388, 234, 133, 43})
 _META_PIPELINE = [
@@ -153,21 +157,6 @@ _USERS_GUARD = [
         "$$REMOVE",
     ]}}},
 ]
-
-
-class Backoff:
-    """Capped exponential backoff with jitter (half to full of the current step)."""
-
-    def __init__(self, base: float = 0.1, cap: float = 30.0):
-        self.base, self.cap, self.n = base, cap, 0
-
-    def next(self) -> float:
-        step = min(self.cap, self.base * (2 ** self.n))
-        self.n += 1
-        return random.uniform(step / 2, step)
-
-    def reset(self) -> None:
-        self.n = 0
 
 
 class Position(str):
@@ -212,18 +201,32 @@ def _errmsg(exc: PyMongoError) -> str:
     return str(exc)
 
 
-def _is_history_error(exc: OperationFailure) -> bool:
-    if exc.code == 280 and "_id field" in _errmsg(exc):
-        return False  # the pipeline modified _id: a pipeline error (reference §5.2)
-    return exc.code in _HISTORY_CODES
+class Fault(enum.Enum):
+    """What a PyMongo error means for a change stream: the one place that decides it."""
+
+    RESUMABLE = "resumable"  # re-open after the last token, with backoff: nothing lost
+    HISTORY_LOST = "history lost"  # the position left the oplog: HistoryLost, the stream ends
+    PIPELINE = "pipeline error"  # reported in-band once, then retried with backoff
 
 
-def _is_transient(exc: PyMongoError) -> bool:
+def classify(exc: PyMongoError) -> Fault:
+    """Decide what a change-stream error means, as PyMongo's own `_resumable` does.
+
+    Network errors and a lost cursor are resumable, and so is any error MongoDB labels
+    `ResumableChangeStreamError` (4.4 and later) or, from older servers without labels, one
+    of the codes MongoDB documents as transient. ChangeStreamHistoryLost (286),
+    ChangeStreamFatalError (280) and InvalidResumeToken (260) mean the position is gone,
+    except the 280 that says the pipeline modified `_id`: that is the pipeline's fault, as
+    is every other error.
+    """
     if isinstance(exc, (ConnectionFailure, CursorNotFound)):
-        return True
+        return Fault.RESUMABLE
     if isinstance(exc, OperationFailure):
-        return exc.has_error_label("ResumableChangeStreamError") or exc.code in _TRANSIENT_CODES
-    return False
+        if exc.code in _HISTORY_CODES and not (exc.code == 280 and "_id field" in _errmsg(exc)):
+            return Fault.HISTORY_LOST
+        if exc.has_error_label("ResumableChangeStreamError") or exc.code in _TRANSIENT_CODES:
+            return Fault.RESUMABLE
+    return Fault.PIPELINE
 
 
 def _now() -> dt.datetime:
@@ -402,17 +405,17 @@ class MongoEngine(Engine):
                             break  # invalidated (dropDatabase): re-open from its token
             except gevent.GreenletExit:
                 raise
-            except OperationFailure as exc:
+            except PyMongoError as exc:
                 self._meta_live = False
-                if _is_history_error(exc):
+                if classify(exc) is Fault.HISTORY_LOST:
                     log.warning("metadata watcher lost its position (%s); starting from now", _errmsg(exc))
                     token = None
                     for coll in list(self._versions):
                         self._bump(coll)
                 else:
-                    log.warning("metadata watcher failed: %s", _errmsg(exc))
+                    log.warning("metadata watcher failed: %s; retrying", _errmsg(exc))
                 gevent.sleep(backoff.next())
-            except (PyMongoError, Unavailable) as exc:
+            except Unavailable as exc:
                 self._meta_live = False
                 log.warning("metadata watcher: %s; retrying", exc)
                 gevent.sleep(backoff.next())
@@ -779,16 +782,14 @@ class MongoEngine(Engine):
             raise Unavailable("MongoDB returned no postBatchResumeToken (server older than 4.0.7?)")
         return _json_token(token)
 
-    def stages_for(self, coll: str, pipeline: Any) -> list:
-        """The stages sent after `$changeStream`: the compiled pipeline's `.stages`."""
-        stages = list(getattr(pipeline, "stages", None) or []) if pipeline is not None else []
-        if isinstance(pipeline, list):
-            stages = list(pipeline)
+    def stages_for(self, coll: str, pipeline: Pipeline | None) -> list:
+        """The stages sent after `$changeStream`: the users guard, then the pipeline's."""
+        stages = list(pipeline.stages) if pipeline is not None else []
         if coll == "users":
             stages = copy.deepcopy(_USERS_GUARD) + stages
         return stages
 
-    def watch(self, coll: str, pipeline: Any, resume_after: dict | None = None) -> ChangeStream:
+    def watch(self, coll: str, pipeline: Pipeline | None, resume_after: dict | None = None) -> ChangeStream:
         start = self.position(resume_after) if resume_after is not None else None
         self._ensure_ready(block=False)
         return _MongoStream(self, coll, self.stages_for(coll, pipeline), start)
@@ -801,24 +802,26 @@ class _MongoStream(ChangeStream):
         self.engine = engine
         self.coll = coll
         self.stages = stages
-        self._cs = None
-        self._pos: Position | None = start
+        self._cs: Any = None
         self._start_after = False
         self._closed = False
-        self.ended = False
         self._retry_at = 0.0
         self._backoff = Backoff(0.1, 30.0)
         self._pending: Change | None = None
         self._reported: tuple | None = None
+        self._pos: Position = start if start is not None else Position("")
         try:
             self._open()
-        except OperationFailure as exc:  # a pipeline error at open: report on first try_next
-            if self._pos is None:
+        except PyMongoError as exc:
+            fault = classify(exc)
+            if fault is Fault.HISTORY_LOST:
+                raise HistoryLost(f"cannot resume the change stream: {_errmsg(exc)}") from None
+            if fault is Fault.RESUMABLE:
+                raise Unavailable(f"MongoDB at {engine._where()} is unreachable: {_errmsg(exc)}") from None
+            if start is None:  # a pipeline error at open: reported by the first try_next
                 self._pos = _position_of(engine.current_token())
             self._schedule()
             self._pending = self._error_change(exc)
-        except ConnectionFailure as exc:
-            raise Unavailable(f"MongoDB at {engine._where()} is unreachable: {exc}") from None
 
     # -- the port --
 
@@ -845,57 +848,34 @@ class _MongoStream(ChangeStream):
                 return None
             if self._cs is None:
                 wait = self._retry_at - time.monotonic()
-                remaining = deadline - time.monotonic()
+                if wait > deadline - time.monotonic():
+                    gevent.sleep(max(deadline - time.monotonic(), 0))
+                    return None
                 if wait > 0:
-                    if wait > remaining:
-                        gevent.sleep(max(remaining, 0))
-                        return None
                     gevent.sleep(wait)
                 try:
                     self._open()
-                except OperationFailure as exc:
-                    self._schedule()
-                    change = self._error_change(exc)
+                except PyMongoError as exc:
+                    change = self._fault(exc)
                     if change is not None:
                         return change
-                    continue
-                except ConnectionFailure as exc:
-                    log.warning("stream %s: MongoDB unreachable (%s); retrying", self.coll, exc)
-                    self._schedule()
                     continue
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             self._set_await(max(1, min(remaining_ms, self.engine.max_await_ms)))
             try:
                 doc = self._cs.try_next()
-            except OperationFailure as exc:
+            except PyMongoError as exc:
                 self._drop_cursor()
-                if _is_history_error(exc):
-                    self.close()
-                    raise HistoryLost(f"cannot resume the change stream: {_errmsg(exc)}") from None
-                self._schedule()
-                if _is_transient(exc):
-                    log.warning("stream %s: %s; re-opening after the last token", self.coll, _errmsg(exc))
-                    continue
-                change = self._error_change(exc)
+                change = self._fault(exc)
                 if change is not None:
                     return change
-                continue
-            except (ConnectionFailure, InvalidOperation) as exc:
-                self._drop_cursor()
-                self._schedule()
-                if isinstance(exc, InvalidOperation):
-                    change = self._error_change(exc)
-                    if change is not None:
-                        return change
-                    continue
-                log.warning("stream %s: %s; re-opening after the last token", self.coll, exc)
                 continue
             self._backoff.reset()
             if doc is None:
                 if not self._cs.alive:  # cursor closed by the server: an invalidate we filtered out
                     return self._end(self._cs.resume_token)
                 token = self._cs.resume_token
-                if token is not None and (self._pos is None or _position_of(token) > self._pos):
+                if token is not None and _position_of(token) > self._pos:
                     self._pos = _position_of(token)
                 if time.monotonic() >= deadline:
                     return None
@@ -909,26 +889,37 @@ class _MongoStream(ChangeStream):
 
     # -- helpers --
 
+    def _fault(self, exc: PyMongoError) -> Change | None:
+        """Act on an error of open or getMore: retry later, report it, or end (HistoryLost)."""
+        fault = classify(exc)
+        if fault is Fault.HISTORY_LOST:
+            message = f"cannot resume the change stream: {_errmsg(exc)}"
+            self.ended, self.end_reason = True, message
+            self.close()
+            raise HistoryLost(message)
+        self._schedule()
+        if fault is Fault.RESUMABLE:
+            log.warning("stream %s: %s; re-opening after the last token", self.coll, _errmsg(exc))
+            return None
+        return self._error_change(exc)
+
     def _open(self) -> None:
         kwargs: dict = {"full_document": "updateLookup", "max_await_time_ms": self.engine.max_await_ms}
-        if self._pos is not None:
+        if self._pos:
             kwargs["start_after" if self._start_after else "resume_after"] = _bson_token(self._pos.token)
         target = self.engine.db[self.coll]
         try:
             self._cs = target.watch(self.stages, **kwargs)
         except OperationFailure as exc:
-            if exc.code == 260 and "invalidate" in _errmsg(exc) and not self._start_after:
-                # resumeAfter refuses an invalidate token; startAfter takes it (reference §3.3)
+            if exc.code == 260 and "invalidate" in _errmsg(exc) and not self._start_after and self._pos:
+                # resumeAfter refuses an invalidate token; startAfter takes it
                 self._start_after = True
                 kwargs.pop("resume_after", None)
                 kwargs["start_after"] = _bson_token(self._pos.token)
                 self._cs = target.watch(self.stages, **kwargs)
-            elif _is_history_error(exc):
-                self.close()
-                raise HistoryLost(f"cannot resume the change stream: {_errmsg(exc)}") from None
             else:
                 raise
-        if self._pos is None:
+        if not self._pos:
             token = self._cs.resume_token
             self._pos = _position_of(token) if token is not None else _position_of(self.engine.current_token())
 
@@ -966,6 +957,6 @@ class _MongoStream(ChangeStream):
         """The collection was dropped or renamed: report once, then stay closed."""
         if token is not None:
             self._pos = _position_of(token)
-        self.ended = True
+        self.ended, self.end_reason = True, ENDED_MESSAGE % self.coll
         self.close()
         return Change(self._pos, _json_token(self._pos.token), None, error=ENDED_MESSAGE % self.coll)
