@@ -348,11 +348,11 @@ class Watcher:
             changes, fault = self._read()
             if changes:
                 self._dispatch(changes)
+                backoff.reset()  # progress: a later fault is retried quickly again
             if fault is not None:
                 self._recover(fault, backoff)
                 continue
             if changes:
-                backoff.reset()
                 continue
             if self.stream.ended:  # invalidated: the collection was dropped or renamed
                 self.end_subscribers("removed", self.stream.end_reason

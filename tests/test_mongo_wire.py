@@ -247,6 +247,54 @@ def test_history_lost_286_on_open_and_on_get_more(server, engine):
         future()
 
 
+def test_history_lost_in_a_coalesced_batch_ends_in_reset_then_the_live_stream(server, engine, monkeypatch):
+    """The hub over the mongo engine: a getMore brings two events, the next one (the watcher
+    coalescing what else is ready) fails with ChangeStreamHistoryLost. Before, that error
+    was swallowed and the stream, which had closed itself, returned nothing forever: the
+    clients got heartbeats and nothing else. Now: both events, a reset, then live events.
+    """
+    import json
+
+    from services.hub import Hub
+
+    streams = {"streams": [{"uri": "all", "stages": []}]}
+    monkeypatch.setattr(engine, "get_collection", lambda coll: streams)
+    config = {"STREAM_CLIENT_QUEUE": 100, "STREAM_REPLAY_BUFFER": 10, "STREAM_LINGER_SECONDS": 5,
+              "STREAM_MAX_PER_USER": 10, "STREAM_MAX_PER_ADDRESS": 10, "STREAM_MAX_WATCHERS": 10}
+    hub = Hub(engine, config)
+    got: list = []
+
+    class Sink:
+        def write_now(self, batch):
+            got.extend(batch.items)
+
+    future = go(hub.subscribe, "c", "all", None, None, "sse")
+    cursor_reply(recv(server, "aggregate"), [], T0, first=True)
+    sub = future()
+    sub.attach(Sink())
+    try:
+        cursor_reply(recv(server, "getMore"), [event(T1, doc_id=1), event(T2, doc_id=2)], T2)
+        recv(server, "getMore").command_err(
+            286, "Resume of change stream was not possible, as the resume point may no longer be in the oplog.",
+            errorLabels=["NonResumableChangeStreamError"])
+        request = recv(server, "aggregate")  # the watcher starts again from now
+        assert "resumeAfter" not in change_stream_spec(request)
+        cursor_reply(request, [], T2, cursor_id=81, first=True)
+        cursor_reply(recv(server, "getMore"), [event(T3, doc_id=3)], T3, cursor_id=81)
+        cursor_reply(recv(server, "getMore"), [], T3, cursor_id=81)  # nothing else is ready
+        deadline = time.monotonic() + 10
+        while len(got) < 4 and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+        assert [m.kind for m in got] == ["change", "change", "reset", "change"]
+        assert [json.loads(m.data)["documentKey"]["_id"] for m in got if m.kind == "change"] == [1, 2, 3]
+        assert "no longer be in the oplog" in got[2].data and got[2].id == '{"_data":"%s"}' % T2
+        assert sub.ended is None
+    finally:
+        hub.close_all()
+        for watcher in list(hub.watchers.values()):
+            watcher.stop()
+
+
 def test_pipeline_error_is_reported_once_in_band_then_reopens_after_the_last_good_token(server, engine):
     stream, _ = open_stream(server, engine)
     future = go(stream.try_next, 5)
