@@ -654,6 +654,8 @@ class MongoEngine(Engine):
                     self._call(target.insert_one, new)
                 except DuplicateKeyError:
                     continue  # created meanwhile: check it as it is now
+                except OperationFailure as exc:  # e.g. the collection's validator refused it
+                    raise BadRequest(_errmsg(exc)) from None
                 self._bump(coll)
                 return True, new
             guard(old, None)
