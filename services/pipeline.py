@@ -75,7 +75,7 @@ from mongomock import filtering as _mm_filtering
 from mongomock import helpers as _mm_helpers
 
 from . import linear_regex
-from .errors import BadRequest
+from .errors import BadRequest, ChangefeedError
 from .query import check_bson_limits, forbidden_operator, has_dollar_key, shown
 
 __all__ = [
@@ -100,26 +100,24 @@ _LOGICAL = ("$and", "$or", "$nor")
 _MISSING = object()
 
 
-class PipelineError(ValueError):
+class PipelineError(BadRequest):
     """Invalid stream definition; the message names the stream uri and the fault (HTTP 400)."""
 
-    status = 400
 
-
-class VariableError(ValueError):
+class VariableError(BadRequest):
     """A ``$var`` is malformed, misplaced or not bound, e.g. ``variable n not bound`` (HTTP 400)."""
 
-    status = 400
 
-
-class AvarsError(ValueError):
+class AvarsError(BadRequest):
     """The ``?avars=`` query parameter is not acceptable (HTTP 400)."""
 
-    status = 400
 
+class EventError(ChangefeedError):
+    """Evaluating the pipeline on one event failed (message modelled on MongoDB's).
 
-class EventError(Exception):
-    """Evaluating the pipeline on one event failed (message modelled on MongoDB's)."""
+    Raised while a stream runs, after its HTTP response has started: the engine reports it
+    in-band as the stream's error event, never as an HTTP status.
+    """
 
 
 # --------------------------------------------------------------------------------------------

@@ -58,14 +58,15 @@ from mongomock.filtering import filter_applies
 from pymongo.errors import PyMongoError
 
 from . import linear_regex
+from .errors import BadRequest
 
 linear_regex.apply()  # $pull conditions may hold a $regex
 
 __all__ = ["UpdateError", "normalize_patch", "apply_update"]
 
 
-class UpdateError(ValueError):
-    """Bad update input; str(e) is a user-facing message naming the fault (becomes an HTTP 400)."""
+class UpdateError(BadRequest):
+    """Bad update input; the message names the fault for the client (HTTP 400)."""
 
 
 _OPERATORS = frozenset({
