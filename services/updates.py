@@ -57,10 +57,8 @@ from bson.timestamp import Timestamp
 from mongomock.filtering import filter_applies
 from pymongo.errors import PyMongoError
 
-from . import linear_regex
+from . import mongomock_compat  # noqa: F401 - $pull conditions are matched by mongomock
 from .errors import BadRequest
-
-linear_regex.apply()  # $pull conditions may hold a $regex
 
 __all__ = ["UpdateError", "normalize_patch", "apply_update"]
 
