@@ -8,7 +8,6 @@ than a hand-written matcher.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -239,8 +238,3 @@ def run_query(
         return [project(d, projection) for d in page]
     except Exception as exc:  # noqa: BLE001 - mongomock's projector on shapes it does not expect
         raise BadRequest(f"cannot apply the keys projection: {_reason(exc)}") from None
-
-
-def compact_json(value: Any) -> str:
-    """Compact JSON for tokens and messages (no spaces), deterministic key order as given."""
-    return json.dumps(value, separators=(",", ":"))

@@ -19,7 +19,6 @@ they run in gevent's threadpool when the process is monkey-patched (stack-probe 
 from __future__ import annotations
 
 import bisect
-import copy
 import json
 import datetime as dt
 import logging
@@ -570,7 +569,7 @@ class EmbeddedEngine(Engine):
         if guard is not None:
             guard(old, None)  # before the ETag and the operators look at it
         _check_etag(old, if_match, f"document '{_show_id(doc_id)}'")
-        probe, desc = updates.apply_update(old, spec, txn.now)
+        _, desc = updates.apply_update(old, spec, txn.now)  # dry run: is it a no-op?
         if desc is None:
             return False, old  # a no-op update writes nothing and emits nothing (MongoDB §2.6)
         new, desc = updates.apply_update(old, _with_etag(spec), txn.now)
