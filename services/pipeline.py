@@ -14,7 +14,7 @@ stream, optionally passing ``?avars={...}``. This module
   the ``$changeStream`` pipeline for it.
 
 Why mongomock: it is the only small pure-Python evaluator whose ``$match`` semantics were
-verified to match MongoDB for the operators streams use (stack-probe §4.1). Its gaps are
+verified to match MongoDB for the operators streams use (docs/stack-notes.md, section 6). Its gaps are
 closed in two places: here, ``$unset``/``$replaceWith`` are rewritten to
 ``$project``/``$replaceRoot`` and ``$redact`` is implemented; services.mongomock_compat
 patches the rest into mongomock itself (bson ``Timestamp`` ordering, more ``$type`` forms,

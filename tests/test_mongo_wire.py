@@ -9,7 +9,8 @@ sockets, which works (this file proves it by passing).
 
 What this proves and what it cannot: the commands, options and reply handling are
 PyMongo's real code paths; the *server's* behaviour (event shapes, token order, which
-errors carry which labels) is scripted here from reference/mongodb-change-events.md.
+errors carry which labels) is scripted here as MongoDB's documentation, source and the
+drivers' change-streams specification describe it.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ collection and by every event of it that the greenlet sees. While that greenlet 
 connected it returns a fresh value on every call (callers reload: always exact, never stale).
 
 Streams (``_MongoStream``). Positions are ``_data`` hex strings (upper case), which
-compare in event order within a deployment (reference §3.1); the position object also
+compare in event order within a deployment (a token is the hex of a KeyString that starts
+with the event's clusterTime, and upper-case hex keeps byte order); the position object also
 carries its full token (``_typeBits`` kept) for ``token(position)``. Tokens handed to the
 hub are JSON-safe: ``_typeBits``, when present, is Extended JSON ``{"$binary": ...}``.
 
@@ -121,7 +122,8 @@ RS_GHOST_HELP = (
     "`mongosh --eval 'rs.initiate()'` once (the docker compose file in the README does it)."
 )
 _HISTORY_CODES = (286, 280, 260)
-# Pre-4.4 servers put no labels on errors; these codes are transient (reference §4.1).
+# Pre-4.4 servers put no labels on errors; these codes are the ones the drivers' change-streams
+# specification names as resumable for them (43, CursorNotFound, is resumable on any server).
 _TRANSIENT_CODES = frozenset({6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436,
                               63, 150, 13388, 234, 133, 43})
 _META_PIPELINE = [
@@ -214,7 +216,7 @@ def _errmsg(exc: PyMongoError) -> str:
 
 def _is_history_error(exc: OperationFailure) -> bool:
     if exc.code == 280 and "_id field" in _errmsg(exc):
-        return False  # the pipeline modified _id: a pipeline error (reference §5.2)
+        return False  # the pipeline modified _id (also code 280): the stream's error, not lost history
     return exc.code in _HISTORY_CODES
 
 
