@@ -1,7 +1,8 @@
 """gunicorn settings for changefeed (used by `make run`, the live tests and the benchmarks).
 
-Read stack-probe §1 before changing anything here: the worker class, worker_connections,
-preload and the control socket each hide a trap that was measured.
+Read docs/stack-notes.md (sections 1 and 2) before changing anything here: the worker class,
+worker_connections, preload, the control socket and the GC thresholds each avoid a trap
+that was measured.
 """
 
 import gc
@@ -47,7 +48,7 @@ def post_worker_init(worker):
     import gevent
 
     # 10k connections hold ~600k GC-tracked objects; gen-2 collections paused the worker
-    # for 150-450 ms (stack-probe §3). These thresholds removed those pauses.
+    # for 150-450 ms (docs/stack-notes.md, section 2). These thresholds removed those pauses.
     gc.set_threshold(100_000, 50, 1000)
     gc.freeze()
 

@@ -2,7 +2,7 @@
 
 The stock GeventWebSocketWorker answers every handshake with 101 before the app runs, so
 a wrong password gets 101 and a close instead of 401, and it drops gunicorn's access log
-(stack-probe §1.4). Here a handshake runs the Flask app like any request; the app calls
+(docs/stack-notes.md §1). Here a handshake runs the Flask app like any request; the app calls
 `environ["changefeed.websocket_accept"]()` only after auth, the stream lookup and every
 other check passed, and that call writes the 101 and returns gevent-websocket's
 WebSocket. Until then any error is an ordinary HTTP response.

@@ -1,4 +1,4 @@
-"""`python -m bench.attacks [--compare DIR]`: the security issue's floods, measured.
+"""`python -m bench.attacks [--compare DIR]`: floods against the server's limits, measured.
 
 Each scenario starts the real server (gunicorn.conf.py, one worker, default limits),
 runs one attacker in a separate process, and measures what a bystander sees:

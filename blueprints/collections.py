@@ -18,8 +18,8 @@ def _props(body: dict, coll: str) -> dict:
     if "streams" in body:
         try:
             pipeline.validate_streams(body["streams"])
-        except pipeline.PipelineError as exc:
-            raise BadRequest(f"invalid streams of collection '{coll}': {exc}") from None
+        except pipeline.PipelineError as exc:  # a 400 as it is; say which collection
+            raise pipeline.PipelineError(f"invalid streams of collection '{coll}': {exc}") from None
     return body
 
 

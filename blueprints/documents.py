@@ -45,14 +45,6 @@ RESERVED_IDS = frozenset({"_streams", "_meta", "_size", "_indexes", "_aggrs", "_
 BULK = "*"
 
 
-def _validate_acl(doc: Any) -> None:
-    """An ACL document is checked when written (400 naming the fault), not only when loaded."""
-    try:
-        acl.validate_acl_document(doc)
-    except ValueError as exc:  # PredicateError is a ValueError
-        raise BadRequest(f"invalid ACL document: {exc}") from None
-
-
 def _check_id(doc_id: Any) -> Any:
     """Only ids a URL can name: strings, ObjectIds and integers (`?id_type=NUMBER`)."""
     if isinstance(doc_id, str):
@@ -122,7 +114,7 @@ def _prepared(coll: str, doc: dict, grant: Grant, doc_id: Any = None) -> dict:
     if coll == auth.USERS:
         doc = auth.prepare_user(doc, doc_id, keep_hashes=grant.admin, gate=security.bcrypt_gate())
     if coll == ACL:
-        _validate_acl(doc)
+        acl.validate_acl_document(doc)  # checked when written, not only when loaded
     return doc
 
 
@@ -229,10 +221,7 @@ def replace_document(coll: str, doc_id: str):
 
 def _update_spec(coll: str, body: dict, grant: Grant) -> dict:
     """The PATCH body as a validated operator update, with mergeRequest and user rules applied."""
-    try:
-        spec = updates.normalize_patch(body)
-    except updates.UpdateError as exc:
-        raise BadRequest(str(exc)) from None
+    spec = updates.normalize_patch(body)
     for op, fields in spec.items():
         if isinstance(fields, dict) and any(k == "_etag" or k.startswith("_etag.") for k in fields):
             raise BadRequest("_etag is managed by the server and cannot be updated")
@@ -273,8 +262,8 @@ def update_document(coll: str, doc_id: str):
             coll, oid, spec, if_match=request.headers.get("If-Match"), upsert=mode == "upsert",
             guard=grant.write_guard(coll),
         )
-    except updates.UpdateError as exc:
-        raise BadRequest(grant.redact(str(exc))) from None
+    except updates.UpdateError as exc:  # a 400 as it is; without stored values the caller may not see
+        raise updates.UpdateError(grant.redact(exc.message)) from None
     return json_response({"_id": stored["_id"]}, status=201 if created else 200, headers=_etag(stored))
 
 
@@ -289,11 +278,8 @@ def _validate_acl_update(oid: Any, spec: dict, upsert: bool) -> None:
         if "$setOnInsert" in insert_spec:
             insert_spec["$set"] = {**insert_spec.get("$set", {}), **insert_spec.pop("$setOnInsert")}
         spec, current = insert_spec, {"_id": oid}
-    try:
-        result, _ = updates.apply_update(current, spec, datetime.datetime.now(datetime.timezone.utc))
-    except updates.UpdateError as exc:
-        raise BadRequest(str(exc)) from None
-    _validate_acl(result)
+    result, _ = updates.apply_update(current, spec, datetime.datetime.now(datetime.timezone.utc))
+    acl.validate_acl_document(result)
 
 
 @bp.delete("/<coll>/<doc_id>")
@@ -327,8 +313,8 @@ def bulk_update(coll: str):
         raise BadRequest("bulk updates of the acl collection are not supported; PATCH each document")
     try:
         matched, modified = engine().update_many(coll, filter_, spec, grant.write_guard(coll))
-    except updates.UpdateError as exc:
-        raise BadRequest(grant.redact(str(exc))) from None
+    except updates.UpdateError as exc:  # a 400 as it is; without stored values the caller may not see
+        raise updates.UpdateError(grant.redact(exc.message)) from None
     return json_response({"inserted": 0, "deleted": 0, "modified": modified, "matched": matched})
 
 

@@ -1,4 +1,4 @@
-"""One error format for every 4xx/5xx the app writes (RESTHeart's, restheart-behaviour §1.5)."""
+"""One error format for every 4xx/5xx the app writes: RESTHeart's JSON error body."""
 
 from __future__ import annotations
 

@@ -104,8 +104,9 @@ def client_address() -> str:
 def _user_from_token(token: str) -> tuple[dict, int]:
     try:
         claims = current_app.extensions["changefeed.tokens"].verify(token)
-    except TokenError as exc:
-        raise unauthorized(str(exc)) from None
+    except TokenError as exc:  # a 401 as it is; with the challenge every 401 here carries
+        exc.headers = _challenge_headers()
+        raise
     try:
         stored = engine().get_document("users", claims["sub"])
     except Exception:

@@ -1,5 +1,5 @@
 """A bounded reader of the frames a WebSocket client sends (RFC 6455 §5), for a server
-that ignores client data.
+that ignores client data. Section numbers (§) below are RFC 6455's.
 
 gevent-websocket's `ws.receive()` reads a whole message of any size into memory and
 unmasks it one byte at a time in Python, holding the event loop the whole time: one

@@ -84,6 +84,7 @@ from typing import Any
 
 import re2
 
+from .errors import BadRequest
 from .linear_regex import compile_re2
 from .paths import normalize_path
 
@@ -91,6 +92,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "PredicateError",
+    "AclError",
     "RequestInfo",
     "normalize_path",
     "Predicate",
@@ -111,8 +113,13 @@ MAX_PREDICATE_LENGTH = 16384
 MAX_NESTING = 64
 
 
-class PredicateError(ValueError):
-    """A predicate (or ACL document) that does not parse; the message names fault and position."""
+class PredicateError(BadRequest):
+    """A predicate that does not parse; the message names fault and position (HTTP 400)."""
+
+
+class AclError(BadRequest):
+    """An ACL document that cannot be stored as written (HTTP 400); the message starts with
+    ``invalid ACL document:`` and names the fault."""
 
 
 @dataclass(frozen=True)
@@ -1433,7 +1440,16 @@ def _is_number(v: Any) -> bool:
 
 
 def validate_acl_document(doc: dict) -> dict:
-    """Validate an ACL document; raise PredicateError/ValueError naming the fault; return doc."""
+    """Validate an ACL document and return it; :raise AclError: naming the fault."""
+    try:
+        _check_acl_document(doc)
+    except (ValueError, BadRequest) as e:  # the checks below name a fault; say whose
+        raise AclError(f"invalid ACL document: {e}") from None
+    return doc
+
+
+def _check_acl_document(doc: Any) -> None:
+    """Raise ValueError or PredicateError naming what is wrong with an ACL document."""
     if not isinstance(doc, dict):
         raise ValueError("an ACL document must be an object")
     if "roles" not in doc:
@@ -1465,7 +1481,6 @@ def validate_acl_document(doc: dict) -> dict:
     from .permissions import validate_mongo  # the mongo object's meaning lives there
 
     validate_mongo(doc.get("mongo"))
-    return doc
 
 
 @dataclass
@@ -1499,7 +1514,7 @@ def load_permissions(docs: list[dict]) -> list[Permission]:
         try:
             validate_acl_document(doc)
             predicate = parse_predicate(doc["predicate"])
-        except ValueError as e:
+        except (AclError, PredicateError) as e:
             ident = doc.get("_id") if isinstance(doc, dict) else None
             log.warning("ACL document %r skipped: %s", ident, e)
             continue

@@ -56,10 +56,6 @@ class Conflict(ChangefeedError):
     status = 409
 
 
-class PreconditionFailed(ChangefeedError):
-    status = 412
-
-
 class UnsupportedMediaType(ChangefeedError):
     status = 415
 

@@ -489,14 +489,10 @@ class Hub:
         """
         definition = find_stream(self.engine.get_collection(coll), uri)
         stages = list(definition.get("stages", []))
-        try:  # MERGE-TODO: gone once the pipeline's errors are BadRequests
-            avars = pipelines.parse_avars(avars_raw)
-            if grant is not None:
-                stages = grant.stream_stages(stages, avars)
-            compiled = pipelines.compile_pipeline(stages, avars)
-        except (pipelines.AvarsError, pipelines.VariableError, pipelines.PipelineError) as exc:
-            from .errors import BadRequest
-            raise BadRequest(str(exc)) from None
+        avars = pipelines.parse_avars(avars_raw)
+        if grant is not None:
+            stages = grant.stream_stages(stages, avars)
+        compiled = pipelines.compile_pipeline(stages, avars)
         visibility = grant.visibility if grant is not None else None
         resolved = json_util.dumps(compiled.stages, json_options=json_util.CANONICAL_JSON_OPTIONS)
         key = (coll, uri, resolved, repr(visibility) if visibility is not None else None)

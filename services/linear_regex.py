@@ -8,12 +8,14 @@ stalled every stream of the worker until gunicorn killed it. Python cannot inter
 running match, so the only safe evaluator is one without backtracking: Google's RE2
 (`google-re2`), whose matching time is linear in the input.
 
-`apply()` (idempotent, called on import by services.query and services.pipeline) routes
-mongomock's regex evaluation through `compile_linear`. Patterns are cached by
-(pattern, flags). MongoDB's options map onto RE2's: `i` (case-insensitive), `m` (^/$ at
-line breaks), `s` (dot matches newline); `x` (extended) is refused, and so are the
-backtracking-only constructs RE2 does not have (backreferences, lookaround): a 400 that
-says so, where MongoDB's PCRE would run them under its own time limit.
+This module is the RE2 side: `compile_linear` (cached by (pattern, flags)), the `$regex`
+operator `regex_matches`, and `LinearRe`, a stand-in for the `re` module. It patches
+nothing; services.mongomock_compat installs the last two into mongomock.
+
+MongoDB's options map onto RE2's: `i` (case-insensitive), `m` (^/$ at line breaks), `s`
+(dot matches newline); `x` (extended) is refused, and so are the backtracking-only
+constructs RE2 does not have (backreferences, lookaround): a 400 that says so, where
+MongoDB's PCRE would run them under its own time limit.
 """
 
 from __future__ import annotations
@@ -25,8 +27,6 @@ from typing import Any
 import re2
 from bson.regex import Regex
 from mongomock import OperationFailure
-from mongomock import aggregate as _mm_aggregate
-from mongomock import filtering as _mm_filtering
 from mongomock import helpers as _mm_helpers
 
 _SUPPORTED_FLAGS = re.I | re.M | re.S | re.U  # re.U is implied for str patterns
@@ -77,7 +77,7 @@ def _search(regex: Any, text: str) -> bool:
     return compile_linear(pattern, flags & ~re.U).search(text) is not None
 
 
-def _regex(doc_val: Any, regex: Any) -> bool:
+def regex_matches(doc_val: Any, regex: Any) -> bool:
     """mongomock's `_regex` (a document value against a `$regex`), in linear time."""
     if not isinstance(doc_val, (str, list)):
         return False
@@ -85,7 +85,7 @@ def _regex(doc_val: Any, regex: Any) -> bool:
     return any(_search(regex, item) for item in values if isinstance(item, str))
 
 
-class _LinearRe:
+class LinearRe:
     """Stands in for the `re` module inside mongomock's aggregation code: `compile` gives a
     pattern whose `search` is RE2's; the flag constants are re's."""
 
@@ -110,14 +110,3 @@ class _LinearRe:
         if isinstance(pattern, _mm_helpers.RE_TYPE):
             pattern, flags = pattern.pattern, pattern.flags | flags
         return cls._Pattern(pattern, flags)
-
-
-def apply() -> None:
-    """Route mongomock's regex evaluation through RE2 (once per process)."""
-    if getattr(_mm_filtering, "_changefeed_linear_regex", False):
-        return
-    _mm_filtering._regex = _regex  # `$regex` inside queries, `$in` with regexes
-    op_map = _mm_filtering._filterer_inst._operator_map
-    op_map["$regex"] = _mm_filtering._not_nothing_and(_regex)
-    _mm_aggregate.re = _LinearRe  # `$regexMatch` in expressions compiles through `re`
-    _mm_filtering._changefeed_linear_regex = True

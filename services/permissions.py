@@ -306,8 +306,8 @@ class Grant:
         try:
             merged, _ = updates.apply_update(doc, {"$set": self.merge}, dt.datetime.now(dt.timezone.utc))
         except updates.UpdateError as exc:
-            raise BadRequest(f"the body conflicts with the fields the server sets (mongo.mergeRequest): {exc}") \
-                from None
+            raise updates.UpdateError("the body conflicts with the fields the server sets (mongo.mergeRequest): "
+                                      f"{exc}") from None
         return merged
 
     def merged_update(self, spec: dict) -> dict:

@@ -14,16 +14,11 @@ stream, optionally passing ``?avars={...}``. This module
   the ``$changeStream`` pipeline for it.
 
 Why mongomock: it is the only small pure-Python evaluator whose ``$match`` semantics were
-verified to match MongoDB for the operators streams use (stack-probe §4.1). Its gaps are
-closed here: ``$unset``/``$replaceWith`` are rewritten to ``$project``/``$replaceRoot``,
-``$redact`` is implemented here, and a few process-wide, additive patches are applied to
-mongomock at import (see ``_patch_mongomock``): bson ``Timestamp`` ordering (so
-``clusterTime`` can be compared), ``$type`` by number / by list / ``"null"``/``"timestamp"``/
-``"regex"``, ``$mod`` in queries, aggregation comparisons (``$eq``, ``$gt``, ``$cmp`` ...)
-that treat a missing field as MongoDB's "missing" value instead of raising ``KeyError``, and a
-short-circuiting aggregation ``$and``.
-The patches only turn mongomock exceptions into MongoDB-like results; they affect every
-user of mongomock in the process (e.g. ``services/query.py``), which is intended.
+verified to match MongoDB for the operators streams use (docs/stack-notes.md, section 6). Its gaps are
+closed in two places: here, ``$unset``/``$replaceWith`` are rewritten to
+``$project``/``$replaceRoot`` and ``$redact`` is implemented; services.mongomock_compat
+patches the rest into mongomock itself (bson ``Timestamp`` ordering, more ``$type`` forms,
+``$mod``, comparisons with a missing field, a short-circuiting ``$and``, RE2 regexes).
 
 Deliberate departures from RESTHeart / MongoDB:
 
@@ -57,25 +52,20 @@ Deliberate departures from RESTHeart / MongoDB:
 from __future__ import annotations
 
 import json
-import math
 import numbers
-import operator
 import re
 from datetime import datetime
 from typing import Any, Callable
 
 from bson import json_util
-from bson.max_key import MaxKey
-from bson.min_key import MinKey
-from bson.timestamp import Timestamp
 
 import mongomock
-from mongomock import aggregate as _mm_aggregate  # also registers $expr support in filtering
+from mongomock import aggregate as _mm_aggregate
 from mongomock import filtering as _mm_filtering
 from mongomock import helpers as _mm_helpers
 
-from . import linear_regex
-from .errors import BadRequest
+from . import mongomock_compat  # noqa: F401 - MongoDB semantics for the evaluator below
+from .errors import BadRequest, ChangefeedError
 from .query import check_bson_limits, forbidden_operator, has_dollar_key, shown
 
 __all__ = [
@@ -100,127 +90,24 @@ _LOGICAL = ("$and", "$or", "$nor")
 _MISSING = object()
 
 
-class PipelineError(ValueError):
+class PipelineError(BadRequest):
     """Invalid stream definition; the message names the stream uri and the fault (HTTP 400)."""
 
-    status = 400
 
-
-class VariableError(ValueError):
+class VariableError(BadRequest):
     """A ``$var`` is malformed, misplaced or not bound, e.g. ``variable n not bound`` (HTTP 400)."""
 
-    status = 400
 
-
-class AvarsError(ValueError):
+class AvarsError(BadRequest):
     """The ``?avars=`` query parameter is not acceptable (HTTP 400)."""
 
-    status = 400
 
+class EventError(ChangefeedError):
+    """Evaluating the pipeline on one event failed (message modelled on MongoDB's).
 
-class EventError(Exception):
-    """Evaluating the pipeline on one event failed (message modelled on MongoDB's)."""
-
-
-# --------------------------------------------------------------------------------------------
-# mongomock patches (process-wide, additive, idempotent)
-# --------------------------------------------------------------------------------------------
-
-_TYPE_CODES = {
-    1: "double", 2: "string", 3: "object", 4: "array", 5: "binData", 6: "undefined", 7: "objectId",
-    8: "bool", 9: "date", 10: "null", 11: "regex", 13: "javascript", 16: "int", 17: "timestamp",
-    18: "long", 19: "decimal", -1: "minKey", 127: "maxKey",
-}
-
-
-def _patch_mongomock() -> None:
-    """Close the mongomock gaps that matter for change events (see module docstring)."""
-    if getattr(_mm_filtering, "_changefeed_patched", False):
-        return
-
-    original_compare_type = _mm_filtering._get_compare_type
-
-    def _get_compare_type(val: Any) -> int:
-        # BSON order: MinKey < ... ObjectId(35) < Boolean(40) < Date(45) < Timestamp < Regex(50) < MaxKey
-        if isinstance(val, Timestamp):
-            return 47
-        if isinstance(val, MinKey):
-            return -1
-        if isinstance(val, MaxKey):
-            return 127
-        return original_compare_type(val)
-
-    _mm_filtering._get_compare_type = _get_compare_type
-
-    type_map = _mm_filtering.TYPE_MAP
-    re_types = _mm_filtering._RE_TYPES
-    type_map["timestamp"] = lambda v: isinstance(v, Timestamp)
-    type_map["null"] = lambda v: v is None
-    type_map["regex"] = lambda v: isinstance(v, re_types)
-
-    original_type_op = _mm_filtering._type_op
-
-    def _type_op(doc_val: Any, search_val: Any) -> bool:
-        wanted = search_val if isinstance(search_val, (list, tuple)) else [search_val]
-        for alias in wanted:
-            if isinstance(alias, numbers.Number) and not isinstance(alias, bool):
-                alias = _TYPE_CODES.get(int(alias), alias)
-            if original_type_op(doc_val, alias):
-                return True
-        return False
-
-    def _mod(doc_val: Any, search_val: Any) -> bool:
-        if not isinstance(search_val, (list, tuple)) or len(search_val) != 2:
-            raise mongomock.OperationFailure("malformed mod, needs to be an array of 2 elements")
-        divisor, remainder = search_val
-        if not isinstance(divisor, numbers.Number) or not isinstance(remainder, numbers.Number):
-            raise mongomock.OperationFailure("malformed mod, divisor and remainder must be numbers")
-        if int(divisor) == 0:
-            raise mongomock.OperationFailure("divisor cannot be 0")
-        if isinstance(doc_val, bool) or not isinstance(doc_val, numbers.Number):
-            return False
-        if isinstance(doc_val, float) and not math.isfinite(doc_val):
-            return False
-        value, div = int(doc_val), int(divisor)
-        rest = abs(value) % abs(div)  # truncated modulo, like MongoDB
-        return (-rest if value < 0 else rest) == int(remainder)
-
-    op_map = _mm_filtering._filterer_inst._operator_map
-    op_map["$type"] = _type_op
-    op_map["$mod"] = _mm_filtering._not_nothing_and(_mm_filtering._list_expand(_mod))
-
-    def _handle_comparison_operator(self: Any, op: str, values: Any) -> Any:
-        if not isinstance(values, (list, tuple)) or len(values) != 2:
-            raise mongomock.OperationFailure("Expression %s takes exactly 2 arguments" % op)
-        a, b = self._parse_or_nothing(values[0]), self._parse_or_nothing(values[1])
-        if a is _mm_filtering.NOTHING or b is _mm_filtering.NOTHING:
-            # "missing" sorts before every value (including null) and equals only itself
-            rank_a = 0 if a is _mm_filtering.NOTHING else 1
-            rank_b = 0 if b is _mm_filtering.NOTHING else 1
-            cmp = (rank_a > rank_b) - (rank_a < rank_b)
-        elif op in ("$eq", "$ne"):
-            cmp = 0 if a == b else 1
-        else:
-            cmp = 0 if a == b else (1 if _mm_filtering.bson_compare(operator.gt, a, b) else -1)
-        return {
-            "$eq": cmp == 0, "$ne": cmp != 0, "$gt": cmp > 0, "$gte": cmp >= 0,
-            "$lt": cmp < 0, "$lte": cmp <= 0, "$cmp": cmp,
-        }[op]
-
-    original_boolean = _mm_aggregate._Parser._handle_boolean_operator
-
-    def _handle_boolean_operator(self: Any, op: str, values: Any) -> Any:
-        if op == "$and":  # short-circuit like MongoDB (mongomock evaluates every operand)
-            return all(self._parse_to_bool(value) for value in values)
-        return original_boolean(self, op, values)
-
-    _mm_aggregate._Parser._handle_comparison_operator = _handle_comparison_operator
-    _mm_aggregate._Parser._handle_boolean_operator = _handle_boolean_operator
-    _mm_filtering._changefeed_patched = True
-
-
-_patch_mongomock()
-linear_regex.apply()  # regexes in stream stages run on every event: RE2, linear time
+    Raised while a stream runs, after its HTTP response has started: the engine reports it
+    in-band as the stream's error event, never as an HTTP status.
+    """
 
 
 # --------------------------------------------------------------------------------------------

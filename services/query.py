@@ -8,7 +8,6 @@ than a hand-written matcher.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -16,10 +15,8 @@ from typing import Any
 from bson import json_util
 from mongomock import filtering
 
-from . import hidden, linear_regex
+from . import hidden, mongomock_compat  # noqa: F401 - mongomock with MongoDB's semantics (and RE2 regexes)
 from .errors import BadRequest
-
-linear_regex.apply()  # $regex is matched by RE2: no pattern can make a query take exponential time
 
 FORBIDDEN_OPERATORS = ("$where", "$function", "$accumulator")
 MAX_NESTING = 100  # MongoDB refuses documents nested deeper than 100 levels
@@ -241,8 +238,3 @@ def run_query(
         return [project(d, projection) for d in page]
     except Exception as exc:  # noqa: BLE001 - mongomock's projector on shapes it does not expect
         raise BadRequest(f"cannot apply the keys projection: {_reason(exc)}") from None
-
-
-def compact_json(value: Any) -> str:
-    """Compact JSON for tokens and messages (no spaces), deterministic key order as given."""
-    return json.dumps(value, separators=(",", ":"))

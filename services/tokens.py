@@ -19,12 +19,14 @@ import uuid
 
 import jwt
 
+from .errors import Unauthorized
+
 ALGORITHM = "HS256"
 COOKIE_NAME = "changefeed_token"
 
 
-class TokenError(ValueError):
-    """A token that cannot be used: forged, expired, malformed or revoked."""
+class TokenError(Unauthorized):
+    """A token that cannot be used: forged, expired, malformed or revoked (HTTP 401)."""
 
 
 def password_fingerprint(user: dict) -> str:

@@ -5,8 +5,10 @@ cannot tell apart from MongoDB's.  For an operator update (``$set``, ``$inc``,
 ``$push`` ...) MongoDB does *not* diff the pre- and post-image: every update node
 logs its own ``$v: 2`` delta entry, and the change stream flattens that delta into
 ``updateDescription``.  This module applies the operators to a document and
-reproduces those per-operator logging rules (reference:
-``/work/shared/reference/mongodb-change-events.md`` §2.1-§2.3 and §2.6):
+reproduces those per-operator logging rules, as MongoDB 5.0+ has them (the server's
+update-node unit tests show the delta each operator writes, and its change-stream diff
+parser maps every "updated" or "inserted" delta entry to ``updatedFields`` and every
+deleted one to ``removedFields``):
 
 * R1: a changed existing value is logged at its full path with its whole new
   value (sub-documents and arrays set as a whole are not diffed);
@@ -57,15 +59,14 @@ from bson.timestamp import Timestamp
 from mongomock.filtering import filter_applies
 from pymongo.errors import PyMongoError
 
-from . import linear_regex
-
-linear_regex.apply()  # $pull conditions may hold a $regex
+from . import mongomock_compat  # noqa: F401 - $pull conditions are matched by mongomock
+from .errors import BadRequest
 
 __all__ = ["UpdateError", "normalize_patch", "apply_update"]
 
 
-class UpdateError(ValueError):
-    """Bad update input; str(e) is a user-facing message naming the fault (becomes an HTTP 400)."""
+class UpdateError(BadRequest):
+    """Bad update input; the message names the fault for the client (HTTP 400)."""
 
 
 _OPERATORS = frozenset({

@@ -5,6 +5,7 @@ import logging
 import pytest
 
 from services.acl import (
+    AclError,
     Decision,
     PredicateError,
     RequestInfo,
@@ -335,8 +336,10 @@ BAD_DOCS = [
 
 @pytest.mark.parametrize("doc,fault", BAD_DOCS)
 def test_validate_acl_document_errors(doc, fault):
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(AclError) as e:
         validate_acl_document(doc)
+    assert e.value.status == 400
+    assert e.value.message.startswith("invalid ACL document: ")
     assert fault in str(e.value)
 
 

@@ -1,4 +1,5 @@
-"""Headless Chromium against the real server: the tutorial's EventSource clients (issue 3 item 9, issue 4 item 8).
+"""Headless Chromium against the real server: the EventSource clients of RESTHeart's tutorial:
+the public page through the ACL rule alone, and a protected stream with a token in the URL.
 
 The browser is Debian's `chromium`, driven by Playwright for Python with `executable_path`
 (`playwright install` downloads browsers and is never needed). The page is the app's own

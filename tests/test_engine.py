@@ -1,5 +1,5 @@
 """The embedded engine on its own: the change log it writes, resume tokens, retention, and
-several processes writing one data directory at once (issue 2, "Embedded engine").
+several processes writing one data directory at once.
 
 Events are read two ways: through `watch()` (what the stream hub uses) and straight from
 the SQLite file, so a test notices both a wrong event and a wrong log.

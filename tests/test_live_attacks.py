@@ -1,7 +1,7 @@
-"""The security issue's attacks, replayed over real sockets against gunicorn with the real
-gunicorn.conf.py. Each test asserts the refusal and that the worker that served it is the
-same process afterwards (`/_status` pid), i.e. that no request crashed or replaced it.
-Limits are set low through the environment so that the floods stay small here; the same
+"""Attacks on access control and on the server's limits, over real sockets against gunicorn
+with the real gunicorn.conf.py. Each test asserts the refusal and that the worker that
+served it is the same process afterwards (`/_status` pid), i.e. that no request crashed or
+replaced it. Limits are set low through the environment so that the floods stay small here; the same
 floods at the default limits are measured by `python -m bench.attacks` (bench/RESULTS.md).
 """
 

@@ -1,4 +1,4 @@
-"""Access control over real sockets against gunicorn (issue 4): the tutorial's step 6,
+"""Access control over real sockets against gunicorn: step 6 of RESTHeart's tutorial (the ACL rule),
 401/403 on every transport, revocation and token expiry mid-stream, tokens, CORS,
 streams that must not leak, and hostile raw requests no client library would send.
 """

@@ -1,4 +1,4 @@
-"""Streams over real sockets against gunicorn with the real gunicorn.conf.py (issue 3)."""
+"""Streams over real sockets against gunicorn with the real gunicorn.conf.py."""
 
 from __future__ import annotations
 

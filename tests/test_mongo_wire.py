@@ -9,7 +9,8 @@ sockets, which works (this file proves it by passing).
 
 What this proves and what it cannot: the commands, options and reply handling are
 PyMongo's real code paths; the *server's* behaviour (event shapes, token order, which
-errors carry which labels) is scripted here from reference/mongodb-change-events.md.
+errors carry which labels) is scripted here as MongoDB's documentation, source and the
+drivers' change-streams specification describe it.
 """
 
 from __future__ import annotations
@@ -611,3 +612,70 @@ def test_guarded_update_checks_the_computed_result(server, engine):
     recv(server, "find").ok(cursor={"id": 0, "ns": "db.c", "firstBatch": [{"_id": 1, "owner": "bob", "_etag": etag}]})
     with pytest.raises(Forbidden):
         future()  # no findAndModify: the update would move it out of the filter
+
+
+# --------------------------------------------------------------------------- through the HTTP app
+
+VALIDATION_FAILED = {"index": 0, "code": 121, "errmsg": "Document failed validation"}
+
+
+@pytest.fixture
+def mongo_app(server, tmp_path):
+    """The Flask app on the mongo engine; a responder plays a database holding one user,
+    `admin` (password `secret`), one collection `c`, no ACL, and no change streams."""
+    from app import create_app
+    from services.auth import hash_password
+
+    admin = {"_id": "admin", "password": hash_password("secret"), "roles": ["admin"]}
+
+    def database(request):
+        name, doc = request.command_name, request.doc
+        if name == "find":
+            coll, flt = doc["find"], doc.get("filter") or {}
+            if coll == "_properties":
+                found = [{"_id": flt.get("_id", "c"), "props": '{"_id": "_meta"}', "etag": "e"}]
+            elif coll == "users" and flt.get("_id") == "admin":
+                found = [admin]
+            else:
+                found = []
+            return request.ok(cursor={"id": 0, "ns": f"db.{coll}", "firstBatch": found})
+        if name == "aggregate" and "$changeStream" in doc["pipeline"][0]:
+            return request.command_err(40573, "change streams are not scripted here")
+        if name == "aggregate":  # count_documents
+            return request.ok(cursor={"id": 0, "ns": "db.x", "firstBatch": [{"_id": 1, "n": 1}]})
+        return False  # the writes under test: queued for the test to answer
+
+    server.autoresponds(database)
+    eng = MongoEngine(f"mongodb://{server.address_string}/?replicaSet=rs0", "db",
+                      server_selection_timeout_ms=3000)
+    app = create_app({"DATA_DIR": str(tmp_path / "data")}, engine=eng)
+    app.testing = True
+    yield app
+    app.extensions["changefeed.hub"].close_all()
+    eng.close()
+
+
+def put(app, path: str, body: dict):
+    """A PUT as admin in a greenlet, so the test can answer the write it sends."""
+    import base64
+
+    client = app.test_client()
+    auth = "Basic " + base64.b64encode(b"admin:secret").decode()
+    return go(lambda: client.put(path, json=body, headers={"Authorization": auth}))
+
+
+def test_put_whose_replace_the_server_refuses_is_a_400(server, mongo_app):
+    response = put(mongo_app, "/c/1", {"x": 1})
+    recv(server, "update").ok(n=0, writeErrors=[VALIDATION_FAILED])
+    response = response()
+    assert response.status_code == 400, response.get_data(as_text=True)
+    assert response.get_json()["message"] == "Document failed validation"
+
+
+def test_put_whose_guarded_upsert_the_server_refuses_is_a_400(server, mongo_app):
+    # the users collection always has a write guard: read, check, then insert
+    response = put(mongo_app, "/users/bob?wm=upsert", {"password": "pw-of-bob", "roles": ["user"]})
+    recv(server, "insert").ok(n=0, writeErrors=[VALIDATION_FAILED])
+    response = response()
+    assert response.status_code == 400, response.get_data(as_text=True)
+    assert response.get_json()["message"] == "Document failed validation"

@@ -1,6 +1,6 @@
 """The whole `mongo` permission object, in-process: each option on each method it governs.
 
-The attack of the security issue is the backbone: users alice and bob share a collection
+One attack is the backbone: users alice and bob share a collection
 under one rule that gives each a readFilter and writeFilter on `owner`, a mergeRequest that
 stamps `owner`, a projectResponse hiding `secret`, and no management, bulk or write-mode
 rights. Bob must not replace, take over, plant into, read the secret of, redefine or drop

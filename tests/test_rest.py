@@ -1,9 +1,10 @@
-"""The RESTHeart-compatible REST API through Flask's test client (issue 2, "REST API").
+"""The RESTHeart-compatible REST API through Flask's test client.
 
 Every write is checked twice: the HTTP answer, and the change log the engine wrote in the
 same transaction (read straight from its SQLite file). Every refused input is checked
-for its exact status, RESTHeart's error body (restheart-behaviour.md §1.5), and for
-leaving neither a partial document nor a change event behind.
+for its exact status, RESTHeart's error body ({"http status code", "http status
+description", "message"}), and for leaving neither a partial document nor a change event
+behind.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def test_patch_missing_collection_is_404(client):
 
 
 def test_meta_keeps_escaped_keys_as_stored(client):
-    """restheart-behaviour §1.2: `_meta` is returned as stored, `_$match` not unescaped."""
+    """As in RESTHeart, `_meta` is returned as stored: `_$match` is not unescaped."""
     streams = [
         {
             "uri": "all",

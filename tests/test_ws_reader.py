@@ -48,7 +48,7 @@ MIB = 1 << 20
 
 
 def apply_mask(payload: bytes, mask: bytes) -> bytes:
-    """The reference masking of §5.3, one byte at a time (the reader does it differently)."""
+    """Masking as RFC 6455 §5.3 defines it, one byte at a time (the reader does it differently)."""
     return bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 

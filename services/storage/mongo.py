@@ -39,7 +39,8 @@ collection and by every event of it that the greenlet sees. While that greenlet 
 connected it returns a fresh value on every call (callers reload: always exact, never stale).
 
 Streams (``_MongoStream``). Positions are ``_data`` hex strings (upper case), which
-compare in event order within a deployment (MongoDB documents `_data` as ordered); the position object also
+compare in event order within a deployment (a token is the hex of a KeyString that starts
+with the event's clusterTime, and upper-case hex keeps byte order); the position object also
 carries its full token (``_typeBits`` kept) for ``token(position)``. Tokens handed to the
 hub are JSON-safe: ``_typeBits``, when present, is Extended JSON ``{"$binary": ...}``.
 
@@ -125,7 +126,8 @@ RS_GHOST_HELP = (
     "`mongosh --eval 'rs.initiate()'` once (the docker compose file in the README does it)."
 )
 _HISTORY_CODES = (286, 280, 260)
-# Pre-4.4 servers put no labels on errors; MongoDB lists these codes as transient.
+# Pre-4.4 servers put no labels on errors; these codes are the ones the drivers' change-streams
+# specification names as resumable for them (43, CursorNotFound, is resumable on any server).
 _TRANSIENT_CODES = frozenset({6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436,
                               63, 150, 13388, 234, 133, 43})
 _META_PIPELINE = [
@@ -214,7 +216,7 @@ def classify(exc: PyMongoError) -> Fault:
 
     Network errors and a lost cursor are resumable, and so is any error MongoDB labels
     `ResumableChangeStreamError` (4.4 and later) or, from older servers without labels, one
-    of the codes MongoDB documents as transient. ChangeStreamHistoryLost (286),
+    of the codes the drivers' specification names as resumable. ChangeStreamHistoryLost (286),
     ChangeStreamFatalError (280) and InvalidResumeToken (260) mean the position is gone,
     except the 280 that says the pipeline modified `_id`: that is the pipeline's fault, as
     is every other error.
@@ -657,6 +659,8 @@ class MongoEngine(Engine):
                     self._call(target.insert_one, new)
                 except DuplicateKeyError:
                     continue  # created meanwhile: check it as it is now
+                except OperationFailure as exc:  # e.g. the collection's validator refused it
+                    raise BadRequest(_errmsg(exc)) from None
                 self._bump(coll)
                 return True, new
             guard(old, None)
