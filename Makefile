@@ -36,7 +36,9 @@ bench: $(VENV)/.dev-installed
 	ulimit -n 20000 2>/dev/null; $(BIN)/python -m bench --peers
 
 lint: $(VENV)/.dev-installed
-	$(BIN)/python -m pyflakes . 2>/dev/null || true
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

@@ -26,8 +26,11 @@ def _configure_logging(level: str) -> None:
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
-                                               "%Y-%m-%d %H:%M:%S %z"))
+        handler.setFormatter(
+            logging.Formatter(
+                "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S %z"
+            )
+        )
         root.addHandler(handler)
     for name in ("changefeed", "services", "blueprints"):
         logging.getLogger(name).setLevel(level.upper())
@@ -79,8 +82,9 @@ def create_app(config: Mapping[str, Any] | None = None, engine=None) -> Flask:
     app.extensions["changefeed.engine"] = engine
     app.extensions["changefeed.users"] = users
     app.extensions["changefeed.hub"] = hub
-    app.extensions["changefeed.tokens"] = Tokens(load_key(conf["JWT_SECRET"], conf["DATA_DIR"]),
-                                                 conf["TOKEN_TTL_SECONDS"])
+    app.extensions["changefeed.tokens"] = Tokens(
+        load_key(conf["JWT_SECRET"], conf["DATA_DIR"]), conf["TOKEN_TTL_SECONDS"]
+    )
 
     cors.init_app(app)
     security.init_app(app)

@@ -66,8 +66,11 @@ def on_starting(server):
     """Refuse TLS: streams are written straight to the OS socket (blueprints/transports.py),
     which would bypass it."""
     if server.cfg.is_ssl:
-        print("changefeed: refusing to start with certfile/keyfile: it does not terminate TLS; "
-              "put a TLS proxy (nginx, Caddy, a load balancer) in front of it", file=sys.stderr)
+        print(
+            "changefeed: refusing to start with certfile/keyfile: it does not terminate TLS; "
+            "put a TLS proxy (nginx, Caddy, a load balancer) in front of it",
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 

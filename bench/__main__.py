@@ -42,11 +42,26 @@ class Server:
 
     def __init__(self, data_dir: str, **env):
         self.port = free_port()
-        self.env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "DATA_DIR": data_dir,
-                    "LOG_LEVEL": "warning", **{k: str(v) for k, v in env.items()}}
+        self.env = {
+            **os.environ,
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            "DATA_DIR": data_dir,
+            "LOG_LEVEL": "warning",
+            # every load-generator client is admin from one address: lift the per-user and
+            # per-address stream limits (1,000 and 200 by default) above the largest N
+            "STREAM_MAX_PER_USER": "100000",
+            "STREAM_MAX_PER_ADDRESS": "100000",
+            **{k: str(v) for k, v in env.items()},
+        }
         self.log = open(os.path.join(data_dir + ".log"), "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", os.path.join(self.root, "gunicorn.conf.py")],
-                                     cwd=self.root, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", os.path.join(self.root, "gunicorn.conf.py")],
+            cwd=self.root,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.time() + 30
         while time.time() < deadline:
             try:
@@ -59,14 +74,19 @@ class Server:
         self.worker_pid = self.get("/_status")["pid"]
 
     def get(self, path: str):
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", headers={"Authorization": loadgen.AUTH})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", headers={"Authorization": loadgen.AUTH}
+        )
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())
 
     def put(self, path: str, body) -> None:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=json.dumps(body).encode(),
-                                     method="PUT", headers={"Authorization": loadgen.AUTH,
-                                                            "Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}",
+            data=json.dumps(body).encode(),
+            method="PUT",
+            headers={"Authorization": loadgen.AUTH, "Content-Type": "application/json"},
+        )
         urllib.request.urlopen(req, timeout=10).read()
 
     def rss_kb(self) -> int:
@@ -90,7 +110,9 @@ class Server:
         self.log.close()
 
 
-def bursts(server: Server, clients: loadgen.Clients, n_bursts: int, per_burst: int = 1, gap: float = 0.3) -> dict:
+def bursts(
+    server: Server, clients: loadgen.Clients, n_bursts: int, per_burst: int = 1, gap: float = 0.3
+) -> dict:
     """Insert `per_burst` marked documents per burst; time each client's receipt of the last."""
     from_resp, from_send, last_client, cpu = [], [], [], 0.0
     deliveries = 0
@@ -126,7 +148,9 @@ def bursts(server: Server, clients: loadgen.Clients, n_bursts: int, per_burst: i
 def scenario_latency(data_root: str, n: int, n_bursts: int) -> dict:
     server = Server(os.path.join(data_root, f"lat{n}"))
     try:
-        server.put("/bench", {"streams": [{"uri": "all", "stages": [{"$match": {"operationType": "insert"}}]}]})
+        server.put(
+            "/bench", {"streams": [{"uri": "all", "stages": [{"$match": {"operationType": "insert"}}]}]}
+        )
         clients = loadgen.Clients("127.0.0.1", server.port)
         clients.open(n, "/bench/_streams/all", ["sse"])
         result = bursts(server, clients, n_bursts, gap=0.1)
@@ -148,16 +172,26 @@ def scenario_fanout(data_root: str, n: int, kinds: list[str], n_bursts: int) -> 
         single = bursts(server, clients, n_bursts)
         batch = bursts(server, clients, max(3, n_bursts // 2), per_burst=10)
         # deliveries/s: one burst of 10 events reached every client in `last` ms
-        dps = round(n * 10 / (batch["last_client_ms"]["p50"] / 1000)) if batch["last_client_ms"]["p50"] else None
+        dps = (
+            round(n * 10 / (batch["last_client_ms"]["p50"] / 1000))
+            if batch["last_client_ms"]["p50"]
+            else None
+        )
         clients.close()
         time.sleep(2.5)
         rss2 = server.rss_kb()
         status = server.get("/_status")
         return {
-            "n": n, "kinds": kinds, "connect_s": round(connect_s, 2),
-            "rss_per_conn_kb": round((rss1 - rss0) / n, 1), "rss_after_leave_mb": round(rss2 / 1024, 1),
-            "rss_open_mb": round(rss1 / 1024, 1), "clients_after_leave": status["clients"],
-            "single": single, "batch10": batch, "deliveries_per_s": dps,
+            "n": n,
+            "kinds": kinds,
+            "connect_s": round(connect_s, 2),
+            "rss_per_conn_kb": round((rss1 - rss0) / n, 1),
+            "rss_after_leave_mb": round(rss2 / 1024, 1),
+            "rss_open_mb": round(rss1 / 1024, 1),
+            "clients_after_leave": status["clients"],
+            "single": single,
+            "batch10": batch,
+            "deliveries_per_s": dps,
         }
     finally:
         server.stop()
@@ -186,7 +220,9 @@ def scenario_catch_up(data_root: str, missed: int) -> dict:
         token = buf.split(b"id:", 1)[1].split(b"\n", 1)[0].decode()
         s.close()
         for i in range(0, missed, 1000):
-            loadgen.post("127.0.0.1", server.port, "/bench", [{"i": j} for j in range(i, min(missed, i + 1000))])
+            loadgen.post(
+                "127.0.0.1", server.port, "/bench", [{"i": j} for j in range(i, min(missed, i + 1000))]
+            )
         loadgen.post("127.0.0.1", server.port, "/bench", {"marker": "mk-last"})
         time.sleep(0.5)
         s = socket.create_connection(("127.0.0.1", server.port))
@@ -195,8 +231,11 @@ def scenario_catch_up(data_root: str, missed: int) -> dict:
         buf = _read_until(s, b"mk-last", time.time() + 60)
         elapsed = time.perf_counter() - t0
         s.close()
-        return {"missed": missed, "events_received": buf.count(b"event:change"),
-                "seconds_to_last": round(elapsed, 3)}
+        return {
+            "missed": missed,
+            "events_received": buf.count(b"event:change"),
+            "seconds_to_last": round(elapsed, 3),
+        }
     finally:
         server.stop()
 
@@ -205,7 +244,10 @@ def scenario_many_streams(data_root: str, keys: int, per_key: int, n_bursts: int
     """`keys` distinct stream keys (one avars value each) with `per_key` clients each."""
     server = Server(os.path.join(data_root, "many"))
     try:
-        server.put("/bench", {"streams": [{"uri": "mine", "stages": [{"$match": {"fullDocument.k": {"$var": "k"}}}]}]})
+        server.put(
+            "/bench",
+            {"streams": [{"uri": "mine", "stages": [{"$match": {"fullDocument.k": {"$var": "k"}}}]}]},
+        )
         rss0 = server.rss_kb()
         clients = loadgen.Clients("127.0.0.1", server.port)
         groups = {}
@@ -237,9 +279,16 @@ def scenario_many_streams(data_root: str, keys: int, per_key: int, n_bursts: int
             lat += [(a - t_send) * 1000 for a in arrivals]
             deliveries += len(arrivals)
         clients.close()
-        return {"keys": keys, "per_key": per_key, "watchers": watchers, "connect_s": round(connect_s, 1),
-                "rss_per_conn_kb": round((rss1 - rss0) / (keys * per_key), 1), "rss_open_mb": round(rss1 / 1024, 1),
-                "latency": loadgen.summarize(lat), "cpu_ms_per_event": round(cpu / n_bursts * 1000, 2)}
+        return {
+            "keys": keys,
+            "per_key": per_key,
+            "watchers": watchers,
+            "connect_s": round(connect_s, 1),
+            "rss_per_conn_kb": round((rss1 - rss0) / (keys * per_key), 1),
+            "rss_open_mb": round(rss1 / 1024, 1),
+            "latency": loadgen.summarize(lat),
+            "cpu_ms_per_event": round(cpu / n_bursts * 1000, 2),
+        }
     finally:
         server.stop()
 
@@ -265,10 +314,18 @@ def scenario_churn(data_root: str, total: int, window: int, seconds: float) -> d
         elapsed = time.perf_counter() - t0
         time.sleep(3)  # disconnect cleanup (<2 s) and watcher linger (1 s)
         status = server.get("/_status?detail=1")
-        return {"greenlets_before": greenlets0, "greenlets_after": status["greenlets"],
-                "connections": rounds * window, "seconds": round(elapsed, 1), "fds_before": fd0, "fds_after": fds(),
-                "rss_before_mb": round(rss0 / 1024, 1), "rss_after_mb": round(server.rss_kb() / 1024, 1),
-                "clients_after": status["clients"], "watchers_after": status["watchers"]}
+        return {
+            "greenlets_before": greenlets0,
+            "greenlets_after": status["greenlets"],
+            "connections": rounds * window,
+            "seconds": round(elapsed, 1),
+            "fds_before": fd0,
+            "fds_after": fds(),
+            "rss_before_mb": round(rss0 / 1024, 1),
+            "rss_after_mb": round(server.rss_kb() / 1024, 1),
+            "clients_after": status["clients"],
+            "watchers_after": status["watchers"],
+        }
     finally:
         server.stop()
 
@@ -300,16 +357,51 @@ class PeerServer:
         self.log = open(os.path.join(data_dir, f"{name}.log"), "ab")
         env = {**os.environ}
         if name == "sse-starlette":
-            cmd = [sys.executable, "-m", "uvicorn", "bench.peers.starlette_sse:app", "--host", "127.0.0.1",
-                   "--port", str(self.port), "--log-level", "warning", "--no-access-log"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "bench.peers.starlette_sse:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ]
         else:
             redis_port = free_port()
-            self.redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
-                                           "--save", "", "--appendonly", "no"], stdout=self.log, stderr=self.log)
+            self.redis = subprocess.Popen(
+                [
+                    "redis-server",
+                    "--port",
+                    str(redis_port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ],
+                stdout=self.log,
+                stderr=self.log,
+            )
             env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}"
             self.redis_port = redis_port
-            cmd = [sys.executable, "-m", "gunicorn", "-k", "gevent", "--worker-connections", "20000",
-                   "--no-control-socket", "-b", f"127.0.0.1:{self.port}", "bench.peers.flask_sse_app:app"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "-k",
+                "gevent",
+                "--worker-connections",
+                "20000",
+                "--no-control-socket",
+                "-b",
+                f"127.0.0.1:{self.port}",
+                "bench.peers.flask_sse_app:app",
+            ]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 30
         while time.time() < deadline:
@@ -359,7 +451,11 @@ def scenario_peer(data_root: str, name: str, n: int, n_bursts: int) -> dict:
         single = bursts(server, clients, n_bursts)
         batch = bursts(server, clients, max(3, n_bursts // 2), per_burst=10)
         clients.close()
-        dps = round(n * 10 / (batch["last_client_ms"]["p50"] / 1000)) if batch["last_client_ms"]["p50"] else None
+        dps = (
+            round(n * 10 / (batch["last_client_ms"]["p50"] / 1000))
+            if batch["last_client_ms"]["p50"]
+            else None
+        )
         return {"peer": name, "n": n, "single": single, "batch10": batch, "deliveries_per_s": dps}
     except Exception as exc:  # a peer that cannot hold the load is a result, not a crash
         return {"peer": name, "n": n, "error": str(exc)[:300]}
@@ -388,12 +484,20 @@ def main() -> int:
     ap.add_argument("--catch-up", type=int, default=10000)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "RESULTS.md"))
     ap.add_argument("--smoke", action="store_true", help="N=50, a few bursts, no report file")
-    ap.add_argument("--peers", action="store_true", help="also measure sse-starlette and flask-sse "
-                    "(needs `pip install uvicorn sse-starlette flask-sse redis` and Debian's redis-server)")
+    ap.add_argument(
+        "--peers",
+        action="store_true",
+        help="also measure sse-starlette and flask-sse "
+        "(needs `pip install uvicorn sse-starlette flask-sse redis` and Debian's redis-server)",
+    )
     ap.add_argument("--peer-max", type=int, default=5000, help="largest N for the peers")
     ap.add_argument("--only", choices=["churn"], help="run one scenario and print it (no report)")
-    ap.add_argument("--compare", metavar="DIR", help="another checkout (e.g. a git worktree of an older "
-                    "commit) measured side by side: the fan-out scenarios alternate between the two")
+    ap.add_argument(
+        "--compare",
+        metavar="DIR",
+        help="another checkout (e.g. a git worktree of an older "
+        "commit) measured side by side: the fan-out scenarios alternate between the two",
+    )
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -403,8 +507,9 @@ def main() -> int:
     data_root = tempfile.mkdtemp(prefix="changefeed-bench-")
     results: dict = {"machine": machine(), "command": " ".join(["python -m bench", *sys.argv[1:]])}
     if args.only == "churn":
-        results["churn"] = scenario_churn(data_root, 100 if args.smoke else 10000, 50 if args.smoke else 500,
-                                          2 if args.smoke else 60)
+        results["churn"] = scenario_churn(
+            data_root, 100 if args.smoke else 10000, 50 if args.smoke else 500, 2 if args.smoke else 60
+        )
         print(json.dumps(results, indent=1))
         shutil.rmtree(data_root, ignore_errors=True)
         return 0
@@ -424,15 +529,20 @@ def main() -> int:
         results["mixed"] = scenario_fanout(data_root, mixed_n, ["sse", "ws"], n_bursts)
         results["ws_only"] = scenario_fanout(data_root, mixed_n, ["ws"], n_bursts)
         results["catch_up"] = scenario_catch_up(data_root, missed)
-        results["many_streams"] = scenario_many_streams(data_root, 20 if args.smoke else 1000,
-                                                        2 if args.smoke else 10, n_bursts)
-        results["churn"] = scenario_churn(data_root, 100 if args.smoke else 10000, 50 if args.smoke else 500,
-                                          2 if args.smoke else 60)
+        results["many_streams"] = scenario_many_streams(
+            data_root, 20 if args.smoke else 1000, 2 if args.smoke else 10, n_bursts
+        )
+        results["churn"] = scenario_churn(
+            data_root, 100 if args.smoke else 10000, 50 if args.smoke else 500, 2 if args.smoke else 60
+        )
         results["multi_worker"] = scenario_multi_worker(data_root, 20 if args.smoke else 100, n_bursts * 2)
         if args.peers:
             peer_sizes = [n for n in sizes if n <= args.peer_max] or sizes[:1]
-            results["peers"] = [scenario_peer(data_root, name, n, n_bursts)
-                                for n in peer_sizes for name in ("sse-starlette", "flask-sse")]
+            results["peers"] = [
+                scenario_peer(data_root, name, n, n_bursts)
+                for n in peer_sizes
+                for name in ("sse-starlette", "flask-sse")
+            ]
     finally:
         shutil.rmtree(data_root, ignore_errors=True)
     print(json.dumps(results, indent=1))
@@ -443,54 +553,88 @@ def main() -> int:
 
 
 def report(r: dict) -> str:
-    lines = [f"\n## Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n",
-             f"Command: `{r['command']}` (make bench). Machine: {r['machine']}. Load generator: a separate "
-             "process on the same 2 cores (raw sockets + epoll). One gunicorn worker, real gunicorn.conf.py, "
-             "embedded engine.\n",
-             "| scenario | N | p50 ms | p99 ms | max ms | last client p50 ms | CPU µs/delivery | deliveries/s | RSS/conn KB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"\n## Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n",
+        f"Command: `{r['command']}` (make bench). Machine: {r['machine']}. Load generator: a separate "
+        "process on the same 2 cores (raw sockets + epoll). One gunicorn worker, real gunicorn.conf.py, "
+        "embedded engine.\n",
+        "| scenario | N | p50 ms | p99 ms | max ms | last client p50 ms | CPU µs/delivery | deliveries/s "
+        "| RSS/conn KB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     lat = r["latency_100"]
-    lines.append(f"| insert→client (from POST response), SSE | 100 | {lat['from_response']['p50']} | "
-                 f"{lat['from_response']['p99']} | {lat['from_response']['max']} | {lat['last_client_ms']['p50']} | "
-                 f"{lat['cpu_us_per_delivery']} | | |")
+    lines.append(
+        f"| insert→client (from POST response), SSE | 100 | {lat['from_response']['p50']} | "
+        f"{lat['from_response']['p99']} | {lat['from_response']['max']} | {lat['last_client_ms']['p50']} | "
+        f"{lat['cpu_us_per_delivery']} | | |"
+    )
     for f in [*r["fanout"], r["mixed"], r["ws_only"]]:
-        name = {("sse",): "fan-out SSE", ("ws",): "fan-out WebSocket"}.get(tuple(f["kinds"]), "fan-out half SSE / half WS")
+        name = {("sse",): "fan-out SSE", ("ws",): "fan-out WebSocket"}.get(
+            tuple(f["kinds"]), "fan-out half SSE / half WS"
+        )
         if f.get("label"):
             name += f" ({f['label']})"
         s = f["single"]
-        lines.append(f"| {name}, 1 event | {f['n']} | {s['from_send']['p50']} | {s['from_send']['p99']} | "
-                     f"{s['from_send']['max']} | {s['last_client_ms']['p50']} | {s['cpu_us_per_delivery']} | | "
-                     f"{f['rss_per_conn_kb']} |")
+        lines.append(
+            f"| {name}, 1 event | {f['n']} | {s['from_send']['p50']} | {s['from_send']['p99']} | "
+            f"{s['from_send']['max']} | {s['last_client_ms']['p50']} | {s['cpu_us_per_delivery']} | | "
+            f"{f['rss_per_conn_kb']} |"
+        )
         b = f["batch10"]
-        lines.append(f"| {name}, bursts of 10 events | {f['n']} | {b['from_send']['p50']} | {b['from_send']['p99']} | "
-                     f"{b['from_send']['max']} | {b['last_client_ms']['p50']} | {b['cpu_us_per_delivery']} | "
-                     f"{f['deliveries_per_s']} | |")
+        lines.append(
+            f"| {name}, bursts of 10 events | {f['n']} | {b['from_send']['p50']} | {b['from_send']['p99']} | "
+            f"{b['from_send']['max']} | {b['last_client_ms']['p50']} | {b['cpu_us_per_delivery']} | "
+            f"{f['deliveries_per_s']} | |"
+        )
     m = r["many_streams"]
-    lines.append(f"| many streams: {m['keys']} keys x {m['per_key']} clients, 1 event to one key | "
-                 f"{m['keys'] * m['per_key']} | {m['latency']['p50']} | {m['latency']['p99']} | {m['latency']['max']} | | "
-                 f"{m['cpu_ms_per_event']} ms/event | | {m['rss_per_conn_kb']} |")
+    lines.append(
+        f"| many streams: {m['keys']} keys x {m['per_key']} clients, 1 event to one key | "
+        f"{m['keys'] * m['per_key']} | {m['latency']['p50']} | {m['latency']['p99']} | "
+        f"{m['latency']['max']} | | "
+        f"{m['cpu_ms_per_event']} ms/event | | {m['rss_per_conn_kb']} |"
+    )
     w = r["multi_worker"]
-    lines.append(f"| 4 workers, insert→client (from send), SSE | 100 | {w['from_send']['p50']} | "
-                 f"{w['from_send']['p99']} | {w['from_send']['max']} | {w['last_client_ms']['p50']} | | | |")
+    lines.append(
+        f"| 4 workers, insert→client (from send), SSE | 100 | {w['from_send']['p50']} | "
+        f"{w['from_send']['p99']} | {w['from_send']['max']} | {w['last_client_ms']['p50']} | | | |"
+    )
     c = r["catch_up"]
-    lines.append(f"\nCatch-up: a client that missed {c['missed']} events received {c['events_received']} "
-                 f"and the last one after {c['seconds_to_last']} s.\n")
+    lines.append(
+        f"\nCatch-up: a client that missed {c['missed']} events received {c['events_received']} "
+        f"and the last one after {c['seconds_to_last']} s.\n"
+    )
     for f in [*r["fanout"], r["mixed"], r["ws_only"]]:
-        lines.append(f"- N={f['n']} {'/'.join(f['kinds'])}: connect {f['connect_s']} s, RSS {f['rss_open_mb']} MB open, "
-                     f"{f['rss_after_leave_mb']} MB after all left, clients registered after leaving: "
-                     f"{f['clients_after_leave']}")
-    lines.append(f"- Many streams: {m['watchers']} watchers for {m['keys']} keys, RSS {m['rss_open_mb']} MB, "
-                 f"connect {m['connect_s']} s; each event reached only its key's clients.")
+        lines.append(
+            f"- N={f['n']} {'/'.join(f['kinds'])}: connect {f['connect_s']} s, "
+            f"RSS {f['rss_open_mb']} MB open, "
+            f"{f['rss_after_leave_mb']} MB after all left, clients registered after leaving: "
+            f"{f['clients_after_leave']}"
+        )
+    lines.append(
+        f"- Many streams: {m['watchers']} watchers for {m['keys']} keys, RSS {m['rss_open_mb']} MB, "
+        f"connect {m['connect_s']} s; each event reached only its key's clients."
+    )
     ch = r["churn"]
-    lines.append(f"- Churn: {ch['connections']} connects and disconnects (half SSE, half WS) in {ch['seconds']} s; "
-                 f"worker fds {ch['fds_before']} -> {ch['fds_after']}, RSS {ch['rss_before_mb']} -> "
-                 f"{ch['rss_after_mb']} MB, clients {ch['clients_after']}, watchers {ch['watchers_after']} after"
-                 + (f", greenlets {ch['greenlets_before']} -> {ch['greenlets_after']}." if "greenlets_after" in ch else "."))
+    lines.append(
+        f"- Churn: {ch['connections']} connects and disconnects (half SSE, half WS) in {ch['seconds']} s; "
+        f"worker fds {ch['fds_before']} -> {ch['fds_after']}, RSS {ch['rss_before_mb']} -> "
+        f"{ch['rss_after_mb']} MB, clients {ch['clients_after']}, watchers {ch['watchers_after']} after"
+        + (
+            f", greenlets {ch['greenlets_before']} -> {ch['greenlets_after']}."
+            if "greenlets_after" in ch
+            else "."
+        )
+    )
     lines.append(f"- 4 workers: clients spread over {w['workers_seen']} worker processes.")
     if r.get("peers"):
-        lines += ["", "Peers, same harness and machine, in the same run (changefeed figures from the rows above):", "",
-                  "| peer | N | 1 event p99 ms | last client p50 ms | deliveries/s (10-event bursts) | "
-                  "changefeed p99 / peer p99 | changefeed deliveries/s / peer's |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Peers, same harness and machine, in the same run (changefeed figures from the rows above):",
+            "",
+            "| peer | N | 1 event p99 ms | last client p50 ms | deliveries/s (10-event bursts) | "
+            "changefeed p99 / peer p99 | changefeed deliveries/s / peer's |",
+            "|---|---|---|---|---|---|---|",
+        ]
         ours = {f["n"]: f for f in r["fanout"] if not f.get("label")}
         for p in r["peers"]:
             if "error" in p:
@@ -500,7 +644,10 @@ def report(r: dict) -> str:
             p99, dps = p["single"]["from_send"]["p99"], p["deliveries_per_s"]
             r1 = round(mine["single"]["from_send"]["p99"] / p99, 2) if mine and p99 else ""
             r2 = round(mine["deliveries_per_s"] / dps, 2) if mine and dps else ""
-            lines.append(f"| {p['peer']} | {p['n']} | {p99} | {p['single']['last_client_ms']['p50']} | {dps} | {r1} | {r2} |")
+            lines.append(
+                f"| {p['peer']} | {p['n']} | {p99} | {p['single']['last_client_ms']['p50']} | {dps} "
+                f"| {r1} | {r2} |"
+            )
     lines.append("")
     return "\n".join(lines)
 

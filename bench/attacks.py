@@ -40,14 +40,29 @@ import urllib.request
 from .__main__ import ROOT, Server, machine
 from .loadgen import client_frame
 
-STREAMS = {"streams": [{"uri": "all", "stages": []},
-                       {"uri": "mine", "stages": [{"$match": {"fullDocument.name": {"$var": "n"}}}]}]}
-PUBLIC = {"_id": "pub", "predicate": "path-prefix(/messages/_streams)", "priority": 0, "roles": ["$unauthenticated"]}
+STREAMS = {
+    "streams": [
+        {"uri": "all", "stages": []},
+        {"uri": "mine", "stages": [{"$match": {"fullDocument.name": {"$var": "n"}}}]},
+    ]
+}
+PUBLIC = {
+    "_id": "pub",
+    "predicate": "path-prefix(/messages/_streams)",
+    "priority": 0,
+    "roles": ["$unauthenticated"],
+}
 MiB = 1 << 20
 
 
-def _call(port: int, method: str, path: str, body=None, auth: tuple | None = ("admin", "secret"),
-          timeout: float = 30) -> tuple[int, float]:
+def _call(
+    port: int,
+    method: str,
+    path: str,
+    body=None,
+    auth: tuple | None = ("admin", "secret"),
+    timeout: float = 30,
+) -> tuple[int, float]:
     headers = {"Content-Type": "application/json"}
     if auth:
         headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
@@ -79,8 +94,12 @@ def _prober(port: int, seconds: float, out, stop=None) -> None:
 def _flooder(port: int, shape: str, out) -> None:
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
     key = base64.b64encode(os.urandom(16)).decode()
-    s.sendall((f"GET /messages/_streams/all HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    s.sendall(
+        (
+            f"GET /messages/_streams/all HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
     head = b""
     while b"\r\n\r\n" not in head:
         head += s.recv(4096)
@@ -135,8 +154,14 @@ def scenario_ws_flood(data_root: str) -> dict:
             result = fq.get(timeout=5) if not fq.empty() else {"error": "flooder did not report"}
             probe.join(60)
             lat = q.get(timeout=5)
-            result.update({"health_p50_ms": _pct(lat, 0.5), "health_p99_ms": _pct(lat, 0.99),
-                           "health_max_ms": round(max(lat), 1), "health_probes": len(lat)})
+            result.update(
+                {
+                    "health_p50_ms": _pct(lat, 0.5),
+                    "health_p99_ms": _pct(lat, 0.99),
+                    "health_max_ms": round(max(lat), 1),
+                    "health_probes": len(lat),
+                }
+            )
             out[shape] = result
         return out
     finally:
@@ -187,7 +212,9 @@ def scenario_logins(data_root: str) -> dict:
             "unknown_user_ms_median": round(statistics.median(unknown), 1),
             "wrong_password_ms_median": round(statistics.median(wrong), 1),
             "wrong_password_recent_user_ms_median": round(statistics.median(wrong_recent), 1),
-            "guesses_sent": len(codes), "guesses_checked": checked, "guess_seconds": round(elapsed, 2),
+            "guesses_sent": len(codes),
+            "guesses_checked": checked,
+            "guess_seconds": round(elapsed, 2),
             "checked_guesses_per_s": round(checked / elapsed, 1),
             "legit_alone_ms_median": round(statistics.median(legit_alone), 1),
             "legit_under_guessing_ms_median": round(statistics.median(legit), 1) if legit else None,
@@ -224,8 +251,11 @@ def scenario_anon_flood(data_root: str, n: int = 5000) -> dict:
         status = server.get("/_status")
         for s in socks:
             s.close()
-        return {"attempts": n, "answers": {str(k): v for k, v in sorted(counts.items())},
-                "clients_held": status.get("clients")}
+        return {
+            "attempts": n,
+            "answers": {str(k): v for k, v in sorted(counts.items())},
+            "clients_held": status.get("clients"),
+        }
     finally:
         server.stop()
 
@@ -235,7 +265,7 @@ def scenario_bindings(data_root: str, n: int = 3000) -> dict:
     try:
         server.put("/messages", STREAMS)
         auth = "Basic " + base64.b64encode(b"admin:secret").decode()
-        paths = [f'/messages/_streams/mine?avars=%7B%22n%22%3A%22u{i}%22%7D' for i in range(n)]
+        paths = [f"/messages/_streams/mine?avars=%7B%22n%22%3A%22u{i}%22%7D" for i in range(n)]
         socks, counts = _open_many(server.port, paths, auth)
         time.sleep(1)
         status = server.get("/_status")
@@ -244,8 +274,12 @@ def scenario_bindings(data_root: str, n: int = 3000) -> dict:
         idle_cpu = (server.cpu_seconds() - cpu0) / 5
         for s in socks:
             s.close()
-        return {"bindings": n, "answers": {str(k): v for k, v in sorted(counts.items())},
-                "watchers": status.get("watchers"), "idle_cpu_share": round(idle_cpu, 3)}
+        return {
+            "bindings": n,
+            "answers": {str(k): v for k, v in sorted(counts.items())},
+            "watchers": status.get("watchers"),
+            "idle_cpu_share": round(idle_cpu, 3),
+        }
     finally:
         server.stop()
 
@@ -270,8 +304,11 @@ def scenario_far_resume(data_root: str, small: int = 20_000, large: int = 40, cl
         # the token before everything: open a stream, take the id of a first event
         _call(server.port, "POST", "/far", {"first": True}, auth)
         s = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-        s.sendall(b"GET /far/_streams/all HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\nAuthorization: Basic "
-                  + base64.b64encode(b"admin:secret") + b"\r\n\r\n")
+        s.sendall(
+            b"GET /far/_streams/all HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\nAuthorization: Basic "
+            + base64.b64encode(b"admin:secret")
+            + b"\r\n\r\n"
+        )
         _call(server.port, "POST", "/far", {"second": True}, auth)
         data = b""
         while b"id:" not in data:
@@ -279,7 +316,14 @@ def scenario_far_resume(data_root: str, small: int = 20_000, large: int = 40, cl
         token = data.split(b"id:", 1)[1].split(b"\n", 1)[0].decode()
         s.close()
         for i in range(0, small, 1000):
-            _call(server.port, "POST", "/far", [{"n": j} for j in range(i, min(small, i + 1000))], auth, timeout=120)
+            _call(
+                server.port,
+                "POST",
+                "/far",
+                [{"n": j} for j in range(i, min(small, i + 1000))],
+                auth,
+                timeout=120,
+            )
         big = "x" * (4 << 20)
         for i in range(large):
             _call(server.port, "POST", "/far", {"big": i, "payload": big}, auth, timeout=120)
@@ -294,9 +338,13 @@ def scenario_far_resume(data_root: str, small: int = 20_000, large: int = 40, cl
         finished = {}
         for i in range(clients):
             c = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-            c.sendall(("GET /far/_streams/all HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
-                       f"Authorization: Basic {base64.b64encode(b'admin:secret').decode()}\r\n"
-                       f"Last-Event-ID: {token}\r\n\r\n").encode())
+            c.sendall(
+                (
+                    "GET /far/_streams/all HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
+                    f"Authorization: Basic {base64.b64encode(b'admin:secret').decode()}\r\n"
+                    f"Last-Event-ID: {token}\r\n\r\n"
+                ).encode()
+            )
             c.setblocking(False)
             sel.register(c, selectors.EVENT_READ, {"tail": b"", "bytes": 0, "i": i})
         deadline = time.time() + 120
@@ -321,18 +369,29 @@ def scenario_far_resume(data_root: str, small: int = 20_000, large: int = 40, cl
         lat = q.get(timeout=90)
         probe.join(10)
         status = server.get("/_status")
-        return {"small_events": small, "large_events": large, "clients": clients,
-                "clients_finished": len(finished), "seconds_to_last": round(elapsed, 1),
-                "health_p50_ms": _pct(lat, 0.5), "health_p99_ms": _pct(lat, 0.99),
-                "health_max_ms": round(max(lat), 1) if lat else None,
-                "worker_peak_rss_mb": round(_peak_rss_kb(server.worker_pid) / 1024),
-                "same_worker": status.get("pid") == server.worker_pid}
+        return {
+            "small_events": small,
+            "large_events": large,
+            "clients": clients,
+            "clients_finished": len(finished),
+            "seconds_to_last": round(elapsed, 1),
+            "health_p50_ms": _pct(lat, 0.5),
+            "health_p99_ms": _pct(lat, 0.99),
+            "health_max_ms": round(max(lat), 1) if lat else None,
+            "worker_peak_rss_mb": round(_peak_rss_kb(server.worker_pid) / 1024),
+            "same_worker": status.get("pid") == server.worker_pid,
+        }
     finally:
         server.stop()
 
 
-SCENARIOS = {"ws-flood": scenario_ws_flood, "logins": scenario_logins, "anon-flood": scenario_anon_flood,
-             "bindings": scenario_bindings, "far-resume": scenario_far_resume}
+SCENARIOS = {
+    "ws-flood": scenario_ws_flood,
+    "logins": scenario_logins,
+    "anon-flood": scenario_anon_flood,
+    "bindings": scenario_bindings,
+    "far-resume": scenario_far_resume,
+}
 
 
 ROWS = [
@@ -346,9 +405,11 @@ def report(results: dict) -> str:
     """A Markdown section: one table of the floods, one of the logins, per checkout side by side."""
     labels = list(results["runs"])
     runs = results["runs"]
-    out = [f"\n## Security floods, {time.strftime('%Y-%m-%d %H:%M')} UTC\n\n",
-           f"Command: `{results['command']}`. Machine: {results['machine']}. One worker, real gunicorn.conf.py, "
-           "default limits; attacker and `/_health` prober are separate processes on the same 2 cores.\n\n"]
+    out = [
+        f"\n## Security floods, {time.strftime('%Y-%m-%d %H:%M')} UTC\n\n",
+        f"Command: `{results['command']}`. Machine: {results['machine']}. One worker, real gunicorn.conf.py, "
+        "default limits; attacker and `/_health` prober are separate processes on the same 2 cores.\n\n",
+    ]
     out.append("| attack | " + " | ".join(labels) + " |\n|---|" + "---|" * len(labels) + "\n")
 
     def cell(label: str, scenario: str, fmt) -> str:
@@ -360,32 +421,74 @@ def report(results: dict) -> str:
         return fmt(data)
 
     for scenario, shape, title in ROWS:
-        out.append(f"| {title}: sent, close code, `/_health` p50 / p99 / max | " + " | ".join(
-            cell(lb, scenario, lambda d, s=shape: (
-                f"{d[s]['sent_mib']} MiB in {d[s]['seconds']} s, close {d[s]['close_code']}, "
-                f"{d[s]['health_p50_ms']} / {d[s]['health_p99_ms']} / {d[s]['health_max_ms']} ms"))
-            for lb in labels) + " |\n")
-    out.append("| 5,000 anonymous SSE connections from one address: answers | " + " | ".join(
-        cell(lb, "anon-flood", lambda d: ", ".join(f"{v} x {k}" for k, v in d["answers"].items()))
-        for lb in labels) + " |\n")
-    out.append("| 3,000 distinct avars bindings (one user): answers, watchers, idle CPU | " + " | ".join(
-        cell(lb, "bindings", lambda d: (", ".join(f"{v} x {k}" for k, v in d["answers"].items())
-                                         + f"; {d['watchers']} watchers; {round(d['idle_cpu_share'] * 100)} % of a core"))
-        for lb in labels) + " |\n")
-    out.append("| 20 clients resume over 20,000 small + 40 x 4 MiB events: `/_health` p50 / p99 / max, "
-               "worker peak RSS, same worker | " + " | ".join(
-                   cell(lb, "far-resume", lambda d: (f"{d['health_p50_ms']} / {d['health_p99_ms']} / "
-                                                     f"{d['health_max_ms']} ms, {d['worker_peak_rss_mb']} MB, "
-                                                     f"{'yes' if d['same_worker'] else 'no'}"))
-                   for lb in labels) + " |\n")
-    for key, title in (("unknown_user_ms_median", "login, unknown user: median ms"),
-                       ("wrong_password_ms_median", "login, wrong password: median ms"),
-                       ("wrong_password_recent_user_ms_median", "login, wrong password of a remembered user: median ms"),
-                       ("guesses_checked", "of 200 quick guesses for one user, reaching a password check"),
-                       ("legit_under_guessing_ms_median", "legitimate user while 20 clients guess: median ms"),
-                       ("legit_under_guessing_ms_max", "legitimate user while 20 clients guess: max ms")):
-        out.append(f"| {title} | " + " | ".join(cell(lb, "logins", lambda d, k=key: str(d[k])) for lb in labels)
-                   + " |\n")
+        out.append(
+            f"| {title}: sent, close code, `/_health` p50 / p99 / max | "
+            + " | ".join(
+                cell(
+                    lb,
+                    scenario,
+                    lambda d, s=shape: (
+                        f"{d[s]['sent_mib']} MiB in {d[s]['seconds']} s, close {d[s]['close_code']}, "
+                        f"{d[s]['health_p50_ms']} / {d[s]['health_p99_ms']} / {d[s]['health_max_ms']} ms"
+                    ),
+                )
+                for lb in labels
+            )
+            + " |\n"
+        )
+    out.append(
+        "| 5,000 anonymous SSE connections from one address: answers | "
+        + " | ".join(
+            cell(lb, "anon-flood", lambda d: ", ".join(f"{v} x {k}" for k, v in d["answers"].items()))
+            for lb in labels
+        )
+        + " |\n"
+    )
+    out.append(
+        "| 3,000 distinct avars bindings (one user): answers, watchers, idle CPU | "
+        + " | ".join(
+            cell(
+                lb,
+                "bindings",
+                lambda d: (
+                    ", ".join(f"{v} x {k}" for k, v in d["answers"].items())
+                    + f"; {d['watchers']} watchers; {round(d['idle_cpu_share'] * 100)} % of a core"
+                ),
+            )
+            for lb in labels
+        )
+        + " |\n"
+    )
+    out.append(
+        "| 20 clients resume over 20,000 small + 40 x 4 MiB events: `/_health` p50 / p99 / max, "
+        "worker peak RSS, same worker | "
+        + " | ".join(
+            cell(
+                lb,
+                "far-resume",
+                lambda d: (
+                    f"{d['health_p50_ms']} / {d['health_p99_ms']} / "
+                    f"{d['health_max_ms']} ms, {d['worker_peak_rss_mb']} MB, "
+                    f"{'yes' if d['same_worker'] else 'no'}"
+                ),
+            )
+            for lb in labels
+        )
+        + " |\n"
+    )
+    for key, title in (
+        ("unknown_user_ms_median", "login, unknown user: median ms"),
+        ("wrong_password_ms_median", "login, wrong password: median ms"),
+        ("wrong_password_recent_user_ms_median", "login, wrong password of a remembered user: median ms"),
+        ("guesses_checked", "of 200 quick guesses for one user, reaching a password check"),
+        ("legit_under_guessing_ms_median", "legitimate user while 20 clients guess: median ms"),
+        ("legit_under_guessing_ms_max", "legitimate user while 20 clients guess: max ms"),
+    ):
+        out.append(
+            f"| {title} | "
+            + " | ".join(cell(lb, "logins", lambda d, k=key: str(d[k])) for lb in labels)
+            + " |\n"
+        )
     return "".join(out)
 
 
@@ -400,11 +503,16 @@ def main() -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     names = args.only or list(SCENARIOS)
     data_root = tempfile.mkdtemp(prefix="changefeed-attacks-")
-    results: dict = {"machine": machine(), "command": " ".join(["python -m bench.attacks", *sys.argv[1:]]),
-                     "runs": {}}
+    results: dict = {
+        "machine": machine(),
+        "command": " ".join(["python -m bench.attacks", *sys.argv[1:]]),
+        "runs": {},
+    }
     roots = [("this checkout", ROOT)]
     if args.compare:
-        roots.append(("compare: " + os.path.basename(os.path.abspath(args.compare)), os.path.abspath(args.compare)))
+        roots.append(
+            ("compare: " + os.path.basename(os.path.abspath(args.compare)), os.path.abspath(args.compare))
+        )
     try:
         for name in names:
             for label, root in roots:

@@ -35,10 +35,14 @@ class Conn:
 def _request(path: str, kind: str, host: str, extra: str = "") -> bytes:
     if kind == "ws":
         key = base64.b64encode(os.urandom(16)).decode()
-        return (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\nAuthorization: {AUTH}\r\n{extra}\r\n").encode()
-    return (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n"
-            f"Authorization: {AUTH}\r\n{extra}\r\n").encode()
+        return (
+            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\nAuthorization: {AUTH}\r\n{extra}\r\n"
+        ).encode()
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n"
+        f"Authorization: {AUTH}\r\n{extra}\r\n"
+    ).encode()
 
 
 class Clients:
@@ -49,8 +53,15 @@ class Clients:
         self.ep = select.epoll()
         self.conns: dict[int, Conn] = {}
 
-    def open(self, n: int, path: str, kinds: list[str], window: int = 500, timeout: float = 60.0,
-             on_connect: bool = False) -> float:
+    def open(
+        self,
+        n: int,
+        path: str,
+        kinds: list[str],
+        window: int = 500,
+        timeout: float = 60.0,
+        on_connect: bool = False,
+    ) -> float:
         """Open `n` clients; each counts as open at its first stream bytes (or at connect,
         with `on_connect`, for servers that send nothing before the first event)."""
         t0 = time.perf_counter()
@@ -111,7 +122,7 @@ class Clients:
                 end = text.find(b'"', pos + 1)
                 if end < 0:
                     break
-                c.seen.setdefault(text[pos + 1:end].decode(), now)
+                c.seen.setdefault(text[pos + 1 : end].decode(), now)
                 pos = end
             del c.buf[: max(0, len(c.buf) - 64)]
 
@@ -148,8 +159,10 @@ def post(host: str, port: int, path: str, body) -> tuple[float, float]:
     """POST JSON on a fresh connection; return (send time, response time), wall clock."""
     data = json.dumps(body).encode()
     s = socket.create_connection((host, port))
-    req = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {AUTH}\r\nContent-Type: application/json\r\n"
-           f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode() + data
+    req = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {AUTH}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+    ).encode() + data
     t0 = time.time()
     s.sendall(req)
     resp = b""
@@ -183,7 +196,9 @@ def summarize(latencies_ms: list[float]) -> dict:
 
 
 def ws_accept_key(key: str) -> str:
-    return base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+    return base64.b64encode(
+        hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
+    ).decode()
 
 
 def client_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:

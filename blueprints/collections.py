@@ -26,8 +26,11 @@ def _props(body: dict, coll: str) -> dict:
 def _management(coll: str) -> None:
     """PUT, PATCH and DELETE of a collection change it for everyone: mongo.allowManagementRequests."""
     grant = security.grant(coll)
-    grant.require(grant.allow_management, "allowManagementRequests",
-                  f"changing the collection '{coll}' (its properties and stream definitions)")
+    grant.require(
+        grant.allow_management,
+        "allowManagementRequests",
+        f"changing the collection '{coll}' (its properties and stream definitions)",
+    )
 
 
 def _etag_headers(props: dict) -> dict:

@@ -52,7 +52,9 @@ def check_websocket_origin():
         return None
     origin = request.headers.get("Origin")
     if origin and not _same_origin(origin) and not _allowed_origin(origin):
-        raise Forbidden(f"WebSocket connections from origin '{origin}' are not allowed; list it in CORS_ORIGINS")
+        raise Forbidden(
+            f"WebSocket connections from origin '{origin}' are not allowed; list it in CORS_ORIGINS"
+        )
     return None
 
 

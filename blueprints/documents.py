@@ -53,8 +53,10 @@ def _check_id(doc_id: Any) -> Any:
         if not doc_id:
             raise BadRequest("a string _id must not be empty (it could not be addressed by a URL)")
     elif isinstance(doc_id, bool) or not isinstance(doc_id, (ObjectId, int)):
-        raise BadRequest(f"an _id must be a string, an ObjectId or an integer, not {_type_name(doc_id)} "
-                         "(a document with such an id could not be addressed by a URL)")
+        raise BadRequest(
+            f"an _id must be a string, an ObjectId or an integer, not {_type_name(doc_id)} "
+            "(a document with such an id could not be addressed by a URL)"
+        )
     elif isinstance(doc_id, int):
         return int(doc_id)  # 5 and {"$numberLong": "5"} are one _id, as in MongoDB
     return doc_id
@@ -88,7 +90,9 @@ def _url_id(segment: str) -> Any:
         try:
             return ObjectId(text)
         except InvalidId:
-            raise BadRequest(f"id_type=OID needs 24 hexadecimal digits, got '{query.shown(text, 40)}'") from None
+            raise BadRequest(
+                f"id_type=OID needs 24 hexadecimal digits, got '{query.shown(text, 40)}'"
+            ) from None
     if id_type == "NUMBER":
         try:
             number = int(text)
@@ -98,7 +102,9 @@ def _url_id(segment: str) -> Any:
             raise BadRequest("id_type=NUMBER needs an integer that fits in 64 bits")
         return number
     if id_type != "STRING_OID":
-        raise BadRequest(f"illegal id_type parameter: {query.shown(id_type, 40)}; use one of {', '.join(_ID_TYPES)}")
+        raise BadRequest(
+            f"illegal id_type parameter: {query.shown(id_type, 40)}; use one of {', '.join(_ID_TYPES)}"
+        )
     return parse_id(text)
 
 
@@ -228,10 +234,16 @@ def _update_spec(coll: str, body: dict, grant: Grant) -> dict:
         if coll == auth.USERS and isinstance(fields, dict) and any(k.startswith("password") for k in fields):
             if op != "$set" or not isinstance(fields.get("password"), str):
                 raise BadRequest("a user's password can only be set to a new string")
-            fields["password"] = auth.prepare_user({"_id": "x", "password": fields["password"]},
-                                                   keep_hashes=grant.admin, gate=security.bcrypt_gate())["password"]
-        if coll == auth.USERS and op == "$rename" and isinstance(fields, dict) and any(
-            isinstance(to, str) and to.startswith("password") for to in fields.values()
+            fields["password"] = auth.prepare_user(
+                {"_id": "x", "password": fields["password"]},
+                keep_hashes=grant.admin,
+                gate=security.bcrypt_gate(),
+            )["password"]
+        if (
+            coll == auth.USERS
+            and op == "$rename"
+            and isinstance(fields, dict)
+            and any(isinstance(to, str) and to.startswith("password") for to in fields.values())
         ):
             raise BadRequest("a user's password can only be set to a new string")
     for op, fields in spec.items():
@@ -259,7 +271,11 @@ def update_document(coll: str, doc_id: str):
         _validate_acl_update(oid, spec, upsert=mode == "upsert")
     try:
         created, stored = engine().update_document(
-            coll, oid, spec, if_match=request.headers.get("If-Match"), upsert=mode == "upsert",
+            coll,
+            oid,
+            spec,
+            if_match=request.headers.get("If-Match"),
+            upsert=mode == "upsert",
             guard=grant.write_guard(coll),
         )
     except updates.UpdateError as exc:  # a 400 as it is; without stored values the caller may not see
@@ -278,7 +294,7 @@ def _validate_acl_update(oid: Any, spec: dict, upsert: bool) -> None:
         if "$setOnInsert" in insert_spec:
             insert_spec["$set"] = {**insert_spec.get("$set", {}), **insert_spec.pop("$setOnInsert")}
         spec, current = insert_spec, {"_id": oid}
-    result, _ = updates.apply_update(current, spec, datetime.datetime.now(datetime.timezone.utc))
+    result, _ = updates.apply_update(current, spec, datetime.datetime.now(datetime.UTC))
     acl.validate_acl_document(result)
 
 
@@ -286,7 +302,9 @@ def _validate_acl_update(oid: Any, spec: dict, upsert: bool) -> None:
 def delete_document(coll: str, doc_id: str):
     grant = security.grant(coll)
     oid = _check_id(_url_id(doc_id))
-    engine().delete_document(coll, oid, if_match=request.headers.get("If-Match"), guard=grant.write_guard(coll))
+    engine().delete_document(
+        coll, oid, if_match=request.headers.get("If-Match"), guard=grant.write_guard(coll)
+    )
     return empty_response(204)
 
 
@@ -296,8 +314,9 @@ def delete_document(coll: str, doc_id: str):
 def _bulk_filter(grant: Grant) -> dict:
     values = request.args.getlist("filter")
     if not values:
-        raise BadRequest("a bulk write needs a filter parameter, e.g. ?filter={\"_id\":{\"$exists\":true}} "
-                         "for every document")
+        raise BadRequest(
+            'a bulk write needs a filter parameter, e.g. ?filter={"_id":{"$exists":true}} for every document'
+        )
     filter_ = query.parse_filter(values, grant.check_bulk_filter)
     # documents outside the writeFilter are not candidates (the guard checks each one again)
     return {"$and": [grant.write_filter, filter_]} if grant.write_filter else filter_
@@ -330,17 +349,26 @@ def bulk_delete(coll: str):
 
 
 def _only_reads(**_: Any):
-    raise MethodNotAllowed(f"{request.method} is not allowed on this URL; it allows GET, HEAD and OPTIONS",
-                           allow="GET, HEAD, OPTIONS")
+    raise MethodNotAllowed(
+        f"{request.method} is not allowed on this URL; it allows GET, HEAD and OPTIONS",
+        allow="GET, HEAD, OPTIONS",
+    )
 
 
 def _only_bulk_writes(**_: Any):
-    raise MethodNotAllowed(f"{request.method} is not allowed on this URL; it allows PATCH, DELETE and OPTIONS "
-                           "(bulk writes with ?filter=)", allow="PATCH, DELETE, OPTIONS")
+    raise MethodNotAllowed(
+        f"{request.method} is not allowed on this URL; it allows PATCH, DELETE and OPTIONS "
+        "(bulk writes with ?filter=)",
+        allow="PATCH, DELETE, OPTIONS",
+    )
 
 
 _WRITES = ["POST", "PUT", "PATCH", "DELETE"]
-for _path, _name in (("/<coll>/_streams", "streams_writes"), ("/<coll>/_streams/<uri>", "stream_writes"),
-                     ("/<coll>/_meta", "meta_writes"), ("/<coll>/_size", "size_writes")):
+for _path, _name in (
+    ("/<coll>/_streams", "streams_writes"),
+    ("/<coll>/_streams/<uri>", "stream_writes"),
+    ("/<coll>/_meta", "meta_writes"),
+    ("/<coll>/_size", "size_writes"),
+):
     bp.add_url_rule(_path, _name, _only_reads, methods=_WRITES)
 bp.add_url_rule(f"/<coll>/{BULK}", "bulk_others", _only_bulk_writes, methods=["GET", "POST", "PUT"])

@@ -6,7 +6,6 @@ import gc
 import os
 
 import greenlet
-
 from flask import Blueprint, request
 
 from .common import engine, hub, json_response

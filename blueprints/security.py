@@ -122,8 +122,11 @@ def _basic(auth: Any) -> dict:
     key = (client_address(), auth.username)
     wait = throttle.retry_after(key)
     if wait is not None:
-        raise TooManyRequests(f"too many failed logins for user '{auth.username[:100]}' from this address; "
-                              f"try again in {max(1, round(wait))} s", retry_after=wait)
+        raise TooManyRequests(
+            f"too many failed logins for user '{auth.username[:100]}' from this address; "
+            f"try again in {max(1, round(wait))} s",
+            retry_after=wait,
+        )
     user = users().verify(auth.username, auth.password, gate=lambda: throttle.checking(key))
     if not user:
         throttle.failed(key)
@@ -144,8 +147,10 @@ def _credentials(is_stream: bool) -> tuple[dict | None, str, int | None]:
     header = request.headers.get("Authorization", "")
     query_token = request.args.get("access_token")
     if query_token is not None and not is_stream:
-        raise BadRequest("access_token in the query string is accepted on stream URLs only; "
-                         "send 'Authorization: Bearer <token>'")
+        raise BadRequest(
+            "access_token in the query string is accepted on stream URLs only; "
+            "send 'Authorization: Bearer <token>'"
+        )
     if header:
         scheme, _, value = header.partition(" ")
         scheme = scheme.lower()
@@ -169,9 +174,13 @@ def _credentials(is_stream: bool) -> tuple[dict | None, str, int | None]:
 
 
 def request_info(user: dict | None) -> acl.RequestInfo:
-    return acl.RequestInfo(method=request.method, path=canonical_path() or request.environ.get(RAW_PATH, "/"),
-                           query={k: v for k, v in request.args.lists()}, user=user,
-                           body=acl.LazyBody(_json_body))
+    return acl.RequestInfo(
+        method=request.method,
+        path=canonical_path() or request.environ.get(RAW_PATH, "/"),
+        query={k: v for k, v in request.args.lists()},
+        user=user,
+        body=acl.LazyBody(_json_body),
+    )
 
 
 def _json_body() -> Any:
@@ -215,8 +224,10 @@ def check_access() -> None:
     decision = decide(user, request_info(user))
     if not decision.allowed:
         if user is None:
-            raise unauthorized("authentication required: send credentials, or ask for an ACL rule "
-                               "for $unauthenticated on this URL")
+            raise unauthorized(
+                "authentication required: send credentials, or ask for an ACL rule "
+                "for $unauthenticated on this URL"
+            )
         raise Forbidden(f"user '{user['_id']}' is not permitted to {request.method} {path}")
     g.permission = decision.permission
 
@@ -225,14 +236,17 @@ def decide(user: dict | None, info: acl.RequestInfo) -> acl.Decision:
     roles = [acl.UNAUTHENTICATED] if user is None else _roles(user)
     if ADMIN_ROLE in roles:
         return acl.Decision(True, None)
-    return acl.decide(current_app.extensions["changefeed.permissions"].current(), roles, info,
-                      admin_role=ADMIN_ROLE)
+    return acl.decide(
+        current_app.extensions["changefeed.permissions"].current(), roles, info, admin_role=ADMIN_ROLE
+    )
 
 
 def grant(coll: str | None) -> Grant:
     """What the request's permission lets it do on `coll` (admin: everything)."""
     permission = g.get("permission")
-    return Grant.of(permission.mongo if permission is not None else None, g.user, coll, admin=is_admin(g.user))
+    return Grant.of(
+        permission.mongo if permission is not None else None, g.user, coll, admin=is_admin(g.user)
+    )
 
 
 def access_checker(app: Flask):
@@ -299,7 +313,9 @@ def _stream_terms(permission: acl.Permission | None, user: dict | None) -> tuple
 def init_app(app: Flask) -> None:
     app.extensions["changefeed.permissions"] = Permissions(app.extensions["changefeed.engine"])
     app.extensions["changefeed.login_throttle"] = FailureThrottle(
-        app.config["AUTH_MAX_FAILURES"], app.config["AUTH_FAILURE_WINDOW_SECONDS"],
+        app.config["AUTH_MAX_FAILURES"],
+        app.config["AUTH_FAILURE_WINDOW_SECONDS"],
         max_checks_per_address=app.config["AUTH_MAX_CHECKS_PER_ADDRESS"],
-        max_checks=app.config["AUTH_MAX_CHECKS"])
+        max_checks=app.config["AUTH_MAX_CHECKS"],
+    )
     app.before_request(check_access)

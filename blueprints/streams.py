@@ -40,8 +40,13 @@ def list_streams(coll: str):
     out = []
     for stream in props.get("streams") or []:
         if isinstance(stream, dict) and isinstance(stream.get("uri"), str):
-            out.append({"uri": stream["uri"], "url": f"{base}/{coll}/_streams/{stream['uri']}",
-                        "stages": stream.get("stages", [])})
+            out.append(
+                {
+                    "uri": stream["uri"],
+                    "url": f"{base}/{coll}/_streams/{stream['uri']}",
+                    "stages": stream.get("stages", []),
+                }
+            )
     return json_response(out)
 
 
@@ -60,7 +65,9 @@ def _resume_token(raw: str | None):
     try:
         token = json.loads(raw)
     except (ValueError, RecursionError):
-        raise BadRequest(f"Last-Event-ID is not a resume token (expected {{\"_data\": \"...\"}}): {shown(raw)}") from None
+        raise BadRequest(
+            f'Last-Event-ID is not a resume token (expected {{"_data": "..."}}): {shown(raw)}'
+        ) from None
     try:
         engine().position(token)
     except BadRequest as exc:
@@ -117,21 +124,34 @@ def stream(coll: str, uri: str):
         return _draining_sse_response()
     still_allowed = security.access_checker(current_app._get_current_object())
     owner = ("user", g.user["_id"]) if g.user is not None else ("address", security.client_address())
-    sub = hub().subscribe(coll, uri, request.args.get("avars"), token, "websocket" if websocket else "sse",
-                          g.user, grant=grant, owner=owner, access_check=still_allowed,
-                          expires_at=g.auth_expires)
+    sub = hub().subscribe(
+        coll,
+        uri,
+        request.args.get("avars"),
+        token,
+        "websocket" if websocket else "sse",
+        g.user,
+        grant=grant,
+        owner=owner,
+        access_check=still_allowed,
+        expires_at=g.auth_expires,
+    )
     sock = environ.get("gunicorn.sock")
     if sock is None:
         sub.close()
-        raise Unavailable("streams are written to the socket by changefeed's worker: run the server "
-                          "with gunicorn -c gunicorn.conf.py (make run)")
+        raise Unavailable(
+            "streams are written to the socket by changefeed's worker: run the server "
+            "with gunicorn -c gunicorn.conf.py (make run)"
+        )
     if websocket:
         with sub:
             ws = environ["changefeed.websocket_accept"]()
             if ws is None:
                 raise BadRequest("WebSocket handshake failed")
             config = current_app.config
-            transports.serve_websocket(sub, ws, sock, config["WS_MAX_MESSAGE_BYTES"], config["WS_PING_SECONDS"])
+            transports.serve_websocket(
+                sub, ws, sock, config["WS_MAX_MESSAGE_BYTES"], config["WS_PING_SECONDS"]
+            )
         return Response(b"")
     try:
         config = current_app.config
@@ -154,6 +174,7 @@ bp.add_url_rule("/<coll>/_streams/<uri>", "stream_ws", stream, methods=["GET"], 
 
 
 def _draining_sse_response() -> Response:
-    body = sse.retry(current_app.config["SSE_RETRY_MS"]) + transports.encode(end_message("shutdown"),
-                                                                             transports.SSE_PLAIN)
+    body = sse.retry(current_app.config["SSE_RETRY_MS"]) + transports.encode(
+        end_message("shutdown"), transports.SSE_PLAIN
+    )
     return Response(body, status=200, mimetype="text/event-stream", headers=SSE_HEADERS)

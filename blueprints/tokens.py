@@ -26,8 +26,15 @@ def issue_token():
 def issue_cookie():
     token = _issue()
     response = json_response({"token_type": "cookie", "expires_in": token["expires_in"]})
-    response.set_cookie(COOKIE_NAME, token["access_token"], max_age=token["expires_in"], httponly=True,
-                        samesite="Strict", secure=request.is_secure, path="/")
+    response.set_cookie(
+        COOKIE_NAME,
+        token["access_token"],
+        max_age=token["expires_in"],
+        httponly=True,
+        samesite="Strict",
+        secure=request.is_secure,
+        path="/",
+    )
     return response
 
 

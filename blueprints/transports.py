@@ -47,8 +47,16 @@ OVERFLOW_GRACE_SECONDS = 10.0  # an overflowed client's last chance to take its 
 
 # The WebSocket close code of each end reason (RFC 6455 §7.4; 4404 is ours: stream gone).
 CLOSE_CODES = {
-    "shutdown": 1001, "removed": 4404, "overflow": 1008, "revoked": 1008, "expired": 1008,
-    "error": 1011, "gone": 1000, "closed": 1000, "too_big": 1009, "protocol": 1002,
+    "shutdown": 1001,
+    "removed": 4404,
+    "overflow": 1008,
+    "revoked": 1008,
+    "expired": 1008,
+    "error": 1011,
+    "gone": 1000,
+    "closed": 1000,
+    "too_big": 1009,
+    "protocol": 1002,
 }
 # The SSE event name of each end reason: `end` when the client should reconnect (or stop,
 # for a removed stream), the reason itself when the client must act on it first.

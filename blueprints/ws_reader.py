@@ -21,8 +21,8 @@ Whoever iterates the generator answers pings, replies to the close and, on a
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Union
 
 import gevent
 
@@ -72,7 +72,7 @@ class Message:
     size: int
 
 
-Event = Union[Ping, Pong, Close, Message]
+Event = Ping | Pong | Close | Message
 
 
 # ----------------------------------------------------------------------------- errors

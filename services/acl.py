@@ -80,7 +80,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import re2
 
@@ -263,7 +263,7 @@ class _Ctx:
         self.path = path
         self.captures = captures
 
-    def fork(self) -> "_Ctx":
+    def fork(self) -> _Ctx:
         return _Ctx(self.req, self.path, dict(self.captures))
 
 
@@ -368,10 +368,25 @@ def _any_true(results) -> bool | None:
 
 # --------------------------------------------------------------------------- request bodies
 
-UPDATE_OPERATORS = frozenset({
-    "$set", "$unset", "$inc", "$mul", "$push", "$pull", "$addToSet", "$rename", "$min", "$max",
-    "$currentDate", "$pop", "$pullAll", "$setOnInsert", "$bit",
-})
+UPDATE_OPERATORS = frozenset(
+    {
+        "$set",
+        "$unset",
+        "$inc",
+        "$mul",
+        "$push",
+        "$pull",
+        "$addToSet",
+        "$rename",
+        "$min",
+        "$max",
+        "$currentDate",
+        "$pop",
+        "$pullAll",
+        "$setOnInsert",
+        "$bit",
+    }
+)
 # the writers whose argument value is what ends up at the path (None: a plain field)
 _VALUE_WRITERS = (None, "$set", "$setOnInsert")
 _AMBIGUOUS = object()  # writers disagree about the value at a path
@@ -458,7 +473,7 @@ def _at_or_under(t: str, k: str) -> bool:
 
 def _overlaps(t: str, k: str) -> bool:
     """t equals k, is under it or above it; a positional component ($, $[], $[x]) matches any."""
-    for a, b in zip(t.split("."), k.split(".")):
+    for a, b in zip(t.split("."), k.split("."), strict=False):  # the shorter path decides
         if a != b and not _is_positional(a) and not _is_positional(b):
             return False
     return True
@@ -514,7 +529,7 @@ def _bson_equal(a: Any, b: Any) -> bool:
         elif isinstance(x, (list, tuple)) or isinstance(y, (list, tuple)):
             if not (isinstance(x, (list, tuple)) and isinstance(y, (list, tuple))) or len(x) != len(y):
                 return False
-            stack.extend(zip(x, y))
+            stack.extend(zip(x, y, strict=True))
         elif x is None or y is None:
             if not (x is None and y is None):
                 return False
@@ -563,7 +578,7 @@ class _And(Predicate):
         return result
 
     def __repr__(self):
-        return "And(%s)" % ", ".join(map(repr, self.children))
+        return "And({})".format(", ".join(map(repr, self.children)))
 
 
 class _Or(Predicate):
@@ -583,7 +598,7 @@ class _Or(Predicate):
         return None if unknown else False
 
     def __repr__(self):
-        return "Or(%s)" % ", ".join(map(repr, self.children))
+        return "Or({})".format(", ".join(map(repr, self.children)))
 
 
 class _Not(Predicate):
@@ -702,8 +717,10 @@ class _RegexFn(Predicate):
             try:
                 self.compiled = compile_re2(lit, case_sensitive)
             except re2.error:
-                raise PredicateError(f"regex {lit!r} needs backtracking (backreferences or lookaround), which "
-                                     f"is not supported: it could take exponential time at {pattern.pos}") from None
+                raise PredicateError(
+                    f"regex {lit!r} needs backtracking (backreferences or lookaround), which "
+                    f"is not supported: it could take exponential time at {pattern.pos}"
+                ) from None
 
     def _eval(self, ctx):
         value = ctx.path if self.value is None else _resolve_str(self.value, ctx)
@@ -1126,9 +1143,15 @@ _FUNCS: dict[str, tuple[dict, str | None, Any]] = {
     "bson-request-blacklist": ({"keys": "array"}, "keys", _b_body_keys("blacklist")),
     "bson-request-prop-equals": ({"key": "scalar", "value": "scalar"}, None, _b_body_prop_equals),
     "bson-request-array-contains": (
-        {"key": "scalar", "values": "any"}, None, _b_body_array("array-contains")),
+        {"key": "scalar", "values": "any"},
+        None,
+        _b_body_array("array-contains"),
+    ),
     "bson-request-array-is-subset": (
-        {"key": "scalar", "values": "any"}, None, _b_body_array("array-is-subset")),
+        {"key": "scalar", "values": "any"},
+        None,
+        _b_body_array("array-is-subset"),
+    ),
     "true": ({}, None, lambda a, pos: _Const(True)),
     "false": ({}, None, lambda a, pos: _Const(False)),
 }
@@ -1148,7 +1171,7 @@ class _Parser:
         self.depth = 0
 
     # -- lexing helpers
-    def fail(self, msg: str, pos: int | None = None):
+    def fail(self, msg: str, pos: int | None = None) -> NoReturn:
         raise PredicateError(f"{msg} at {self.i if pos is None else pos}")
 
     def what(self, pos: int | None = None) -> str:
@@ -1340,7 +1363,7 @@ class _Parser:
             if nested:
                 self.fail("nested arrays are not allowed")
             self.i += 1
-            items = []
+            items: list = []
             if self.peek() == "}":
                 self.i += 1
                 return _Array(tuple(items), pos)
@@ -1476,8 +1499,10 @@ def _check_acl_document(doc: Any) -> None:
             raise ValueError("priority: must be a finite number")
     unknown = sorted(str(k) for k in doc if k not in ACL_KEYS)
     if unknown:
-        raise ValueError(f"unknown key {', '.join(repr(k) for k in unknown)}; an ACL document has only "
-                         f"{', '.join(ACL_KEYS)} (any other key would be stored and ignored)")
+        raise ValueError(
+            f"unknown key {', '.join(repr(k) for k in unknown)}; an ACL document has only "
+            f"{', '.join(ACL_KEYS)} (any other key would be stored and ignored)"
+        )
     from .permissions import validate_mongo  # the mongo object's meaning lives there
 
     validate_mongo(doc.get("mongo"))

@@ -58,8 +58,12 @@ def _checkpw(password: bytes, hashed: bytes) -> bool:
         return False
 
 
-def prepare_user(doc: dict, doc_id: Any = None, keep_hashes: bool = False,
-                 gate: Callable[[], AbstractContextManager[Any]] = nullcontext) -> dict:
+def prepare_user(
+    doc: dict,
+    doc_id: Any = None,
+    keep_hashes: bool = False,
+    gate: Callable[[], AbstractContextManager[Any]] = nullcontext,
+) -> dict:
     """Validate a user document written through /users and hash its password.
 
     With `keep_hashes` (an admin importing users) a value that is already a bcrypt hash is
@@ -109,8 +113,9 @@ class Users:
             log.info("created user 'admin' with the password from ADMIN_PASSWORD")
         return True
 
-    def verify(self, username: str, password: str,
-               gate: Callable[[], AbstractContextManager[Any]] = nullcontext) -> dict | None:
+    def verify(
+        self, username: str, password: str, gate: Callable[[], AbstractContextManager[Any]] = nullcontext
+    ) -> dict | None:
         """Return the user (without password) if the credentials are right, else None.
 
         `gate()` is entered around every bcrypt check (the login throttle: it may refuse
@@ -124,7 +129,7 @@ class Users:
             user = None
         stored = user.get("password") if user is not None else None
         given = password.encode("utf-8", errors="surrogatepass")
-        if not isinstance(stored, str):
+        if user is None or not isinstance(stored, str):
             with gate():
                 blocking.run_cpu(_checkpw, given, _NO_SUCH_USER)
             return None

@@ -47,6 +47,7 @@ Walks over client input are iterative (no recursion limit, whatever the nesting)
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -62,6 +63,7 @@ _Tree = dict  # segment -> True (hidden/included leaf) | _Tree (an ancestor of l
 # --------------------------------------------------------------------------------------------
 # paths
 # --------------------------------------------------------------------------------------------
+
 
 def _is_index(segment: str) -> bool:
     return segment.isascii() and segment.isdigit()
@@ -84,19 +86,21 @@ def _is_id(segments: tuple[str, ...]) -> bool:
 def _path_fault(path: Any) -> str | None:
     """Why ``path`` cannot be a projectResponse (or always-hidden) path, or None."""
     if not isinstance(path, str):
-        return "field names must be strings, found %r" % (path,)
+        return f"field names must be strings, found {path!r}"
     if not path:
         return "a field name is empty"
     if "\0" in path:
-        return "the field name %r contains a NUL character" % path
+        return f"the field name {path!r} contains a NUL character"
     parts = path.split(".")
     if any(not p for p in parts):
-        return "the field name %r has an empty part" % path
+        return f"the field name {path!r} has an empty part"
     if any(p.startswith("$") for p in parts):
-        return "the field name %r uses '$' (operators and positional projections are not allowed)" % path
+        return f"the field name {path!r} uses '$' (operators and positional projections are not allowed)"
     if any(_is_index(p) for p in parts[1:]):
-        return ("the field name %r holds an array index; name the field without it, a path applies "
-                "to every element of an array" % path)
+        return (
+            f"the field name {path!r} holds an array index; name the field without it, a path applies "
+            "to every element of an array"
+        )
     return None
 
 
@@ -151,6 +155,7 @@ def _listed(paths: list[str], limit: int = 8) -> str:
 # --------------------------------------------------------------------------------------------
 # values
 # --------------------------------------------------------------------------------------------
+
 
 def _copy(value: Any) -> Any:
     """Deep copy of dicts and lists (iterative); other values are shared (immutable leaves)."""
@@ -217,6 +222,7 @@ def _include(value: Any, tree: _Tree) -> Any:
 # validation
 # --------------------------------------------------------------------------------------------
 
+
 def _include_document(doc: dict, tree: _Tree, keep_id: bool = True) -> dict:
     """An inclusion projection of a whole document: `_id` (unless `keep_id` is false) and
     the paths of `tree`."""
@@ -239,8 +245,11 @@ def _include_document(doc: dict, tree: _Tree, keep_id: bool = True) -> dict:
 def _flag(value: Any) -> int | None:
     if isinstance(value, bool):
         return int(value)
-    if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)) \
-            and value in (0, 1):
+    if (
+        isinstance(value, (int, float))
+        and not (isinstance(value, float) and math.isnan(value))
+        and value in (0, 1)
+    ):
         return int(value)
     return None
 
@@ -254,8 +263,9 @@ def validate_projection(spec: Any) -> dict:
     collision"), or any attempt to hide or reshape ``_id``.
     """
     if not isinstance(spec, dict):
-        raise ValueError("must be an object (a MongoDB projection such as {'secret': 0}), found %s"
-                         % type(spec).__name__)
+        raise ValueError(
+            f"must be an object (a MongoDB projection such as {{'secret': 0}}), found {type(spec).__name__}"
+        )
     if not spec:
         raise ValueError("must not be empty (use null to hide nothing)")
     out: dict[str, int] = {}
@@ -265,22 +275,28 @@ def validate_projection(spec: Any) -> dict:
             raise ValueError(fault)
         flag = _flag(value)
         if flag is None:
-            raise ValueError("the value of %r must be 0, 1, true or false, found %r" % (key, value))
+            raise ValueError(f"the value of {key!r} must be 0, 1, true or false, found {value!r}")
         if key == "_id" and flag == 0:
-            raise ValueError("cannot hide _id: _id names the document in URLs and change events, "
-                             "so it is always shown")
+            raise ValueError(
+                "cannot hide _id: _id names the document in URLs and change events, so it is always shown"
+            )
         if key.startswith("_id."):
-            raise ValueError("cannot project %r: _id names the document in URLs and change events, "
-                             "so it is always shown whole" % key)
+            raise ValueError(
+                f"cannot project {key!r}: _id names the document in URLs and change events, "
+                "so it is always shown whole"
+            )
         out[key] = flag
     flags = {flag for key, flag in out.items() if key != "_id"}
     if len(flags) > 1:
-        raise ValueError("cannot mix inclusion (1) and exclusion (0) of fields other than _id: %s"
-                         % _listed(["%s: %d" % item for item in out.items()]))
+        raise ValueError(
+            "cannot mix inclusion (1) and exclusion (0) of fields other than _id: {}".format(
+                _listed([f"{name}: {flag}" for name, flag in out.items()])
+            )
+        )
     ordered = sorted(out, key=lambda k: k.split("."))
-    for shorter, longer in zip(ordered, ordered[1:]):
+    for shorter, longer in itertools.pairwise(ordered):
         if longer.startswith(shorter + "."):
-            raise ValueError("path collision: %r is inside %r; keep only one of them" % (longer, shorter))
+            raise ValueError(f"path collision: {longer!r} is inside {shorter!r}; keep only one of them")
     return out
 
 
@@ -308,8 +324,9 @@ _REFUSED_EXPRESSION_OPERATORS = {
     "$where": "it runs code over the whole document",
 }
 _WHOLE_VARIABLES = ("ROOT", "CURRENT")
-_STAGES = frozenset({"$match", "$project", "$addFields", "$set", "$unset", "$replaceRoot",
-                     "$replaceWith", "$redact"})
+_STAGES = frozenset(
+    {"$match", "$project", "$addFields", "$set", "$unset", "$replaceRoot", "$replaceWith", "$redact"}
+)
 
 
 def _is_query_document(arg: Any) -> bool:
@@ -326,21 +343,31 @@ def _descends_only(ops: dict) -> bool:
     for op, arg in ops.items():
         if op == "$elemMatch" and _is_query_document(arg):
             continue
-        if op == "$all" and isinstance(arg, list) and arg and all(
+        if (
+            op == "$all"
+            and isinstance(arg, list)
+            and arg
+            and all(
                 isinstance(x, dict) and list(x) == ["$elemMatch"] and _is_query_document(x["$elemMatch"])
-                for x in arg):
+                for x in arg
+            )
+        ):
             continue
         return False
     return bool(ops)
 
 
 def _refuse(where: str, construct: str, reason: str) -> Forbidden:
-    return Forbidden("%s: %s is not allowed when your permission hides fields (%s)"
-                     % (where, construct, reason))
+    return Forbidden(f"{where}: {construct} is not allowed when your permission hides fields ({reason})")
 
 
-def _walk(where: str, check_path: Callable[[str], None], query: Any = None, expression: Any = None,
-          check_container: Callable[[str], None] | None = None) -> None:
+def _walk(
+    where: str,
+    check_path: Callable[[str], None],
+    query: Any = None,
+    expression: Any = None,
+    check_container: Callable[[str], None] | None = None,
+) -> None:
     """Check every path a query (and/or an aggregation expression) reads with ``check_path``;
     raise Forbidden for constructs that read fields without naming them.
 
@@ -513,7 +540,7 @@ class Visibility:
         return cls(spec, always)
 
     def __repr__(self) -> str:
-        return "Visibility(%r, always_hidden=%r)" % (self.projection, self.always_hidden)
+        return f"Visibility({self.projection!r}, always_hidden={self.always_hidden!r})"
 
     @property
     def hides_anything(self) -> bool:
@@ -526,8 +553,9 @@ class Visibility:
         if self._include is not None:
             parts.append("shows only " + _listed(["_id"] + _leaves(self._include)))
         if self._exclude:
-            parts.append(("always hides " if self._include is not None else "hides ")
-                         + _listed(_leaves(self._exclude)))
+            parts.append(
+                ("always hides " if self._include is not None else "hides ") + _listed(_leaves(self._exclude))
+            )
         return "; ".join(parts)
 
     # -- which paths are hidden --
@@ -550,7 +578,7 @@ class Visibility:
             if node is True:
                 return ""
             if node is not None:
-                return "it contains the hidden field '%s'" % _leaves(node, ".".join(segments))[0]
+                return "it contains the hidden field '{}'".format(_leaves(node, ".".join(segments))[0])
         return None
 
     def reveals(self, path: str) -> bool:
@@ -577,8 +605,11 @@ class Visibility:
     def _check(self, path: str, where: str, shown: str | None = None) -> None:
         reason = self._why_hidden(path)
         if reason is not None:
-            raise Forbidden("%s: the field '%s' is hidden by your permission%s"
-                            % (where, path if shown is None else shown, " (%s)" % reason if reason else ""))
+            raise Forbidden(
+                "{}: the field '{}' is hidden by your permission{}".format(
+                    where, path if shown is None else shown, f" ({reason})" if reason else ""
+                )
+            )
 
     # -- A: projecting what the client receives --
 
@@ -642,11 +673,15 @@ class Visibility:
             elif key == "removedFields" and isinstance(value, list):
                 out[key] = [_copy(p) for p in value if not (isinstance(p, str) and self._entirely_hidden(p))]
             elif key == "truncatedArrays" and isinstance(value, list):
-                out[key] = [_copy(t) for t in value
-                            if not (isinstance(t, dict) and self._entirely_hidden(t.get("field")))]
+                out[key] = [
+                    _copy(t)
+                    for t in value
+                    if not (isinstance(t, dict) and self._entirely_hidden(t.get("field")))
+                ]
             elif key == "disambiguatedPaths" and isinstance(value, dict):
-                out[key] = {p: _copy(v) for p, v in value.items()
-                            if p not in dropped and not self._entirely_hidden(p)}
+                out[key] = {
+                    p: _copy(v) for p, v in value.items() if p not in dropped and not self._entirely_hidden(p)
+                }
             else:
                 out[key] = _copy(value)
         return out
@@ -687,8 +722,12 @@ class Visibility:
         arguments are literals.
         """
         if flt:
-            _walk(where, lambda path: self._check(path, where), query=flt,
-                  check_container=lambda path: self._check_container(path, where))
+            _walk(
+                where,
+                lambda path: self._check(path, where),
+                query=flt,
+                check_container=lambda path: self._check_container(path, where),
+            )
 
     def check_expression(self, expression: Any, where: str = "expression") -> None:
         """Raise Forbidden if the aggregation expression reads hidden data.
@@ -725,26 +764,28 @@ class Visibility:
 
     def _check_overwrite(self, path: str, where: str) -> None:
         if _segments(path) is None:
-            raise Forbidden("%s: invalid field path '%s'" % (where, path))
+            raise Forbidden(f"{where}: invalid field path '{path}'")
         # every proper prefix as written: 'secret.0' writes into 'secret' (an array index is
         # still inside it), so the index must not be skipped here
         parts = path.split(".")
         for i in range(1, len(parts)):
             inside = ".".join(parts[:i])
             if self._entirely_hidden(inside):
-                raise Forbidden("%s: the field '%s' is hidden by your permission; it can be replaced "
-                                "as a whole but not written into" % (where, inside))
+                raise Forbidden(
+                    f"{where}: the field '{inside}' is hidden by your permission; it can be replaced "
+                    "as a whole but not written into"
+                )
 
     def _check_container(self, path: str, where: str) -> None:
         if self._entirely_hidden(path):
-            raise Forbidden("%s: the field '%s' is hidden by your permission" % (where, path))
+            raise Forbidden(f"{where}: the field '{path}' is hidden by your permission")
 
     def check_sort(self, sort: Iterable[Any] | dict | None, where: str = "sort") -> None:
         """Raise Forbidden if a sort key is hidden or holds hidden data (``(path, direction)``
         pairs, a ``{path: direction}`` object, or bare paths)."""
         if not sort:
             return
-        for item in (sort.keys() if isinstance(sort, dict) else sort):
+        for item in sort.keys() if isinstance(sort, dict) else sort:
             self._check(item if isinstance(item, str) else item[0], where)
 
     def check_keys(self, keys: dict | None, where: str = "keys") -> None:
@@ -770,20 +811,19 @@ class Visibility:
             if not isinstance(stage, dict):
                 continue
             for name, arg in stage.items():
-                here = "%s stage %d (%s)" % (where, index, name)
+                here = f"{where} stage {index} ({name})"
 
                 def check(path: str, here: str = here) -> None:
                     kind, detail = _event_field(path)
                     if kind == "whole":
-                        raise Forbidden("%s: the field '%s' is hidden by your permission (%s)"
-                                        % (here, path, detail))
+                        raise Forbidden(f"{here}: the field '{path}' is hidden by your permission ({detail})")
                     if kind == "doc":
                         self._check(detail, here, shown=path)
 
                 def container(path: str, here: str = here) -> None:
                     kind, detail = _event_field(path)
                     if kind == "whole" or (kind == "doc" and self._entirely_hidden(detail)):
-                        raise Forbidden("%s: the field '%s' is hidden by your permission" % (here, path))
+                        raise Forbidden(f"{here}: the field '{path}' is hidden by your permission")
 
                 if name == "$match":
                     _walk(here, check, query=arg, check_container=container)

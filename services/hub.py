@@ -89,8 +89,15 @@ class Message:
 
     __slots__ = ("kind", "data", "position", "id", "reason", "text", "wire")
 
-    def __init__(self, kind: str, data: str, position: Any = None, id: str | None = None,
-                 reason: str = "", text: str = ""):
+    def __init__(
+        self,
+        kind: str,
+        data: str,
+        position: Any = None,
+        id: str | None = None,
+        reason: str = "",
+        text: str = "",
+    ):
         self.kind = kind  # "change" | "error" | "reset" | "end"
         self.data = data
         self.position = position  # set for changes only
@@ -174,12 +181,36 @@ class Subscriber:
     any path, undoes the registration.
     """
 
-    __slots__ = ("hub", "watcher", "transport", "limit", "user", "owner", "pending", "wake", "ended",
-                 "position", "skip_through", "catch_up_from", "catch_up_upto", "access_check", "sink",
-                 "on_end", "expiry", "__weakref__")
+    __slots__ = (
+        "hub",
+        "watcher",
+        "transport",
+        "limit",
+        "user",
+        "owner",
+        "pending",
+        "wake",
+        "ended",
+        "position",
+        "skip_through",
+        "catch_up_from",
+        "catch_up_upto",
+        "access_check",
+        "sink",
+        "on_end",
+        "expiry",
+        "__weakref__",
+    )
 
-    def __init__(self, hub: Hub, watcher: Watcher, transport: str, user: Any = None, owner: Any = None,
-                 access_check: Callable[[dict], bool] | None = None):
+    def __init__(
+        self,
+        hub: Hub,
+        watcher: Watcher,
+        transport: str,
+        user: Any = None,
+        owner: Any = None,
+        access_check: Callable[[dict], bool] | None = None,
+    ):
         self.hub = hub
         self.watcher = watcher
         self.transport = transport  # "sse" | "websocket", for status
@@ -320,8 +351,16 @@ class Subscriber:
 class Watcher:
     """The change-stream loop of one stream key, shared by all its subscribers in this process."""
 
-    def __init__(self, hub: Hub, key: tuple, coll: str, uri: str, definition: str,
-                 pipeline: pipelines.Pipeline, visibility: Visibility | None = None):
+    def __init__(
+        self,
+        hub: Hub,
+        key: tuple,
+        coll: str,
+        uri: str,
+        definition: str,
+        pipeline: pipelines.Pipeline,
+        visibility: Visibility | None = None,
+    ):
         self.hub = hub
         self.key = key
         self.coll = coll
@@ -355,8 +394,9 @@ class Watcher:
             if changes:
                 continue
             if self.stream.ended:  # invalidated: the collection was dropped or renamed
-                self.end_subscribers("removed", self.stream.end_reason
-                                     or f"collection '{self.coll}' was dropped or renamed")
+                self.end_subscribers(
+                    "removed", self.stream.end_reason or f"collection '{self.coll}' was dropped or renamed"
+                )
                 self.stop()
                 return
             if not self.subscribers and time.monotonic() - self.idle_since >= self.hub.linger:
@@ -480,8 +520,9 @@ class Hub:
 
     # -- opening --
 
-    def prepare(self, coll: str, uri: str, avars_raw: str | None,
-                grant: Grant | None = None) -> tuple[tuple, str, pipelines.Pipeline]:
+    def prepare(
+        self, coll: str, uri: str, avars_raw: str | None, grant: Grant | None = None
+    ) -> tuple[tuple, str, pipelines.Pipeline]:
         """Find the stream definition and bind its variables; 404/400/403 before any response.
 
         `grant` is the caller's permission (None: nothing restricted): its readFilter and
@@ -498,10 +539,19 @@ class Hub:
         key = (coll, uri, resolved, repr(visibility) if visibility is not None else None)
         return key, json.dumps(definition, sort_keys=True), compiled
 
-    def subscribe(self, coll: str, uri: str, avars_raw: str | None, resume: dict | None,
-                  transport: str, user: Any = None, grant: Grant | None = None, owner: Any = None,
-                  access_check: Callable[[dict], bool] | None = None,
-                  expires_at: float | None = None) -> Subscriber:
+    def subscribe(
+        self,
+        coll: str,
+        uri: str,
+        avars_raw: str | None,
+        resume: dict | None,
+        transport: str,
+        user: Any = None,
+        grant: Grant | None = None,
+        owner: Any = None,
+        access_check: Callable[[dict], bool] | None = None,
+        expires_at: float | None = None,
+    ) -> Subscriber:
         """Register a subscriber on its stream key, resuming after `resume` when given.
 
         Everything that can refuse (503, 429, 404, 400, 403) happens before the
@@ -516,18 +566,22 @@ class Hub:
             if self.open_by_owner.get(owner, 0) >= limit:
                 who = f"user '{owner[1]}'" if owner[0] == "user" else "this address"
                 setting = "STREAM_MAX_PER_USER" if owner[0] == "user" else "STREAM_MAX_PER_ADDRESS"
-                raise TooManyRequests(f"{who} already has {limit} open streams on this server ({setting}); "
-                                      "close one first")
+                raise TooManyRequests(
+                    f"{who} already has {limit} open streams on this server ({setting}); close one first"
+                )
         key, definition, compiled = self.prepare(coll, uri, avars_raw, grant)
         resume_pos = self.engine.position(resume) if resume is not None else None
         # From here to the registration nothing may yield, so no event slips between.
         watcher = self.watchers.get(key)
         if watcher is None or watcher.stopped:
             if len(self.watchers) >= self.max_watchers:
-                raise TooManyRequests(f"this server already serves {self.max_watchers} distinct streams "
-                                      "(STREAM_MAX_WATCHERS); try again later")
-            watcher = Watcher(self, key, coll, uri, definition, compiled,
-                              grant.visibility if grant is not None else None)
+                raise TooManyRequests(
+                    f"this server already serves {self.max_watchers} distinct streams "
+                    "(STREAM_MAX_WATCHERS); try again later"
+                )
+            watcher = Watcher(
+                self, key, coll, uri, definition, compiled, grant.visibility if grant is not None else None
+            )
             self.watchers[key] = watcher
         sub = Subscriber(self, watcher, transport, user, owner, access_check)
         live_from = watcher.position
@@ -544,8 +598,9 @@ class Hub:
         if owner is not None:
             self.open_by_owner[owner] = self.open_by_owner.get(owner, 0) + 1
         if expires_at is not None:
-            sub.expiry = gevent.spawn_later(max(0.0, expires_at - time.time()), sub.end, "expired",
-                                            "the token expired")
+            sub.expiry = gevent.spawn_later(
+                max(0.0, expires_at - time.time()), sub.end, "expired", "the token expired"
+            )
         return sub
 
     def unsubscribe(self, sub: Subscriber) -> None:
@@ -616,7 +671,9 @@ class Hub:
             except NotFound:
                 current = None
             if current != watcher.definition:
-                watcher.end_subscribers("removed", f"stream '{watcher.uri}' of '{coll}' was removed or redefined")
+                watcher.end_subscribers(
+                    "removed", f"stream '{watcher.uri}' of '{coll}' was removed or redefined"
+                )
                 watcher.stop()
 
     def close_all(self, reason: str = "shutdown") -> None:
@@ -629,10 +686,16 @@ class Hub:
         streams = []
         for watcher in self.watchers.values():
             kinds = [s.transport for s in watcher.subscribers]
-            streams.append({
-                "collection": watcher.coll, "uri": watcher.uri, "clients": len(kinds),
-                "sse": kinds.count("sse"), "websocket": kinds.count("websocket"), "events": watcher.events,
-            })
+            streams.append(
+                {
+                    "collection": watcher.coll,
+                    "uri": watcher.uri,
+                    "clients": len(kinds),
+                    "sse": kinds.count("sse"),
+                    "websocket": kinds.count("websocket"),
+                    "events": watcher.events,
+                }
+            )
         return {
             "watchers": len(self.watchers),
             "clients": sum(s["clients"] for s in streams),

@@ -53,10 +53,13 @@ def compile_linear(pattern: str, flags: int = 0) -> Any:
     try:
         return compile_re2(prefix + pattern, case_sensitive=not flags & re.I, dot_nl=bool(flags & re.S))
     except re2.error as exc:
-        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        reason = (
+            exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        )
         raise OperationFailure(
             f"$regex {pattern[:100]!r} cannot be run by the embedded engine ({reason}); "
-            "backreferences and lookaround are not supported, they can take exponential time") from None
+            "backreferences and lookaround are not supported, they can take exponential time"
+        ) from None
 
 
 def _pattern_of(regex: Any) -> tuple[str, int]:
@@ -89,7 +92,7 @@ class LinearRe:
     """Stands in for the `re` module inside mongomock's aggregation code: `compile` gives a
     pattern whose `search` is RE2's; the flag constants are re's."""
 
-    I = IGNORECASE = re.I
+    I = IGNORECASE = re.I  # noqa: E741 - the name `re` gives it
     M = MULTILINE = re.M
     S = DOTALL = re.S
     X = VERBOSE = re.X

@@ -48,15 +48,14 @@ The patches (`PATCHES`, in the order they are applied):
 from __future__ import annotations
 
 import math
-import numbers
 import operator
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+import mongomock
 from bson.max_key import MaxKey
 from bson.min_key import MinKey
 from bson.timestamp import Timestamp
-
-import mongomock
 from mongomock import aggregate as _mm_aggregate
 from mongomock import filtering as _mm_filtering
 
@@ -66,9 +65,24 @@ __all__ = ["PATCHES", "apply", "applied"]
 
 # $type's numeric codes, as MongoDB documents them, mapped to mongomock's aliases.
 TYPE_CODES = {
-    1: "double", 2: "string", 3: "object", 4: "array", 5: "binData", 6: "undefined", 7: "objectId",
-    8: "bool", 9: "date", 10: "null", 11: "regex", 13: "javascript", 16: "int", 17: "timestamp",
-    18: "long", 19: "decimal", -1: "minKey", 127: "maxKey",
+    1: "double",
+    2: "string",
+    3: "object",
+    4: "array",
+    5: "binData",
+    6: "undefined",
+    7: "objectId",
+    8: "bool",
+    9: "date",
+    10: "null",
+    11: "regex",
+    13: "javascript",
+    16: "int",
+    17: "timestamp",
+    18: "long",
+    19: "decimal",
+    -1: "minKey",
+    127: "maxKey",
 }
 
 # Where the names of the applied patches are kept: on mongomock's own module, so that a
@@ -104,7 +118,7 @@ def _type_aliases() -> None:
     def _type_op(doc_val: Any, search_val: Any) -> bool:
         wanted = search_val if isinstance(search_val, (list, tuple)) else [search_val]
         for alias in wanted:
-            if isinstance(alias, numbers.Number) and not isinstance(alias, bool):
+            if isinstance(alias, (int, float)) and not isinstance(alias, bool) and math.isfinite(alias):
                 alias = TYPE_CODES.get(int(alias), alias)
             if original(doc_val, alias):
                 return True
@@ -118,11 +132,11 @@ def _mod() -> None:
         if not isinstance(search_val, (list, tuple)) or len(search_val) != 2:
             raise mongomock.OperationFailure("malformed mod, needs to be an array of 2 elements")
         divisor, remainder = search_val
-        if not isinstance(divisor, numbers.Number) or not isinstance(remainder, numbers.Number):
-            raise mongomock.OperationFailure("malformed mod, divisor and remainder must be numbers")
+        if not all(isinstance(n, (int, float)) and math.isfinite(n) for n in (divisor, remainder)):
+            raise mongomock.OperationFailure("malformed mod, divisor and remainder must be finite numbers")
         if int(divisor) == 0:
             raise mongomock.OperationFailure("divisor cannot be 0")
-        if isinstance(doc_val, bool) or not isinstance(doc_val, numbers.Number):
+        if isinstance(doc_val, bool) or not isinstance(doc_val, (int, float)):
             return False
         if isinstance(doc_val, float) and not math.isfinite(doc_val):
             return False
@@ -139,7 +153,7 @@ def _missing_in_comparisons() -> None:
 
     def _handle_comparison_operator(self: Any, op: str, values: Any) -> Any:
         if not isinstance(values, (list, tuple)) or len(values) != 2:
-            raise mongomock.OperationFailure("Expression %s takes exactly 2 arguments" % op)
+            raise mongomock.OperationFailure(f"Expression {op} takes exactly 2 arguments")
         a, b = self._parse_or_nothing(values[0]), self._parse_or_nothing(values[1])
         if a is nothing or b is nothing:
             # "missing" sorts before every value (including null) and equals only itself
@@ -151,11 +165,16 @@ def _missing_in_comparisons() -> None:
         else:
             cmp = 0 if a == b else (1 if _mm_filtering.bson_compare(operator.gt, a, b) else -1)
         return {
-            "$eq": cmp == 0, "$ne": cmp != 0, "$gt": cmp > 0, "$gte": cmp >= 0,
-            "$lt": cmp < 0, "$lte": cmp <= 0, "$cmp": cmp,
+            "$eq": cmp == 0,
+            "$ne": cmp != 0,
+            "$gt": cmp > 0,
+            "$gte": cmp >= 0,
+            "$lt": cmp < 0,
+            "$lte": cmp <= 0,
+            "$cmp": cmp,
         }[op]
 
-    _mm_aggregate._Parser._handle_comparison_operator = _handle_comparison_operator
+    setattr(_mm_aggregate._Parser, "_handle_comparison_operator", _handle_comparison_operator)  # noqa: B010
 
 
 def _and_short_circuit() -> None:
@@ -166,14 +185,16 @@ def _and_short_circuit() -> None:
             return all(self._parse_to_bool(value) for value in values)  # a generator: stops early
         return original(self, op, values)
 
-    _mm_aggregate._Parser._handle_boolean_operator = _handle_boolean_operator
+    setattr(_mm_aggregate._Parser, "_handle_boolean_operator", _handle_boolean_operator)  # noqa: B010
 
 
 def _linear_regex() -> None:
     _mm_filtering._regex = linear_regex.regex_matches  # `$in` with regexes calls it directly
     _mm_filtering._filterer_inst._operator_map["$regex"] = _mm_filtering._not_nothing_and(
-        linear_regex.regex_matches)
-    _mm_aggregate.re = linear_regex.LinearRe  # `$regexMatch` compiles its pattern through `re`
+        linear_regex.regex_matches
+    )
+    # `$regexMatch` compiles its pattern through the module-level `re`
+    setattr(_mm_aggregate, "re", linear_regex.LinearRe)  # noqa: B010
 
 
 PATCHES: dict[str, Callable[[], None]] = {

@@ -65,8 +65,11 @@ def decode_segment(segment: str) -> str:
 
 def location_segment(text: str) -> str:
     """An id for a ``Location`` header: fully percent-encoded (headers carry ASCII only)."""
-    return urllib.parse.quote(text, safe="!$&'()*+,;=:@-._~") if text not in (".", "..") \
+    return (
+        urllib.parse.quote(text, safe="!$&'()*+,;=:@-._~")
+        if text not in (".", "..")
         else text.replace(".", "%2E")
+    )
 
 
 def _raw_segments(raw_path: str) -> list[str] | None:

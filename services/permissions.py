@@ -88,7 +88,9 @@ def _validate_filter(key: str, value: dict) -> None:
             raise ValueError(f"the {op} operator is not allowed")
         query.validate_filter(value, f"mongo.{key}")  # "@user..." placeholders are strings here
     except BadRequest as exc:
-        raise ValueError(exc.message if exc.message.startswith("illegal mongo.") else f"mongo.{key}: {exc.message}") from None
+        raise ValueError(
+            exc.message if exc.message.startswith("illegal mongo.") else f"mongo.{key}: {exc.message}"
+        ) from None
     except ValueError as exc:
         raise ValueError(f"mongo.{key}: {exc}") from None
 
@@ -97,8 +99,13 @@ def _validate_merge(value: dict) -> None:
     if not value:
         raise ValueError("mongo.mergeRequest: must not be empty (use null for none)")
     for path in value:
-        if not isinstance(path, str) or not path or path.startswith("$") or "\0" in path \
-                or any(not p for p in path.split(".")):
+        if (
+            not isinstance(path, str)
+            or not path
+            or path.startswith("$")
+            or "\0" in path
+            or any(not p for p in path.split("."))
+        ):
             raise ValueError(f"mongo.mergeRequest: invalid field name {path!r}")
         if path.split(".")[0] in ("_id", "_etag"):
             raise ValueError(f"mongo.mergeRequest: {path!r} is managed by the server and cannot be merged")
@@ -167,7 +174,9 @@ def check_user_document(doc: dict) -> None:
     if not isinstance(roles, list) or not all(isinstance(r, str) and r for r in roles):
         raise BadRequest("a user's roles must be an array of non-empty strings")
     password = doc.get("password", _UNSET)
-    if password is not _UNSET and not (isinstance(password, str) and password.startswith(("$2a$", "$2b$", "$2y$"))):
+    if password is not _UNSET and not (
+        isinstance(password, str) and password.startswith(("$2a$", "$2b$", "$2y$"))
+    ):
         raise BadRequest("a user's password can only be set to a new string")
 
 
@@ -187,14 +196,26 @@ class Grant:
     allow_write_mode: bool = False
 
     @classmethod
-    def of(cls, mongo: dict | None, user: dict | None, coll: str | None, admin: bool,
-           now: dt.datetime | None = None) -> Grant:
+    def of(
+        cls,
+        mongo: dict | None,
+        user: dict | None,
+        coll: str | None,
+        admin: bool,
+        now: dt.datetime | None = None,
+    ) -> Grant:
         """``mongo`` of the matching permission (None: no options, all defaults)."""
-        now = now or dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        now = now or dt.datetime.now(dt.UTC).replace(tzinfo=None)
         always = ALWAYS_HIDDEN.get(coll or "", ())
         if admin:
-            return cls(True, visibility=Visibility.of(None, always), allow_management=True,
-                       allow_bulk_patch=True, allow_bulk_delete=True, allow_write_mode=True)
+            return cls(
+                True,
+                visibility=Visibility.of(None, always),
+                allow_management=True,
+                allow_bulk_patch=True,
+                allow_bulk_delete=True,
+                allow_write_mode=True,
+            )
         mongo = mongo or {}
 
         def opt(key: str, what: str) -> dict | None:
@@ -282,10 +303,14 @@ class Grant:
         if self.visibility is not None:
             self.visibility.check_filter(flt)
         if scope and _uses_expr(flt):
-            raise Forbidden("filter: $expr is not allowed under a permission with a readFilter or writeFilter "
-                            "(an expression that fails on another document would reveal it)")
+            raise Forbidden(
+                "filter: $expr is not allowed under a permission with a readFilter or writeFilter "
+                "(an expression that fails on another document would reveal it)"
+            )
 
-    def check_query(self, flt: dict | None = None, sort: list | None = None, keys: dict | None = None) -> None:
+    def check_query(
+        self, flt: dict | None = None, sort: list | None = None, keys: dict | None = None
+    ) -> None:
         """403 for a filter, sort or keys that could reveal a hidden field."""
         if self.visibility is None:
             return
@@ -304,10 +329,11 @@ class Grant:
         if not self.merge:
             return doc
         try:
-            merged, _ = updates.apply_update(doc, {"$set": self.merge}, dt.datetime.now(dt.timezone.utc))
+            merged, _ = updates.apply_update(doc, {"$set": self.merge}, dt.datetime.now(dt.UTC))
         except updates.UpdateError as exc:
-            raise updates.UpdateError("the body conflicts with the fields the server sets (mongo.mergeRequest): "
-                                      f"{exc}") from None
+            raise updates.UpdateError(
+                f"the body conflicts with the fields the server sets (mongo.mergeRequest): {exc}"
+            ) from None
         return merged
 
     def merged_update(self, spec: dict) -> dict:
@@ -326,8 +352,10 @@ class Grant:
                     if path == merged or path.startswith(merged + ".") or merged.startswith(path + "."):
                         if op == "$set" and path == merged:
                             continue  # overwritten by the merge below
-                        raise Forbidden(f"the field '{merged}' is set by the server (mongo.mergeRequest); "
-                                        f"{op} cannot change '{path}'")
+                        raise Forbidden(
+                            f"the field '{merged}' is set by the server (mongo.mergeRequest); "
+                            f"{op} cannot change '{path}'"
+                        )
         out = dict(spec)
         out["$set"] = {**spec.get("$set", {}), **self.merge}
         return out
@@ -343,20 +371,26 @@ class Grant:
                     if readable and not query.matches(readable, old):
                         # outside the readFilter too: as absent as in GET
                         raise DocumentNotFound(coll, str(old.get("_id")))
-                    raise Forbidden(f"document '{old.get('_id')}' is outside what your permission lets you "
-                                    "write (mongo.writeFilter)")
+                    raise Forbidden(
+                        f"document '{old.get('_id')}' is outside what your permission lets you "
+                        "write (mongo.writeFilter)"
+                    )
                 if new is not None and not query.matches(flt, new):
-                    raise Forbidden("the write would produce a document outside what your permission lets you "
-                                    "write (mongo.writeFilter)")
+                    raise Forbidden(
+                        "the write would produce a document outside what your permission lets you "
+                        "write (mongo.writeFilter)"
+                    )
 
             checks.append(inside_write_filter)
         if coll == USERS:
+
             def valid_user(old: dict | None, new: dict | None) -> None:
                 if new is not None:
                     check_user_document(new)
 
             checks.append(valid_user)
             if not self.admin:
+
                 def roles_unchanged(old: dict | None, new: dict | None) -> None:
                     if new is not None and _roles(new) != _roles(old):
                         raise Forbidden("only an admin may set or change a user's roles")

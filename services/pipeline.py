@@ -27,8 +27,8 @@ Deliberate departures from RESTHeart / MongoDB:
    ``PipelineError`` (HTTP 400) naming the stream, and stages outside the change-stream
    allow-list, ``$where``/``$function``/``$accumulator``, and stages that statically remove or
    change ``_id`` are refused up front, as are aggregation-expression operators the embedded
-   engine cannot evaluate (``$getField``, ``$mergeObjects``, ``$dateAdd`` ...). ``uri`` must be URL-safe (``[A-Za-z0-9._~-]``,
-   <= 100 chars) and unique (RESTHeart: first match wins).
+   engine cannot evaluate (``$getField``, ``$mergeObjects``, ``$dateAdd`` ...). ``uri`` must
+   be URL-safe (``[A-Za-z0-9._~-]``, <= 100 chars) and unique (RESTHeart: first match wins).
 2. ``$ifvar`` and ``$changeStreamSplitLargeEvent`` are not supported (refused as stages).
 3. ``$var`` placement is stricter: a variable may only supply a *value*. It cannot stand for
    a whole stage argument, a whole query document or ``$unset`` field names. A bound value is
@@ -54,12 +54,12 @@ from __future__ import annotations
 import json
 import numbers
 import re
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Callable
-
-from bson import json_util
+from typing import Any
 
 import mongomock
+from bson import json_util
 from mongomock import aggregate as _mm_aggregate
 from mongomock import filtering as _mm_filtering
 from mongomock import helpers as _mm_helpers
@@ -82,7 +82,16 @@ __all__ = [
     "compile_pipeline",
 ]
 
-ALLOWED_STAGES = ("$match", "$project", "$addFields", "$set", "$unset", "$replaceRoot", "$replaceWith", "$redact")
+ALLOWED_STAGES = (
+    "$match",
+    "$project",
+    "$addFields",
+    "$set",
+    "$unset",
+    "$replaceRoot",
+    "$replaceWith",
+    "$redact",
+)
 
 STREAM_KEYS = ("uri", "stages")
 _URI_RE = re.compile(r"[A-Za-z0-9._~-]{1,100}")
@@ -114,6 +123,7 @@ class EventError(ChangefeedError):
 # unescape
 # --------------------------------------------------------------------------------------------
 
+
 def _unescape_key(key: Any) -> Any:
     if not isinstance(key, str):
         return key
@@ -141,6 +151,7 @@ def unescape(value: Any) -> Any:
 # variables
 # --------------------------------------------------------------------------------------------
 
+
 def _is_var(value: Any) -> bool:
     return isinstance(value, dict) and "$var" in value
 
@@ -148,14 +159,15 @@ def _is_var(value: Any) -> bool:
 def _var_spec(value: dict) -> tuple[str, bool, Any]:
     """Return (name, has_default, default) of a ``$var`` placeholder or raise VariableError."""
     if len(value) != 1:
-        raise VariableError("wrong variable name %s: a $var object must have exactly one key" % _show(value))
+        raise VariableError(f"wrong variable name {_show(value)}: a $var object must have exactly one key")
     spec = value["$var"]
     if isinstance(spec, str) and spec:
         return spec, False, None
     if isinstance(spec, (list, tuple)) and len(spec) == 2 and isinstance(spec[0], str) and spec[0]:
         return spec[0], True, spec[1]
     raise VariableError(
-        "wrong variable name %s: use {'$var': 'name'} or {'$var': ['name', default]}" % _show(value))
+        f"wrong variable name {_show(value)}: use {{'$var': 'name'}} or {{'$var': ['name', default]}}"
+    )
 
 
 def _lookup(avars: dict, name: str) -> Any:
@@ -180,9 +192,10 @@ def _avars_resolver(avars: dict) -> _Resolver:
         value = _lookup(avars, name)
         if value is _MISSING:
             if not has_default:
-                raise VariableError("variable %s not bound" % name)
+                raise VariableError(f"variable {name} not bound")
             return default
         return value
+
     return resolve
 
 
@@ -195,7 +208,8 @@ def _no_var_here(value: Any, where: str) -> None:
     if _is_var(value):
         name = value.get("$var")
         raise VariableError(
-            "variable %s cannot be used as %s: variables can only supply values" % (_show(name), where))
+            f"variable {_show(name)} cannot be used as {where}: variables can only supply values"
+        )
 
 
 def _bind_literal(value: Any, resolver: _Resolver) -> Any:
@@ -214,8 +228,10 @@ def _bind_expr(value: Any, resolver: _Resolver) -> Any:
     if isinstance(value, dict):
         if _is_var(value):
             return {"$literal": _resolve(value, resolver)}
-        return {k: (_bind_literal(v, resolver) if k == "$literal" else _bind_expr(v, resolver))
-                for k, v in value.items()}
+        return {
+            k: (_bind_literal(v, resolver) if k == "$literal" else _bind_expr(v, resolver))
+            for k, v in value.items()
+        }
     if isinstance(value, list):
         return [_bind_expr(v, resolver) for v in value]
     return value
@@ -232,7 +248,7 @@ def _bind_query(query: Any, resolver: _Resolver) -> Any:
             if isinstance(value, list):
                 out[key] = [_bind_query(q, resolver) for q in value]
             else:
-                _no_var_here(value, "the argument of %s" % key)
+                _no_var_here(value, f"the argument of {key}")
                 out[key] = value
         elif key == "$expr":
             out[key] = _bind_expr(value, resolver)
@@ -244,8 +260,11 @@ def _bind_query(query: Any, resolver: _Resolver) -> Any:
 
 
 def _is_operator_dict(value: Any) -> bool:
-    return isinstance(value, dict) and bool(value) and all(
-        isinstance(k, str) and k.startswith("$") for k in value)
+    return (
+        isinstance(value, dict)
+        and bool(value)
+        and all(isinstance(k, str) and k.startswith("$") for k in value)
+    )
 
 
 def _bind_field_value(value: Any, resolver: _Resolver) -> Any:
@@ -267,11 +286,14 @@ def _bind_operators(ops: dict, resolver: _Resolver) -> dict:
             _no_var_here(arg, "the argument of $elemMatch")
             out[op] = _bind_operators(arg, resolver) if _is_operator_dict(arg) else _bind_query(arg, resolver)
         elif op == "$not":
-            out[op] = _bind_operators(arg, resolver) if _is_operator_dict(arg) else _bind_literal(arg, resolver)
+            out[op] = (
+                _bind_operators(arg, resolver) if _is_operator_dict(arg) else _bind_literal(arg, resolver)
+            )
         elif op == "$all" and isinstance(arg, list):
             out[op] = [
                 {"$elemMatch": _bind_field_value(x["$elemMatch"], resolver)}
-                if isinstance(x, dict) and set(x) == {"$elemMatch"} else _bind_literal(x, resolver)
+                if isinstance(x, dict) and set(x) == {"$elemMatch"}
+                else _bind_literal(x, resolver)
                 for x in arg
             ]
         else:  # $eq/$gt/$in/$nin/$regex/... : the argument is always a literal in the query language
@@ -284,7 +306,7 @@ def _bind_stage(name: str, arg: Any, resolver: _Resolver) -> Any:
         return _bind_query(arg, resolver)
     if name in ("$replaceWith", "$redact"):
         return _bind_expr(arg, resolver)
-    _no_var_here(arg, "the argument of %s" % name)
+    _no_var_here(arg, f"the argument of {name}")
     if name == "$unset":
         if isinstance(arg, list):
             for x in arg:
@@ -297,7 +319,7 @@ def _bind_stages(stages: list, resolver: _Resolver) -> list:
     out = []
     for stage in stages:
         if isinstance(stage, dict) and len(stage) == 1:
-            (name, arg), = stage.items()
+            ((name, arg),) = stage.items()
             out.append({name: _bind_stage(name, arg, resolver)})
         else:
             out.append(stage)
@@ -322,6 +344,7 @@ def bind_variables(stages: list, avars: dict) -> list:
 # avars
 # --------------------------------------------------------------------------------------------
 
+
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -339,30 +362,36 @@ def parse_avars(raw: str | None) -> dict:
     try:
         plain = json.loads(raw, parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
-        raise AvarsError("illegal avars parameter, it is not a json object: %s" % shown(raw)) from None
+        raise AvarsError(f"illegal avars parameter, it is not a json object: {shown(raw)}") from None
     if not isinstance(plain, dict):
         kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
-            type(plain), "a number")
-        raise AvarsError("illegal avars parameter, it is %s, not a json object: %s" % (kind, shown(raw)))
+            type(plain), "a number"
+        )
+        raise AvarsError(f"illegal avars parameter, it is {kind}, not a json object: {shown(raw)}")
     if has_dollar_key(plain):
         raise AvarsError("illegal avars parameter: aggregation variables cannot include operators")
     reserved = sorted(k for k in plain if k.startswith("@"))
     if reserved:
-        raise AvarsError("illegal avars parameter: variable names starting with '@' are reserved "
-                         "for server-side variables: %s" % ", ".join(reserved))
+        raise AvarsError(
+            "illegal avars parameter: variable names starting with '@' are reserved "
+            "for server-side variables: {}".format(", ".join(reserved))
+        )
     try:
         check_bson_limits(plain, "the avars parameter")
     except BadRequest as exc:
-        raise AvarsError("illegal avars parameter: " + exc.message.replace("the avars parameter ", "it ")) from None
+        raise AvarsError(
+            "illegal avars parameter: " + exc.message.replace("the avars parameter ", "it ")
+        ) from None
     try:
         return json_util.loads(raw)
     except Exception:  # noqa: BLE001 - plain JSON without '$' keys; only a decoder fault lands here
-        raise AvarsError("illegal avars parameter, it is not a json object: %s" % shown(raw)) from None
+        raise AvarsError(f"illegal avars parameter, it is not a json object: {shown(raw)}") from None
 
 
 # --------------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------------
+
 
 def _show(value: Any) -> str:
     try:
@@ -375,10 +404,21 @@ def _show(value: Any) -> str:
 
 def _known_expression_operators() -> frozenset[str]:
     names: set[str] = set()
-    for attr in ("arithmetic_operators", "project_operators", "projection_operators", "date_operators",
-                 "array_operators", "conditional_operators", "control_flow_operators", "set_operators",
-                 "string_operators", "type_convertion_operators", "type_operators", "boolean_operators",
-                 "comparison_operators"):
+    for attr in (
+        "arithmetic_operators",
+        "project_operators",
+        "projection_operators",
+        "date_operators",
+        "array_operators",
+        "conditional_operators",
+        "control_flow_operators",
+        "set_operators",
+        "string_operators",
+        "type_convertion_operators",
+        "type_operators",
+        "boolean_operators",
+        "comparison_operators",
+    ):
         names.update(getattr(_mm_aggregate, attr, ()))
     return frozenset(names)
 
@@ -411,8 +451,9 @@ def _unknown_expression_operator(expr: Any) -> str | None:
 def _check_expression(expr: Any, where: str) -> None:
     unknown = _unknown_expression_operator(expr)
     if unknown:
-        raise PipelineError("%s uses the expression operator %s, which is unknown or not supported"
-                            % (where, unknown))
+        raise PipelineError(
+            f"{where} uses the expression operator {unknown}, which is unknown or not supported"
+        )
 
 
 def _expressions_in_query(query: Any) -> list:
@@ -437,10 +478,14 @@ def _check_projection(spec: dict, where: str, top: bool = True) -> list[bool]:
     flags: list[bool] = []
     for key, value in spec.items():
         if top and _touches_id(key):
-            if key != "_id" or value is not True and not (
-                    isinstance(value, numbers.Number) and not isinstance(value, bool) and value == 1):
-                raise PipelineError("%s: $project must not remove or change _id (found %s: %s)"
-                                    % (where, key, _show(value)))
+            if (
+                key != "_id"
+                or value is not True
+                and not (isinstance(value, numbers.Number) and not isinstance(value, bool) and value == 1)
+            ):
+                raise PipelineError(
+                    f"{where}: $project must not remove or change _id (found {key}: {_show(value)})"
+                )
             continue
         if isinstance(value, bool) or (isinstance(value, numbers.Number) and value in (0, 1)):
             flags.append(bool(value))
@@ -453,41 +498,45 @@ def _check_projection(spec: dict, where: str, top: bool = True) -> list[bool]:
 
 def _check_new_root(new_root: Any, where: str, stage: str) -> None:
     if not (isinstance(new_root, dict) and not _is_operator_dict(new_root) and new_root.get("_id") == "$_id"):
-        raise PipelineError("%s: %s must produce an object literal that keeps the resume token, "
-                            "e.g. {'_id': '$_id', ...}; found %s" % (where, stage, _show(new_root)))
+        raise PipelineError(
+            f"{where}: {stage} must produce an object literal that keeps the resume token, "
+            f"e.g. {{'_id': '$_id', ...}}; found {_show(new_root)}"
+        )
 
 
 def _check_stage(name: str, arg: Any, where: str) -> None:
     if name == "$match":
         if not isinstance(arg, dict):
-            raise PipelineError("%s: $match takes a query object, found %s" % (where, _show(arg)))
+            raise PipelineError(f"{where}: $match takes a query object, found {_show(arg)}")
         for expr in _expressions_in_query(arg):
             _check_expression(expr, where)
         return
     if name == "$project":
         if not isinstance(arg, dict) or not arg:
-            raise PipelineError("%s: $project takes a non-empty object, found %s" % (where, _show(arg)))
+            raise PipelineError(f"{where}: $project takes a non-empty object, found {_show(arg)}")
         flags = _check_projection(arg, where)
         if True in flags and False in flags:
-            raise PipelineError("%s: $project cannot mix inclusion and exclusion of fields other than _id"
-                                % where)
+            raise PipelineError(
+                f"{where}: $project cannot mix inclusion and exclusion of fields other than _id"
+            )
     elif name in ("$addFields", "$set"):
         if not isinstance(arg, dict) or not arg:
-            raise PipelineError("%s: %s takes a non-empty object, found %s" % (where, name, _show(arg)))
+            raise PipelineError(f"{where}: {name} takes a non-empty object, found {_show(arg)}")
         for key in arg:
             if _touches_id(key):
-                raise PipelineError("%s: %s must not change _id (found field %s)" % (where, name, key))
+                raise PipelineError(f"{where}: {name} must not change _id (found field {key})")
     elif name == "$unset":
         fields = [arg] if isinstance(arg, str) else arg
         if not isinstance(fields, list) or not fields or not all(isinstance(f, str) and f for f in fields):
-            raise PipelineError("%s: $unset takes a field name or an array of field names, found %s"
-                                % (where, _show(arg)))
+            raise PipelineError(
+                f"{where}: $unset takes a field name or an array of field names, found {_show(arg)}"
+            )
         for field in fields:
             if _touches_id(field):
-                raise PipelineError("%s: $unset must not remove _id (found %s)" % (where, field))
+                raise PipelineError(f"{where}: $unset must not remove _id (found {field})")
     elif name == "$replaceRoot":
         if not isinstance(arg, dict) or set(arg) != {"newRoot"}:
-            raise PipelineError("%s: $replaceRoot takes {'newRoot': <object>}, found %s" % (where, _show(arg)))
+            raise PipelineError(f"{where}: $replaceRoot takes {{'newRoot': <object>}}, found {_show(arg)}")
         _check_new_root(arg["newRoot"], where, "$replaceRoot")
     elif name == "$replaceWith":
         _check_new_root(arg, where, "$replaceWith")
@@ -497,18 +546,21 @@ def _check_stage(name: str, arg: Any, where: str) -> None:
 def _check_stages(stages: Any, label: str) -> None:
     """Structural checks shared by validate_streams (escaped input unescaped first) and Pipeline."""
     if not isinstance(stages, list):
-        raise PipelineError("%s: 'stages' must be an array of stage objects, found %s" % (label, _show(stages)))
+        raise PipelineError(f"{label}: 'stages' must be an array of stage objects, found {_show(stages)}")
     for index, stage in enumerate(stages, start=1):
-        where = "%s: stage %d" % (label, index)
+        where = f"{label}: stage {index}"
         if not isinstance(stage, dict) or len(stage) != 1:
-            raise PipelineError("%s must be an object with exactly one key (the stage name), found %s"
-                                % (where, _show(stage)))
-        (name, arg), = stage.items()
+            raise PipelineError(
+                f"{where} must be an object with exactly one key (the stage name), found {_show(stage)}"
+            )
+        ((name, arg),) = stage.items()
         if name not in ALLOWED_STAGES:
-            raise PipelineError("%s uses %s, allowed stages are %s" % (where, name, ", ".join(ALLOWED_STAGES)))
+            raise PipelineError(
+                "{} uses {}, allowed stages are {}".format(where, name, ", ".join(ALLOWED_STAGES))
+            )
         forbidden = forbidden_operator(arg)
         if forbidden:
-            raise PipelineError("%s uses the forbidden operator %s" % (where, forbidden))
+            raise PipelineError(f"{where} uses the forbidden operator {forbidden}")
         _check_stage(name, arg, where)
 
 
@@ -518,7 +570,7 @@ def _check_stage_vars(stages: list, label: str) -> None:
         try:
             _bind_stages([stage], lambda name, has_default, default: default)
         except VariableError as exc:
-            raise PipelineError("%s: stage %d: %s" % (label, index, exc)) from None
+            raise PipelineError(f"{label}: stage {index}: {exc}") from None
 
 
 def validate_streams(streams: Any) -> list[dict]:
@@ -528,45 +580,51 @@ def validate_streams(streams: Any) -> list[dict]:
     stream and the fault (shape, uri, disallowed stage or operator, ``_id`` change, bad ``$var``).
     """
     if not isinstance(streams, list):
-        raise PipelineError("'streams' must be an array of stream definitions, found %s" % _show(streams))
+        raise PipelineError(f"'streams' must be an array of stream definitions, found {_show(streams)}")
     seen: set[str] = set()
     for position, entry in enumerate(streams, start=1):
         if not isinstance(entry, dict):
-            raise PipelineError("stream #%d: a stream definition must be an object, found %s"
-                                % (position, _show(entry)))
+            raise PipelineError(
+                f"stream #{position}: a stream definition must be an object, found {_show(entry)}"
+            )
         if "uri" not in entry:
-            raise PipelineError("stream #%d: missing 'uri'" % position)
+            raise PipelineError(f"stream #{position}: missing 'uri'")
         uri = entry["uri"]
         if not isinstance(uri, str):
-            raise PipelineError("stream #%d: 'uri' must be a string, found %s" % (position, _show(uri)))
+            raise PipelineError(f"stream #{position}: 'uri' must be a string, found {_show(uri)}")
         if not uri:
-            raise PipelineError("stream #%d: 'uri' must not be empty" % position)
+            raise PipelineError(f"stream #{position}: 'uri' must not be empty")
         if not _URI_RE.fullmatch(uri):
-            raise PipelineError("stream '%s': 'uri' must be 1 to 100 characters among A-Z a-z 0-9 . _ ~ -"
-                                % uri[:100])
+            raise PipelineError(
+                f"stream '{uri[:100]}': 'uri' must be 1 to 100 characters among A-Z a-z 0-9 . _ ~ -"
+            )
         if uri in seen:
-            raise PipelineError("stream '%s': 'uri' is defined more than once" % uri)
+            raise PipelineError(f"stream '{uri}': 'uri' is defined more than once")
         seen.add(uri)
-        label = "stream '%s'" % uri
+        label = f"stream '{uri}'"
         unknown = sorted(str(k) for k in entry if k not in STREAM_KEYS)
         if unknown:
-            raise PipelineError("%s: unknown key %s; a stream definition has only %s (any other key would be "
-                                "stored and ignored)" % (label, ", ".join(repr(k) for k in unknown),
-                                                        " and ".join(STREAM_KEYS)))
+            raise PipelineError(
+                "{}: unknown key {}; a stream definition has only {} (any other key would be "
+                "stored and ignored)".format(
+                    label, ", ".join(repr(k) for k in unknown), " and ".join(STREAM_KEYS)
+                )
+            )
         if "stages" not in entry:
-            raise PipelineError("%s: missing 'stages'" % label)
+            raise PipelineError(f"{label}: missing 'stages'")
         try:
             stages = unescape(entry["stages"])
             _check_stages(stages, label)
             _check_stage_vars(stages, label)
         except RecursionError:
-            raise PipelineError("%s: 'stages' is nested too deeply" % label) from None
+            raise PipelineError(f"{label}: 'stages' is nested too deeply") from None
     return streams
 
 
 # --------------------------------------------------------------------------------------------
 # evaluation
 # --------------------------------------------------------------------------------------------
+
 
 def _copy(value: Any) -> Any:
     """Deep copy of dicts/lists; leaves (str, numbers, bson scalars, datetime) are immutable."""
@@ -648,7 +706,8 @@ def _redact_doc(doc: dict, expr: Any, root: dict) -> Any:
         return out
     raise mongomock.OperationFailure(
         "$redact's expression should not return anything aside from the variables $$KEEP, "
-        "$$DESCEND, and $$PRUNE, but returned %s" % _show(verdict))
+        f"$$DESCEND, and $$PRUNE, but returned {_show(verdict)}"
+    )
 
 
 def _engine_stage(name: str, arg: Any) -> dict:
@@ -666,8 +725,8 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, mongomock.OperationFailure):
         return str(exc)
     if isinstance(exc, NotImplementedError):
-        return "not supported by the embedded engine: %s" % exc
-    return "%s: %s" % (type(exc).__name__, exc)
+        return f"not supported by the embedded engine: {exc}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 class Pipeline:
@@ -683,17 +742,19 @@ class Pipeline:
         _check_stages(stages, "pipeline")
         leftover = _find_var(stages)
         if leftover is not _MISSING:
-            raise PipelineError("pipeline: unbound variable placeholder %s" % _show({"$var": leftover}))
+            raise PipelineError("pipeline: unbound variable placeholder {}".format(_show({"$var": leftover})))
         self.stages = stages
         # segments: ("match", (spec, needs_datetime_patch)), ("engine", [mongomock stages]),
         # ("redact", expression)
         self._segments: list[tuple[str, Any]] = []
         for stage in stages:
-            (name, arg), = stage.items()
+            ((name, arg),) = stage.items()
             if name == "$match":
                 self._dry_run(arg)
                 if _contains_datetime(arg):
-                    self._segments.append(("match", (_mm_helpers.patch_datetime_awareness_in_document(arg), True)))
+                    self._segments.append(
+                        ("match", (_mm_helpers.patch_datetime_awareness_in_document(arg), True))
+                    )
                 else:
                     self._segments.append(("match", (arg, False)))
             elif name == "$redact":
@@ -712,7 +773,7 @@ class Pipeline:
         except KeyError:
             pass
         except Exception as exc:  # noqa: BLE001 - any engine complaint is a definition fault
-            raise PipelineError("pipeline: invalid $match %s: %s" % (_show(spec), _describe(exc))) from None
+            raise PipelineError(f"pipeline: invalid $match {_show(spec)}: {_describe(exc)}") from None
 
     @property
     def filters_only(self) -> bool:
@@ -755,7 +816,9 @@ class Pipeline:
                         return None
                     doc = docs[0]
         except Exception as exc:  # noqa: BLE001 - mongomock raises many types
-            raise EventError("PlanExecutor error during aggregation :: caused by :: %s" % _describe(exc)) from None
+            raise EventError(
+                f"PlanExecutor error during aggregation :: caused by :: {_describe(exc)}"
+            ) from None
         if not copied:
             return dict(event)
         expected = event.get("_id", _MISSING)
@@ -765,9 +828,11 @@ class Pipeline:
                 "Encountered an event whose _id field, which contains the resume token, was modified by "
                 "the pipeline. Modifying the _id field of an event makes it impossible to resume the stream "
                 "from that point. Only transformations that retain the unmodified _id field are allowed. "
-                "Expected: {_id: %s} but found: %s" % (
+                "Expected: {{_id: {}}} but found: {}".format(
                     _show(None if expected is _MISSING else expected),
-                    "{_id: missing}" if found is _MISSING else "{_id: %s}" % _show(found)))
+                    "{_id: missing}" if found is _MISSING else f"{{_id: {_show(found)}}}",
+                )
+            )
         return doc
 
 

@@ -8,6 +8,8 @@ than a hand-written matcher.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -51,7 +53,9 @@ def check_bson_limits(value: Any, what: str) -> None:
             if isinstance(item, dict):
                 for key in item:
                     if isinstance(key, str) and _SURROGATE.search(key):
-                        raise BadRequest(f"{what} has a field name that is not valid Unicode (a lone surrogate)")
+                        raise BadRequest(
+                            f"{what} has a field name that is not valid Unicode (a lone surrogate)"
+                        )
             children = item.values() if isinstance(item, dict) else item
             stack.extend((child, depth + 1) for child in children)
 
@@ -102,7 +106,9 @@ def loads_json(raw: str, what: str) -> Any:
     except RecursionError:
         raise BadRequest(f"illegal {what} parameter: nested deeper than {MAX_NESTING} levels") from None
     except Exception as exc:  # noqa: BLE001 - Extended JSON decoders raise many types (InvalidBSON, decimal ...)
-        raise BadRequest(f"illegal {what} parameter, it is not valid JSON: {shown(raw)} ({shown(str(exc))})") from None
+        raise BadRequest(
+            f"illegal {what} parameter, it is not valid JSON: {shown(raw)} ({shown(str(exc))})"
+        ) from None
     check_bson_limits(value, f"the {what} parameter")
     return value
 
@@ -176,11 +182,13 @@ def parse_keys(values: list[str]) -> dict | None:
                 raise BadRequest(f"illegal keys parameter: {key!r} must be 0 or 1")
             name = _field_name(key, "keys")
             if any(part.startswith("$") or part.isdigit() for part in name.split(".")):
-                raise BadRequest(f"illegal keys parameter: {key!r}: positional ($) and array index paths "
-                                 "are not supported in keys")
+                raise BadRequest(
+                    f"illegal keys parameter: {key!r}: positional ($) and array index paths "
+                    "are not supported in keys"
+                )
             projection[name] = int(flag)
     names = sorted(projection)
-    for a, b in zip(names, names[1:]):
+    for a, b in itertools.pairwise(names):
         if b.startswith(a + "."):
             raise BadRequest(f"illegal keys parameter: path collision at {b!r} ({a!r} is already projected)")
     flags = {v for k, v in projection.items() if k != "_id"}
@@ -205,10 +213,14 @@ def matches(filter: dict, doc: dict) -> bool:
     return filtering.filter_applies(filter, doc)
 
 
+def _sort_key(key: str, doc: dict) -> Any:
+    return filtering.resolve_sort_key(key, doc)
+
+
 def sort_documents(docs: list[dict], sort: list[tuple[str, int]]) -> list[dict]:
     """Sort by BSON order, stable, last key first (MongoDB's multi-key order)."""
     for key, direction in reversed(sort):
-        docs.sort(key=lambda d, k=key: filtering.resolve_sort_key(k, d), reverse=direction < 0)
+        docs.sort(key=functools.partial(_sort_key, key), reverse=direction < 0)
     return docs
 
 

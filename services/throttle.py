@@ -28,9 +28,15 @@ from .errors import TooManyRequests
 class FailureThrottle:
     """Sliding-window failure counts per key."""
 
-    def __init__(self, max_failures: int, window: float, max_keys: int = 100_000,
-                 clock: Callable[[], float] = time.monotonic, max_checks_per_address: int = 4,
-                 max_checks: int = 32):
+    def __init__(
+        self,
+        max_failures: int,
+        window: float,
+        max_keys: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+        max_checks_per_address: int = 4,
+        max_checks: int = 32,
+    ):
         self.max_failures = max_failures
         self.window = window
         self.max_keys = max_keys
@@ -69,8 +75,11 @@ class FailureThrottle:
         """Around one password check for `key` = (address, user); 429 when it may not run."""
         wait = self.retry_after(key)
         if wait is not None:
-            raise TooManyRequests("too many failed logins for this user from this address; "
-                                  f"try again in {max(1, round(wait))} s", retry_after=wait)
+            raise TooManyRequests(
+                "too many failed logins for this user from this address; "
+                f"try again in {max(1, round(wait))} s",
+                retry_after=wait,
+            )
         with self.busy(key[0]):
             self._pending[key] = self._pending.get(key, 0) + 1
             try:
@@ -83,8 +92,9 @@ class FailureThrottle:
         """Around any bcrypt work done for `address` (a login, hashing a new password); 429
         when that address, or the worker, already has its share in progress."""
         if self._by_address.get(address, 0) >= self.max_checks_per_address:
-            raise TooManyRequests("too many password checks in progress from this address; try again shortly",
-                                  retry_after=1)
+            raise TooManyRequests(
+                "too many password checks in progress from this address; try again shortly", retry_after=1
+            )
         if self._checks >= self.max_checks:
             raise TooManyRequests("too many password checks in progress; try again shortly", retry_after=1)
         self._by_address[address] = self._by_address.get(address, 0) + 1

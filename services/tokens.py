@@ -49,7 +49,7 @@ def load_key(secret: str, data_dir: str) -> bytes:
             if key:
                 return key
             time.sleep(0.02)
-        raise RuntimeError(f"{path} is empty; delete it to generate a new signing key")
+        raise RuntimeError(f"{path} is empty; delete it to generate a new signing key") from None
     with os.fdopen(fd, "wb") as f:
         key = secrets.token_hex(32).encode()
         f.write(key)
@@ -72,16 +72,22 @@ class Tokens:
         exp = math.ceil(now + self.ttl)
         if not_after is not None:
             exp = min(exp, int(not_after))
-        claims = {"sub": user["_id"], "iat": int(now), "exp": exp, "jti": uuid.uuid4().hex,
-                  "pwf": password_fingerprint(user)}
+        claims = {
+            "sub": user["_id"],
+            "iat": int(now),
+            "exp": exp,
+            "jti": uuid.uuid4().hex,
+            "pwf": password_fingerprint(user),
+        }
         token = jwt.encode(claims, self.key, algorithm=ALGORITHM)
         return {"access_token": token, "token_type": "Bearer", "expires_in": max(0, int(exp - now))}
 
     def verify(self, token: str) -> dict:
         """Return the claims of a valid token; :raise TokenError: naming the fault."""
         try:
-            claims = jwt.decode(token, self.key, algorithms=[ALGORITHM],
-                                options={"require": ["sub", "exp", "iat", "pwf"]})
+            claims = jwt.decode(
+                token, self.key, algorithms=[ALGORITHM], options={"require": ["sub", "exp", "iat", "pwf"]}
+            )
         except jwt.ExpiredSignatureError:
             raise TokenError("the token has expired") from None
         except jwt.InvalidSignatureError:

@@ -45,7 +45,8 @@ import functools
 import json
 import math
 import re
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import bson
 from bson.code import Code
@@ -69,29 +70,70 @@ class UpdateError(BadRequest):
     """Bad update input; the message names the fault for the client (HTTP 400)."""
 
 
-_OPERATORS = frozenset({
-    "$set", "$unset", "$inc", "$mul", "$push", "$pull", "$addToSet", "$rename",
-    "$min", "$max", "$currentDate", "$pop", "$pullAll", "$setOnInsert", "$bit",
-})
+_OPERATORS = frozenset(
+    {
+        "$set",
+        "$unset",
+        "$inc",
+        "$mul",
+        "$push",
+        "$pull",
+        "$addToSet",
+        "$rename",
+        "$min",
+        "$max",
+        "$currentDate",
+        "$pop",
+        "$pullAll",
+        "$setOnInsert",
+        "$bit",
+    }
+)
 
-_INT32_MIN, _INT32_MAX = -(2 ** 31), 2 ** 31 - 1
-_INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _MAX_PADDING = 1_500_000  # MongoDB refuses to back-fill arrays further than this
 _D128_CTX = create_decimal128_context()
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 _INDEX_RE = re.compile(r"[0-9]+\Z")
-_ID_ERROR = ("the _id field cannot be updated: performing an update on the path '{path}' "
-             "would modify the immutable field '_id'")
+_ID_ERROR = (
+    "the _id field cannot be updated: performing an update on the path '{path}' "
+    "would modify the immutable field '_id'"
+)
 
 # First keys that make a $pull argument a condition on the element itself
 # (MatchExpressionParser::parsePathAcceptingKeyword); other objects match
 # array elements that are documents.
-_PATH_KEYWORDS = frozenset({
-    "$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$exists", "$type",
-    "$mod", "$regex", "$options", "$size", "$all", "$elemMatch", "$not",
-    "$bitsAllSet", "$bitsAllClear", "$bitsAnySet", "$bitsAnyClear",
-    "$geoIntersects", "$geoWithin", "$within", "$near", "$nearSphere",
-})
+_PATH_KEYWORDS = frozenset(
+    {
+        "$eq",
+        "$ne",
+        "$gt",
+        "$gte",
+        "$lt",
+        "$lte",
+        "$in",
+        "$nin",
+        "$exists",
+        "$type",
+        "$mod",
+        "$regex",
+        "$options",
+        "$size",
+        "$all",
+        "$elemMatch",
+        "$not",
+        "$bitsAllSet",
+        "$bitsAllClear",
+        "$bitsAnySet",
+        "$bitsAnyClear",
+        "$geoIntersects",
+        "$geoWithin",
+        "$within",
+        "$near",
+        "$nearSphere",
+    }
+)
 
 
 class _NoOp:
@@ -105,6 +147,7 @@ Path = tuple[str, ...]
 # --------------------------------------------------------------------------- #
 # BSON type helpers
 # --------------------------------------------------------------------------- #
+
 
 def _num_rank(v: Any) -> int | None:
     """0 int32, 1 int64, 2 double, 3 decimal; None if `v` is not a BSON number."""
@@ -134,11 +177,19 @@ def _type_name(v: Any) -> str:
         return ("int", "long", "double", "decimal")[rank]
     if isinstance(v, int):
         return "long"
-    for types, name in ((str, "string"), (dict, "object"), ((list, tuple), "array"),
-                        (bytes, "binData"), (ObjectId, "objectId"),
-                        (datetime.datetime, "date"), (Timestamp, "timestamp"),
-                        ((Regex, re.Pattern), "regex"), (MinKey, "minKey"),
-                        (MaxKey, "maxKey"), (Code, "javascript")):
+    for types, name in (
+        (str, "string"),
+        (dict, "object"),
+        ((list, tuple), "array"),
+        (bytes, "binData"),
+        (ObjectId, "objectId"),
+        (datetime.datetime, "date"),
+        (Timestamp, "timestamp"),
+        ((Regex, re.Pattern), "regex"),
+        (MinKey, "minKey"),
+        (MaxKey, "maxKey"),
+        (Code, "javascript"),
+    ):
         if isinstance(v, types):
             return name
     return type(v).__name__
@@ -146,7 +197,7 @@ def _type_name(v: Any) -> str:
 
 def _dt_ms(v: datetime.datetime) -> int:
     if v.tzinfo is None:
-        v = v.replace(tzinfo=datetime.timezone.utc)
+        v = v.replace(tzinfo=datetime.UTC)
     return (v - _EPOCH) // datetime.timedelta(milliseconds=1)
 
 
@@ -251,7 +302,7 @@ def _bson_cmp(a: Any, b: Any) -> int:
     if ra in (20, 25):
         ia = list(a.items()) if ra == 20 else [(str(i), x) for i, x in enumerate(a)]
         ib = list(b.items()) if ra == 20 else [(str(i), x) for i, x in enumerate(b)]
-        for (ka, va), (kb, vb) in zip(ia, ib):
+        for (ka, va), (kb, vb) in zip(ia, ib, strict=False):  # a shorter array sorts first
             c = _sign(_canonical_rank(va) - _canonical_rank(vb))
             if not c:
                 c = (ka.encode() > kb.encode()) - (ka.encode() < kb.encode())
@@ -269,11 +320,11 @@ def _bson_cmp(a: Any, b: Any) -> int:
     if ra == 45:
         return _sign(_dt_ms(a) - _dt_ms(b))
     if ra == 47:
-        ka_, kb_ = (a.time, a.inc), (b.time, b.inc)
-        return (ka_ > kb_) - (ka_ < kb_)
+        ta, tb = (a.time, a.inc), (b.time, b.inc)
+        return (ta > tb) - (ta < tb)
     if ra == 50:
-        ka_, kb_ = (a.pattern, str(a.flags)), (b.pattern, str(b.flags))
-        return (ka_ > kb_) - (ka_ < kb_)
+        ra_, rb_ = (a.pattern, str(a.flags)), (b.pattern, str(b.flags))
+        return (ra_ > rb_) - (ra_ < rb_)
     if ra == 60:
         return (str(a) > str(b)) - (str(a) < str(b))
     return 0 if a == b else ((repr(a) > repr(b)) - (repr(a) < repr(b)))
@@ -295,33 +346,44 @@ def _arith(op: str, a: Any, b: Any) -> Any | None:
     rank = max(_num_rank(a), _num_rank(b))  # type: ignore[type-var]
     if rank == 3:
         x, y = (v if isinstance(v, Decimal128) else None for v in (a, b))
-        dx = x.to_decimal() if x is not None else (
-            _double_to_decimal(a) if isinstance(a, float) else decimal.Decimal(int(a)))
-        dy = y.to_decimal() if y is not None else (
-            _double_to_decimal(b) if isinstance(b, float) else decimal.Decimal(int(b)))
+        dx = (
+            x.to_decimal()
+            if x is not None
+            else (_double_to_decimal(a) if isinstance(a, float) else decimal.Decimal(int(a)))
+        )
+        dy = (
+            y.to_decimal()
+            if y is not None
+            else (_double_to_decimal(b) if isinstance(b, float) else decimal.Decimal(int(b)))
+        )
         with decimal.localcontext(_D128_CTX):
             result = dx + dy if op == "$inc" else dx * dy
         return Decimal128(result)
     if rank == 2:
         return float(a) + float(b) if op == "$inc" else float(a) * float(b)
-    result = int(a) + int(b) if op == "$inc" else int(a) * int(b)
-    if rank == 0 and _INT32_MIN <= result <= _INT32_MAX:
-        return result
-    if _INT64_MIN <= result <= _INT64_MAX:
-        return Int64(result)
+    whole = int(a) + int(b) if op == "$inc" else int(a) * int(b)
+    if rank == 0 and _INT32_MIN <= whole <= _INT32_MAX:
+        return whole
+    if _INT64_MIN <= whole <= _INT64_MAX:
+        return Int64(whole)
     return None
 
 
 def _typed_str(v: Any) -> str:
     """`(NumberLong)5`-style rendering used in arithmetic overflow messages."""
-    prefix = {"int": "NumberInt", "long": "NumberLong", "double": "NumberDouble",
-              "decimal": "NumberDecimal"}.get(_type_name(v), _type_name(v))
+    prefix = {
+        "int": "NumberInt",
+        "long": "NumberLong",
+        "double": "NumberDouble",
+        "decimal": "NumberDecimal",
+    }.get(_type_name(v), _type_name(v))
     return f"({prefix}){_val_str(v)}"
 
 
 # --------------------------------------------------------------------------- #
 # Paths
 # --------------------------------------------------------------------------- #
+
 
 def _is_index(part: str) -> bool:
     return bool(_INDEX_RE.match(part))
@@ -336,14 +398,17 @@ def _split_path(path: Any, what: str = "update") -> Path:
     parts = tuple(path.split("."))
     for part in parts:
         if part == "":
-            raise UpdateError(f"The {what} path '{path}' contains an empty field name, "
-                              "which is not allowed.")
+            raise UpdateError(f"The {what} path '{path}' contains an empty field name, which is not allowed.")
         if part.startswith("$"):
             if part == "$" or part.startswith("$["):
-                raise UpdateError(f"The {what} path '{path}' uses a positional operator "
-                                  "($, $[] or $[<identifier>]), which is not supported")
-            raise UpdateError(f"The {what} path '{path}' contains the field name '{part}': "
-                              "field names in update paths must not start with '$'")
+                raise UpdateError(
+                    f"The {what} path '{path}' uses a positional operator "
+                    "($, $[] or $[<identifier>]), which is not supported"
+                )
+            raise UpdateError(
+                f"The {what} path '{path}' contains the field name '{part}': "
+                "field names in update paths must not start with '$'"
+            )
     if parts[0] == "_id":
         raise UpdateError(_ID_ERROR.format(path=path))
     return parts
@@ -359,7 +424,7 @@ def _cmp_part(a: str, b: str) -> int:
 
 
 def _cmp_path(a: Path, b: Path) -> int:
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):  # a prefix sorts first
         c = _cmp_part(x, y)
         if c:
             return c
@@ -382,8 +447,9 @@ class _ConflictTracker:
             raise UpdateError(f"Updating the path '{dotted}' would create a conflict at '{dotted}'")
         for i in range(1, len(parts)):
             if parts[:i] in self._full:
-                raise UpdateError(f"Updating the path '{dotted}' would create a conflict at "
-                                  f"'{'.'.join(parts[:i])}'")
+                raise UpdateError(
+                    f"Updating the path '{dotted}' would create a conflict at '{'.'.join(parts[:i])}'"
+                )
         self._full.add(parts)
         self._prefixes.update(parts[:i] for i in range(1, len(parts)))
 
@@ -391,6 +457,7 @@ class _ConflictTracker:
 # --------------------------------------------------------------------------- #
 # Operator arguments
 # --------------------------------------------------------------------------- #
+
 
 class _PushSpec(NamedTuple):
     each: list
@@ -416,8 +483,10 @@ def _parse_array_arg(op: str, path: str, arg: Any) -> _PushSpec:
     """Parse a $push / $addToSet argument (plain value or {$each: [...], modifiers})."""
     if not isinstance(arg, dict) or "$each" not in arg:
         if isinstance(arg, dict) and any(isinstance(k, str) and k.startswith("$") for k in arg):
-            raise UpdateError(f"Invalid {op} argument for '{path}': modifiers "
-                              f"({', '.join(k for k in arg if k.startswith('$'))}) require $each")
+            raise UpdateError(
+                f"Invalid {op} argument for '{path}': modifiers "
+                f"({', '.join(k for k in arg if k.startswith('$'))}) require $each"
+            )
         return _PushSpec([arg], None, None, None)
     allowed = {"$each", "$slice", "$sort", "$position"} if op == "$push" else {"$each"}
     for key in arg:
@@ -427,44 +496,57 @@ def _parse_array_arg(op: str, path: str, arg: Any) -> _PushSpec:
             raise UpdateError(f"Found unexpected fields after $each in $addToSet: {_val_str(arg)}")
     each = arg["$each"]
     if not isinstance(each, list):
-        raise UpdateError(f"The argument to $each in {op} must be an array but it was of type: "
-                          f"{_type_name(each)}")
+        raise UpdateError(
+            f"The argument to $each in {op} must be an array but it was of type: {_type_name(each)}"
+        )
     position = slice_ = sort = None
     if "$position" in arg:
         position = _integral(arg["$position"])
         if position is None:
-            raise UpdateError("The value for $position must be an integer value, not of type: "
-                              f"{_type_name(arg['$position'])}")
+            raise UpdateError(
+                "The value for $position must be an integer value, not of type: "
+                f"{_type_name(arg['$position'])}"
+            )
     if "$slice" in arg:
         slice_ = _integral(arg["$slice"])
         if slice_ is None:
-            raise UpdateError("The value for $slice must be an integer value but was given type: "
-                              f"{_type_name(arg['$slice'])}")
+            raise UpdateError(
+                "The value for $slice must be an integer value but was given type: "
+                f"{_type_name(arg['$slice'])}"
+            )
     if "$sort" in arg:
         sort = arg["$sort"]
         if isinstance(sort, dict):
             if not sort:
                 raise UpdateError("The $sort pattern is empty when it should be a set of fields.")
             for field, direction in sort.items():
-                if (not isinstance(field, str) or field == "" or "" in field.split(".")
-                        or field.startswith("$")):
+                if (
+                    not isinstance(field, str)
+                    or field == ""
+                    or "" in field.split(".")
+                    or field.startswith("$")
+                ):
                     raise UpdateError(f"The $sort field is not a valid field path: {field!r}")
                 if not _is_plus_minus_one(direction):
                     raise UpdateError("The $sort element value must be either 1 or -1")
         elif not _is_plus_minus_one(sort):
-            raise UpdateError("The $sort is invalid: use 1/-1 to sort the whole element, "
-                              "or {field:1/-1} to sort embedded fields")
+            raise UpdateError(
+                "The $sort is invalid: use 1/-1 to sort the whole element, "
+                "or {field:1/-1} to sort embedded fields"
+            )
     return _PushSpec(each, position, slice_, sort)
 
 
 def _pull_matcher(path: str, cond: Any) -> Callable[[Any], bool]:
     """Build the $pull predicate for one array element (pull_node.cpp's three matchers)."""
+
     def guarded(fn: Callable[[Any], bool]) -> Callable[[Any], bool]:
         def match(elem: Any) -> bool:
             try:
                 return bool(fn(elem))
             except (PyMongoError, NotImplementedError, TypeError, ValueError) as exc:
                 raise UpdateError(f"invalid $pull condition for '{path}': {exc}") from None
+
         return match
 
     if isinstance(cond, dict) and cond and next(iter(cond)) in _PATH_KEYWORDS:
@@ -483,12 +565,15 @@ def _check_arg(op: str, path: str, arg: Any) -> Any:
             verb = "increment" if op == "$inc" else "multiply"
             raise UpdateError(f"Cannot {verb} with non-numeric argument: {{{path}: {_val_str(arg)}}}")
     elif op == "$currentDate":
-        ok = arg is True or (isinstance(arg, dict) and len(arg) == 1
-                             and arg.get("$type") in ("date", "timestamp"))
+        ok = arg is True or (
+            isinstance(arg, dict) and len(arg) == 1 and arg.get("$type") in ("date", "timestamp")
+        )
         if not ok:
-            raise UpdateError(f"{{{path}: {_val_str(arg)}}} is not valid type for $currentDate. "
-                              "Please use a boolean ('true') or a $type expression "
-                              "({$type: 'timestamp/date'}).")
+            raise UpdateError(
+                f"{{{path}: {_val_str(arg)}}} is not valid type for $currentDate. "
+                "Please use a boolean ('true') or a $type expression "
+                "({$type: 'timestamp/date'})."
+            )
         return "timestamp" if isinstance(arg, dict) and arg["$type"] == "timestamp" else "date"
     elif op in ("$push", "$addToSet"):
         return _parse_array_arg(op, path, arg)
@@ -506,15 +591,21 @@ def _check_arg(op: str, path: str, arg: Any) -> Any:
         return matcher
     elif op == "$bit":
         if not isinstance(arg, dict) or not arg:
-            raise UpdateError("You must pass in at least one bitwise operation. "
-                              "The format is: {$bit: {field: {and/or/xor: #}}")
+            raise UpdateError(
+                "You must pass in at least one bitwise operation. "
+                "The format is: {$bit: {field: {and/or/xor: #}}"
+            )
         for name, value in arg.items():
             if name not in ("and", "or", "xor"):
-                raise UpdateError(f"The $bit modifier only supports 'and', 'or', and 'xor', "
-                                  f"not '{name}' which is an unknown operator: {_val_str(arg)}")
+                raise UpdateError(
+                    f"The $bit modifier only supports 'and', 'or', and 'xor', "
+                    f"not '{name}' which is an unknown operator: {_val_str(arg)}"
+                )
             if _num_rank(value) not in (0, 1):
-                raise UpdateError("The $bit modifier field must be an Integer(32/64 bit); a "
-                                  f"'{_type_name(value)}' is not supported here: {_val_str(arg)}")
+                raise UpdateError(
+                    "The $bit modifier field must be an Integer(32/64 bit); a "
+                    f"'{_type_name(value)}' is not supported here: {_val_str(arg)}"
+                )
     return arg
 
 
@@ -528,23 +619,28 @@ def _check_spec(spec: Any) -> list[tuple[str, Path, Any, Path | None]]:
         if op not in _OPERATORS:
             raise UpdateError(f"unknown update operator {op}")
         if not isinstance(fields, dict):
-            raise UpdateError(f"Modifiers operate on fields but we found type {_type_name(fields)} "
-                              f"instead. For example: {{$mod: {{<field>: ...}}}} not "
-                              f"{{{op}: {_val_str(fields)}}}")
+            raise UpdateError(
+                f"Modifiers operate on fields but we found type {_type_name(fields)} "
+                f"instead. For example: {{$mod: {{<field>: ...}}}} not "
+                f"{{{op}: {_val_str(fields)}}}"
+            )
         for path, arg in fields.items():
             parts = _split_path(path)
             target = None
             if op == "$rename":
                 if not isinstance(arg, str):
-                    raise UpdateError(f"The 'to' field for $rename must be a string: "
-                                      f"{{{path}: {_val_str(arg)}}}")
+                    raise UpdateError(
+                        f"The 'to' field for $rename must be a string: {{{path}: {_val_str(arg)}}}"
+                    )
                 target = _split_path(arg, "$rename target")
                 if target == parts:
                     raise UpdateError(f"The source and target field for $rename must differ: {path}")
                 shorter = min(len(parts), len(target))
                 if parts[:shorter] == target[:shorter]:
-                    raise UpdateError("The source and target field for $rename must not be on "
-                                      f"the same path: {path}: {_val_str(arg)}")
+                    raise UpdateError(
+                        "The source and target field for $rename must not be on "
+                        f"the same path: {path}: {_val_str(arg)}"
+                    )
                 conflicts.add(parts)
                 conflicts.add(target)
             else:
@@ -590,6 +686,7 @@ def normalize_patch(body: dict) -> dict:
 # --------------------------------------------------------------------------- #
 # Applying
 # --------------------------------------------------------------------------- #
+
 
 def _walk(doc: dict, parts: Path) -> list[Any]:
     """Values along `parts`: [doc, doc[p0], doc[p0][p1], ...] as far as the path exists."""
@@ -662,6 +759,7 @@ def _sort_array(values: list, sort: Any) -> list:
             if c:
                 return direction * c
         return 0
+
     return sorted(values, key=functools.cmp_to_key(cmp))
 
 
@@ -678,8 +776,10 @@ class _Apply:
     # -- traversal ---------------------------------------------------------
     def _not_viable(self, parts: Path, nodes: list[Any]) -> UpdateError:
         k = len(nodes) - 1
-        return UpdateError(f"Cannot use the part ({parts[k]}) of ({'.'.join(parts)}) to traverse "
-                           f"the element ({{{parts[k - 1]}: {_val_str(nodes[-1])}}})")
+        return UpdateError(
+            f"Cannot use the part ({parts[k]}) of ({'.'.join(parts)}) to traverse "
+            f"the element ({{{parts[k - 1]}: {_val_str(nodes[-1])}}})"
+        )
 
     def modify(self, parts: Path, fn: Callable[[bool, Any], Any]) -> None:
         """Apply a creating node: fn(exists, old) -> _NOOP | (value, logged paths or None)."""
@@ -696,16 +796,17 @@ class _Apply:
             return
         node = nodes[-1]
         if not _can_hold(node, parts[k]):
-            raise UpdateError(f"Cannot create field '{parts[k]}' in element "
-                              f"{{{parts[k - 1]}: {_val_str(node)}}}")
+            raise UpdateError(
+                f"Cannot create field '{parts[k]}' in element {{{parts[k - 1]}: {_val_str(node)}}}"
+            )
         result = fn(False, None)
         if result is _NOOP:
             return
         subtree = result[0]
-        for part in reversed(parts[k + 1:]):
+        for part in reversed(parts[k + 1 :]):
             subtree = {part: subtree}
         _put(node, parts[k], subtree)
-        self.updated[parts[:k + 1]] = None
+        self.updated[parts[: k + 1]] = None
 
     def modify_existing(self, parts: Path, fn: Callable[[Any], Any]) -> None:
         """Apply a non-creating array node ($pull, $pullAll, $pop): fn(old) -> _NOOP | new value."""
@@ -725,6 +826,7 @@ class _Apply:
             if exists and _identical(old, arg):
                 return _NOOP
             return copy.deepcopy(arg), None
+
         self.modify(parts, fn)
 
     def op_setOnInsert(self, parts: Path, arg: Any) -> None:
@@ -747,14 +849,19 @@ class _Apply:
             if not exists:
                 return (copy.deepcopy(arg) if op == "$inc" else _arith(op, 0, arg)), None
             if _num_rank(old) is None:
-                raise UpdateError(f"Cannot apply {op} to a value of non-numeric type. "
-                                  f"{{{self.id_str}}} has the field '{parts[-1]}' of non-numeric "
-                                  f"type {_type_name(old)}")
+                raise UpdateError(
+                    f"Cannot apply {op} to a value of non-numeric type. "
+                    f"{{{self.id_str}}} has the field '{parts[-1]}' of non-numeric "
+                    f"type {_type_name(old)}"
+                )
             new = _arith(op, old, arg)
             if new is None:
-                raise UpdateError(f"Failed to apply {op} operations to current value "
-                                  f"({_typed_str(old)}) for document {{{self.id_str}}}")
+                raise UpdateError(
+                    f"Failed to apply {op} operations to current value "
+                    f"({_typed_str(old)}) for document {{{self.id_str}}}"
+                )
             return _NOOP if _identical(old, new) else (new, None)
+
         self.modify(parts, fn)
 
     def op_inc(self, parts: Path, arg: Any) -> None:
@@ -768,6 +875,7 @@ class _Apply:
             if exists and _bson_cmp(arg, old) != want:
                 return _NOOP
             return copy.deepcopy(arg), None
+
         self.modify(parts, fn)
 
     def op_min(self, parts: Path, arg: Any) -> None:
@@ -779,7 +887,7 @@ class _Apply:
     def op_currentDate(self, parts: Path, kind: str) -> None:
         now = self.now
         if now.tzinfo is None:
-            now = now.replace(tzinfo=datetime.timezone.utc)
+            now = now.replace(tzinfo=datetime.UTC)
         if kind == "timestamp":
             value: Any = Timestamp(int(now.timestamp()), 1)
         else:  # BSON dates hold milliseconds; store exactly what will be read back
@@ -789,9 +897,11 @@ class _Apply:
     def op_bit(self, parts: Path, arg: dict) -> None:
         def fn(exists: bool, old: Any) -> Any:
             if exists and _num_rank(old) not in (0, 1):
-                raise UpdateError(f"Cannot apply $bit to a value of non-integral type."
-                                  f"{{{self.id_str}}} has the field {parts[-1]} of non-integer "
-                                  f"type {_type_name(old)}")
+                raise UpdateError(
+                    f"Cannot apply $bit to a value of non-integral type."
+                    f"{{{self.id_str}}} has the field {parts[-1]} of non-integer "
+                    f"type {_type_name(old)}"
+                )
             value = old if exists else 0
             rank = _num_rank(value)
             for name, operand in arg.items():
@@ -800,14 +910,17 @@ class _Apply:
                 value = a & b if name == "and" else a | b if name == "or" else a ^ b
             value = Int64(value) if rank == 1 else value
             return _NOOP if exists and _identical(old, value) else (value, None)
+
         self.modify(parts, fn)
 
     def op_push(self, parts: Path, spec: _PushSpec) -> None:
         def fn(exists: bool, old: Any) -> Any:
             values = copy.deepcopy(spec.each)
             if exists and not isinstance(old, list):
-                raise UpdateError(f"The field '{parts[-1]}' must be an array but is of type "
-                                  f"{_type_name(old)} in document {{{self.id_str}}}")
+                raise UpdateError(
+                    f"The field '{parts[-1]}' must be an array but is of type "
+                    f"{_type_name(old)} in document {{{self.id_str}}}"
+                )
             array = list(old) if exists else []
             size = len(array)
             mode = "noop"
@@ -828,13 +941,16 @@ class _Apply:
             if mode == "append":
                 return array, [parts + (str(i),) for i in range(size, len(array))]
             return array, None
+
         self.modify(parts, fn)
 
     def op_addToSet(self, parts: Path, spec: _PushSpec) -> None:
         def fn(exists: bool, old: Any) -> Any:
             if exists and not isinstance(old, list):
-                raise UpdateError(f"Cannot apply $addToSet to non-array field. Field named "
-                                  f"'{parts[-1]}' has non-array type {_type_name(old)}")
+                raise UpdateError(
+                    f"Cannot apply $addToSet to non-array field. Field named "
+                    f"'{parts[-1]}' has non-array type {_type_name(old)}"
+                )
             current = list(old) if exists else []
             added = False
             for value in spec.each:
@@ -844,6 +960,7 @@ class _Apply:
             if exists and not added:
                 return _NOOP
             return current, None
+
         self.modify(parts, fn)
 
     def _cull(self, parts: Path, keep: Callable[[Any], bool]) -> None:
@@ -852,6 +969,7 @@ class _Apply:
                 raise UpdateError("Cannot apply $pull to a non-array value")
             kept = [e for e in old if keep(e)]
             return _NOOP if len(kept) == len(old) else kept
+
         self.modify_existing(parts, fn)
 
     def op_pull(self, parts: Path, matcher: Callable[[Any], bool]) -> None:
@@ -863,11 +981,13 @@ class _Apply:
     def op_pop(self, parts: Path, from_front: bool) -> None:
         def fn(old: Any) -> Any:
             if not isinstance(old, list):
-                raise UpdateError(f"Path '{'.'.join(parts)}' contains an element of non-array "
-                                  f"type '{_type_name(old)}'")
+                raise UpdateError(
+                    f"Path '{'.'.join(parts)}' contains an element of non-array type '{_type_name(old)}'"
+                )
             if not old:
                 return _NOOP
             return old[1:] if from_front else old[:-1]
+
         self.modify_existing(parts, fn)
 
     def op_rename(self, source: Path, target: Path) -> None:
@@ -879,23 +999,26 @@ class _Apply:
         where = self.id_str or "no id"
         for i in range(1, len(source)):
             if isinstance(nodes[i], list):
-                raise UpdateError(f"The source field cannot be an array element, "
-                                  f"'{'.'.join(source)}' in doc with {where} has an array field "
-                                  f"called '{source[i - 1]}'")
+                raise UpdateError(
+                    f"The source field cannot be an array element, "
+                    f"'{'.'.join(source)}' in doc with {where} has an array field "
+                    f"called '{source[i - 1]}'"
+                )
         dest = _walk(self.doc, target)
         k = len(dest) - 1
         for i in range(1, min(k + 1, len(target))):
             if isinstance(dest[i], list):
-                raise UpdateError(f"The destination field cannot be an array element, "
-                                  f"'{'.'.join(target)}' in doc with {where} has an array field "
-                                  f"called '{target[i - 1]}'")
+                raise UpdateError(
+                    f"The destination field cannot be an array element, "
+                    f"'{'.'.join(target)}' in doc with {where} has an array field "
+                    f"called '{target[i - 1]}'"
+                )
         if k < len(target) and not _can_hold(dest[-1], target[k]):
             raise self._not_viable(target, dest)
         value = nodes[-1]
         del nodes[-2][source[-1]]
         self.removed.append(source)
-        self.modify(target, lambda exists, old: _NOOP if exists and _identical(old, value)
-                    else (value, None))
+        self.modify(target, lambda exists, old: _NOOP if exists and _identical(old, value) else (value, None))
 
     # -- result ------------------------------------------------------------
     def description(self) -> dict | None:

@@ -26,7 +26,9 @@ class Event:
 
 
 class SSEClient:
-    def __init__(self, url: str, headers: dict | None = None, timeout: float = 10.0, rcvbuf: int | None = None):
+    def __init__(
+        self, url: str, headers: dict | None = None, timeout: float = 10.0, rcvbuf: int | None = None
+    ):
         parts = urlsplit(url)
         self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
         self.conn.connect()

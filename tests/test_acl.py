@@ -16,8 +16,15 @@ from services.acl import (
     validate_acl_document,
 )
 
-ALICE = {"_id": "alice", "roles": ["user", "ops"], "tenant": "acme", "tenants": ["acme", "globex"],
-         "profile": {"team": "red"}, "empty": "", "age": 30}
+ALICE = {
+    "_id": "alice",
+    "roles": ["user", "ops"],
+    "tenant": "acme",
+    "tenants": ["acme", "globex"],
+    "profile": {"team": "red"},
+    "empty": "",
+    "age": 30,
+}
 BOB = {"_id": "bob", "roles": ["user"], "tenant": "globex", "tenants": []}
 
 # --------------------------------------------------------------------------- normalize_path
@@ -83,14 +90,14 @@ VALID = [
     "path(/messages)",
     "path('/messages/@user._id')",
     "path-template('/{tenant}/_streams/{s}')",
-    "path-template[value=\"/{tenant}/x\"]",
+    'path-template[value="/{tenant}/x"]',
     "path-template(/{a}/x/*)",
     "method(GET)",
     "method(get, Post)",
     "method[value={GET, POST}]",
     "regex('^/messages/_streams/[a-z]+$')",
     "regex(^/a(b|c)$)",
-    "regex[pattern=\"^/x\", value=\"%R\"]",
+    'regex[pattern="^/x", value="%R"]',
     "regex[pattern='^/X', case-sensitive=false, full-match=true]",
     "qparams-contain(a)",
     "qparams-contain(a, b)",
@@ -220,8 +227,14 @@ MATCH = [
     ("method(GET)", "GET", "/x", {}, None, True),
     ("method(get)", "GET", "/x", {}, None, True),
     ("method(GET, POST)", "PUT", "/x", {}, None, False),
-    ("method(GET) and path-prefix(/messages/_streams/all)", "POST", "/messages/_streams/all", {}, None,
-     False),
+    (
+        "method(GET) and path-prefix(/messages/_streams/all)",
+        "POST",
+        "/messages/_streams/all",
+        {},
+        None,
+        False,
+    ),
     # regex
     ("regex('^/messages/_streams/[a-z]+$')", "GET", "/messages/_streams/all", {}, None, True),
     ("regex('^/messages/_streams/[a-z]+$')", "GET", "/messages/_streams/all/x", {}, None, False),
@@ -244,13 +257,31 @@ MATCH = [
     ("path-template(/{a}/x/*)", "GET", "/q/x/y/z", {}, None, True),
     ("path-template(/{a}/x/*)", "GET", "/q/x", {}, None, True),
     ("path-template(/{a}/x/*)", "GET", "/q/xy", {}, None, False),
-    ("path-template('/{tenant}/x') and in(value=${tenant}, array=@user.tenants)", "GET", "/globex/x", {},
-     ALICE, True),
-    ("path-template('/{tenant}/x') and in(value=${tenant}, array=@user.tenants)", "GET", "/globex/x", {},
-     BOB, False),
+    (
+        "path-template('/{tenant}/x') and in(value=${tenant}, array=@user.tenants)",
+        "GET",
+        "/globex/x",
+        {},
+        ALICE,
+        True,
+    ),
+    (
+        "path-template('/{tenant}/x') and in(value=${tenant}, array=@user.tenants)",
+        "GET",
+        "/globex/x",
+        {},
+        BOB,
+        False,
+    ),
     ("equals(${tenant}, acme) and path-template('/{tenant}/x')", "GET", "/acme/x", {}, ALICE, False),
-    ("(path-template('/{t}/a') or path-template('/{t}/b')) and equals(${t}, @user.tenant)", "GET",
-     "/acme/b", {}, ALICE, True),
+    (
+        "(path-template('/{t}/a') or path-template('/{t}/b')) and equals(${t}, @user.tenant)",
+        "GET",
+        "/acme/b",
+        {},
+        ALICE,
+        True,
+    ),
     ("not path-template('/{t}/a') and equals(${t}, acme)", "GET", "/acme/b", {}, ALICE, False),
     # @user interpolation; anonymous or missing never widens, not even under `not`
     ("path-prefix('/users/@user._id')", "GET", "/users/alice/x", {}, ALICE, True),
@@ -344,9 +375,13 @@ def test_validate_acl_document_errors(doc, fault):
 
 
 def test_validate_acl_document_ok():
-    doc = {"_id": "r", "roles": ["$unauthenticated"], "predicate": "path-prefix(/messages/_streams/all)",
-           "priority": 0, "mongo": {"allowWriteMode": False, "readFilter": {"public": True},
-                                    "projectResponse": None}}
+    doc = {
+        "_id": "r",
+        "roles": ["$unauthenticated"],
+        "predicate": "path-prefix(/messages/_streams/all)",
+        "priority": 0,
+        "mongo": {"allowWriteMode": False, "readFilter": {"public": True}, "projectResponse": None},
+    }
     assert validate_acl_document(doc) is doc
     assert validate_acl_document({"roles": ["u"], "predicate": "true", "priority": 1.5})
 
@@ -370,18 +405,31 @@ def test_load_permissions_order_and_skip(caplog):
 
 # --------------------------------------------------------------------------- decide
 
-PERMS = load_permissions([
-    {"_id": "public", "roles": ["$unauthenticated"],
-     "predicate": "path-prefix(/messages/_streams/all) and method(GET)",
-     "priority": 0},
-    {"_id": "users-read", "roles": ["user"], "predicate": "method(GET) and path-prefix(/messages)",
-     "priority": 1,
-     "mongo": {"readFilter": {"owner": "@user._id"}}},
-    {"_id": "users-read-hi", "roles": ["user"],
-     "predicate": "method(GET) and path-prefix(/messages/_streams)",
-     "priority": 5, "mongo": {"readFilter": {"hi": True}}},
-    {"_id": "ops", "roles": ["ops"], "predicate": "path-prefix(/ops)", "priority": 3},
-])
+PERMS = load_permissions(
+    [
+        {
+            "_id": "public",
+            "roles": ["$unauthenticated"],
+            "predicate": "path-prefix(/messages/_streams/all) and method(GET)",
+            "priority": 0,
+        },
+        {
+            "_id": "users-read",
+            "roles": ["user"],
+            "predicate": "method(GET) and path-prefix(/messages)",
+            "priority": 1,
+            "mongo": {"readFilter": {"owner": "@user._id"}},
+        },
+        {
+            "_id": "users-read-hi",
+            "roles": ["user"],
+            "predicate": "method(GET) and path-prefix(/messages/_streams)",
+            "priority": 5,
+            "mongo": {"readFilter": {"hi": True}},
+        },
+        {"_id": "ops", "roles": ["ops"], "predicate": "path-prefix(/ops)", "priority": 3},
+    ]
+)
 
 
 def req(method, path, user=None):

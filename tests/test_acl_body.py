@@ -6,8 +6,16 @@ from hypothesis import strategies as st
 
 from services.acl import PredicateError, RequestInfo, parse_predicate, touched_paths
 
-ALICE = {"_id": "alice", "roles": ["user"], "field": "owner", "tags": ["a", "b"], "n": 1,
-         "dotted": "x.y", "dollar": "$set", "empty": ""}
+ALICE = {
+    "_id": "alice",
+    "roles": ["user"],
+    "field": "owner",
+    "tags": ["a", "b"],
+    "n": 1,
+    "dotted": "x.y",
+    "dollar": "$set",
+    "empty": "",
+}
 BOB = {"_id": "bob", "roles": ["user"]}
 
 
@@ -32,11 +40,21 @@ TOUCHED = [
     ({"$unset": {"a": ""}}, ["a"]),
     ({"$inc": {"n": 1}, "$mul": {"m": 2}}, ["n", "m"]),
     ({"$rename": {"old": "new"}}, ["old", "new"]),
-    ({"$push": {"tags": "x"}, "$addToSet": {"s": 1}, "$pull": {"p": 1}, "$pullAll": {"q": [1]}},
-     ["tags", "s", "p", "q"]),
-    ({"$min": {"lo": 1}, "$max": {"hi": 2}, "$currentDate": {"ts": True}, "$pop": {"st": 1},
-      "$bit": {"flags": {"and": 1}}, "$setOnInsert": {"created": 1}},
-     ["lo", "hi", "ts", "st", "flags", "created"]),
+    (
+        {"$push": {"tags": "x"}, "$addToSet": {"s": 1}, "$pull": {"p": 1}, "$pullAll": {"q": [1]}},
+        ["tags", "s", "p", "q"],
+    ),
+    (
+        {
+            "$min": {"lo": 1},
+            "$max": {"hi": 2},
+            "$currentDate": {"ts": True},
+            "$pop": {"st": 1},
+            "$bit": {"flags": {"and": 1}},
+            "$setOnInsert": {"created": 1},
+        },
+        ["lo", "hi", "ts", "st", "flags", "created"],
+    ),
     ({"$whatever": {"w": 1}}, ["w"]),  # unknown $key: conservative
     ({"$set": 5}, ["$set"]),  # a non-object argument is reported itself
     ({"a": 1, "$set": {"a": 2}}, ["a"]),  # no duplicates
@@ -145,10 +163,14 @@ BODY = [
     (f"{PE}(key=a, value=0)", {"a": False}, None, False),
     (f"{PE}(key=a, value=null)", {"a": None}, None, True),
     (f"{PE}(key=a, value=null)", {}, None, False),  # missing is not null
-    (f"{PE}(key=a, value='{{\"foo\": \"bar\"}}')", {"a": {"foo": "bar"}}, None, True),
-    (f"{PE}(key=a, value='{{\"foo\": \"bar\"}}')", {"a": {"foo": "bar", "x": 1}}, None, False),
-    (f"{PE}(key=a, value='{{\"x\": 1, \"y\": [1, {{\"z\": 2}}]}}')", {"a": {"y": [1.0, {"z": 2}], "x": 1}},
-     None, True),
+    (f'{PE}(key=a, value=\'{{"foo": "bar"}}\')', {"a": {"foo": "bar"}}, None, True),
+    (f'{PE}(key=a, value=\'{{"foo": "bar"}}\')', {"a": {"foo": "bar", "x": 1}}, None, False),
+    (
+        f'{PE}(key=a, value=\'{{"x": 1, "y": [1, {{"z": 2}}]}}\')',
+        {"a": {"y": [1.0, {"z": 2}], "x": 1}},
+        None,
+        True,
+    ),
     (f"{PE}(key=a, value='[1, 2]')", {"a": [1, 2]}, None, True),
     (f"{PE}(key=a, value='[1, 2]')", {"a": [2, 1]}, None, False),
     (f"{PE}(key=a.b, value=1)", {"a": {"b": 1}}, None, True),  # dotted navigation
@@ -177,9 +199,9 @@ BODY = [
     (f"{AC}(key=tags, values='\"c\"')", {"tags": ["a", "b"]}, None, False),
     (f"{AC}(key=tags, values={{'\"a\"', '\"b\"'}})", {"tags": ["b", "x", "a"]}, None, True),
     (f"{AC}(key=tags, values={{'\"a\"', '\"c\"'}})", {"tags": ["b", "x", "a"]}, None, False),
-    (f"{AC}(key=tags, values='[\"a\", \"b\"]')", {"tags": ["b", "a"]}, None, True),  # a lone array
-    (f"{AC}(key=tags, values={{'[\"a\", \"b\"]'}})", {"tags": ["b", "a"]}, None, False),  # one value
-    (f"{AC}(key=tags, values={{'[\"a\", \"b\"]'}})", {"tags": [["a", "b"]]}, None, True),
+    (f'{AC}(key=tags, values=\'["a", "b"]\')', {"tags": ["b", "a"]}, None, True),  # a lone array
+    (f'{AC}(key=tags, values={{\'["a", "b"]\'}})', {"tags": ["b", "a"]}, None, False),  # one value
+    (f'{AC}(key=tags, values={{\'["a", "b"]\'}})', {"tags": [["a", "b"]]}, None, True),
     (f"{AC}(key=n, values=1)", {"n": [1.0, 2]}, None, True),
     (f"{AC}(key=n, values=1)", {"n": [True]}, None, False),
     (f"{AC}(key=n, values='{{\"x\": 1}}')", {"n": [{"x": 1}]}, None, True),
@@ -193,7 +215,7 @@ BODY = [
     (f"{AS}(key=tags, values={{'\"a\"', '\"b\"'}})", {"tags": ["a", "b", "a"]}, None, True),
     (f"{AS}(key=tags, values={{'\"a\"', '\"b\"'}})", {"tags": []}, None, True),
     (f"{AS}(key=tags, values={{'\"a\"', '\"b\"'}})", {"tags": ["a", "c"]}, None, False),
-    (f"{AS}(key=tags, values='[\"a\", \"b\"]')", {"tags": ["b"]}, None, True),
+    (f'{AS}(key=tags, values=\'["a", "b"]\')', {"tags": ["b"]}, None, True),
     (f"{AS}(key=tags, values='\"a\"')", {"tags": "a"}, None, False),
     (f"{AS}(key=tags, values='\"a\"')", None, None, False),
     (f"{AS}(key=n, values={{1, 2}})", {"n": [2.0, 1]}, None, True),
@@ -323,7 +345,7 @@ VALID = [
     "bson-request-whitelist({a, b})",
     "bson-request-blacklist[keys={password, roles}]",
     "bson-request-prop-equals(key=a.b, value='\"bar\"')",
-    "bson-request-prop-equals(key=a, value='{\"foo\": \"bar\"}')",
+    'bson-request-prop-equals(key=a, value=\'{"foo": "bar"}\')',
     "bson-request-prop-equals(key=a, value=[1, 2])",
     "bson-request-prop-equals(key=a, value=@user._id)",
     "bson-request-array-contains(key=tags, values={'\"a\"', 1, true})",
@@ -346,7 +368,7 @@ INVALID = [
     ("bson-request-contains(a, '')", "invalid field path"),
     ("bson-request-prop-equals(key=a, value=bar)", "value= must be JSON"),
     ("bson-request-prop-equals(key=a, value=bar)", "'bar'"),
-    ("bson-request-prop-equals(key=a, value=\"bar\")", "got 'bar'"),  # the quotes are the predicate's
+    ('bson-request-prop-equals(key=a, value="bar")', "got 'bar'"),  # the quotes are the predicate's
     ("bson-request-prop-equals(key=a, value='{foo: 1}')", "must be JSON"),
     ("bson-request-prop-equals(key=a, value=NaN)", "must be JSON"),
     ("bson-request-prop-equals(key=a, value='[' )", "must be JSON"),
@@ -377,16 +399,19 @@ def test_parse_invalid(text, fault):
 SELF = "path-template(/users/{id}) and equals(@user._id, ${id}) and bson-request-whitelist(password)"
 
 
-@pytest.mark.parametrize("body,user,expected", [
-    ({"password": "x"}, {"_id": "alice"}, True),
-    ({"$set": {"password": "x"}}, {"_id": "alice"}, True),
-    ({"$set": {"roles": ["admin"]}}, {"_id": "alice"}, False),
-    ({"password": "x", "roles": []}, {"_id": "alice"}, False),
-    ({"$rename": {"password": "roles"}}, {"_id": "alice"}, False),
-    ({"$unset": {"roles": ""}}, {"_id": "alice"}, False),
-    ({"password": "x"}, {"_id": "bob"}, False),
-    ({"password": "x"}, None, False),
-])
+@pytest.mark.parametrize(
+    "body,user,expected",
+    [
+        ({"password": "x"}, {"_id": "alice"}, True),
+        ({"$set": {"password": "x"}}, {"_id": "alice"}, True),
+        ({"$set": {"roles": ["admin"]}}, {"_id": "alice"}, False),
+        ({"password": "x", "roles": []}, {"_id": "alice"}, False),
+        ({"$rename": {"password": "roles"}}, {"_id": "alice"}, False),
+        ({"$unset": {"roles": ""}}, {"_id": "alice"}, False),
+        ({"password": "x"}, {"_id": "bob"}, False),
+        ({"password": "x"}, None, False),
+    ],
+)
 def test_self_service_rule(body, user, expected):
     assert matches(SELF, body, user, method="PATCH", path="/users/alice") is expected
 
@@ -396,8 +421,13 @@ def test_self_service_rule(body, user, expected):
 FIELDS = ["a", "b", "a.b", "a.c", "ab", "b.a", "a.b.c"]
 OPERATORS = ["$set", "$unset", "$inc", "$push", "$setOnInsert", "$rename", "$addToSet", "$bogus"]
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.sampled_from(["x", "a"]))
-VALUES = st.recursive(SCALARS, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(FIELDS), inner, max_size=3)), max_leaves=6)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(FIELDS), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
 
 
 @st.composite

@@ -13,10 +13,16 @@ pytestmark = pytest.mark.live
 
 
 def test_bench_smoke_runs_every_scenario():
-    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=240, env={**os.environ})
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    result = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert result["latency_100"]["from_send"]["n"] == 10 * 6  # 10 clients x 6 bursts, none missed
     assert result["fanout"][0]["single"]["deliveries"] == 50 * 3
     assert result["fanout"][0]["clients_after_leave"] == 0

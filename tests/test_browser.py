@@ -21,8 +21,10 @@ from .conftest import ADMIN, LiveServer
 from .test_live_streams import post, put_streams
 
 CHROMIUM = "/usr/bin/chromium"
-ENABLE = ("install Debian's chromium (apt-get install chromium) and `pip install playwright` "
-          "to run the browser tests")
+ENABLE = (
+    "install Debian's chromium (apt-get install chromium) and `pip install playwright` "
+    "to run the browser tests"
+)
 
 if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} not found: {ENABLE}", allow_module_level=True)
@@ -33,13 +35,23 @@ except ImportError:
 
 pytestmark = [pytest.mark.browser, pytest.mark.live]
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 
 # The tutorial's streams plus one that no ACL rule opens.
 STREAMS = {
     "streams": [
-        {"uri": "all", "stages": [{"_$match": {"_$or": [{"operationType": "insert"}, {"operationType": "update"}]}}]},
+        {
+            "uri": "all",
+            "stages": [{"_$match": {"_$or": [{"operationType": "insert"}, {"operationType": "update"}]}}],
+        },
         {"uri": "secret", "stages": [{"_$match": {"operationType": "insert"}}]},
     ]
 }
@@ -87,11 +99,12 @@ def wait_changes(page, n: int, timeout_ms: int = 15_000) -> None:
 def shown(page) -> list[dict]:
     """The change events the page shows, as the stream's JSON payloads, with their ids."""
     items = page.eval_on_selector_all(
-        "#events li.change", "els => els.map(e => ({id: e.dataset.id, text: e.textContent}))")
+        "#events li.change", "els => els.map(e => ({id: e.dataset.id, text: e.textContent}))"
+    )
     out = []
     for item in items:
         assert item["text"].startswith("change ")
-        out.append({"id": item["id"], **json.loads(item["text"][len("change "):])})
+        out.append({"id": item["id"], **json.loads(item["text"][len("change ") :])})
     return out
 
 
@@ -136,12 +149,15 @@ def test_public_page_receives_events_and_resumes_after_a_restart(live_factory, t
     # dir, through the next server before the browser is back) and one right after.
     again = restart_on_same_port(server)
     try:
-        page.wait_for_function("document.getElementById('state').textContent === 'reconnecting'",
-                               timeout=10_000)
+        page.wait_for_function(
+            "document.getElementById('state').textContent === 'reconnecting'", timeout=10_000
+        )
         again.start()
         post(base, {"seq": 3, "message": "while the page was away"})
-        page.wait_for_function(f"document.getElementById('state').textContent === 'open' && {CHANGES}.length >= 3",
-                               timeout=15_000)
+        page.wait_for_function(
+            f"document.getElementById('state').textContent === 'open' && {CHANGES}.length >= 3",
+            timeout=15_000,
+        )
         post(base, {"seq": 4, "message": "after the page is back"})
         wait_changes(page, 4)
         time.sleep(0.5)  # a duplicate would arrive right behind the 4th
@@ -169,8 +185,15 @@ def test_token_in_the_url_opens_a_protected_stream_and_nothing_opens_without(liv
     assert r.status_code == 200, r.text
     token = r.json()["access_token"]
     statuses = {}
-    context.on("response", lambda resp: "/_streams/" in resp.url and statuses.setdefault(
-        resp.url.split("/_streams/")[1].split("access_token=")[0], []).append(resp.status))
+    context.on(
+        "response",
+        lambda resp: (
+            "/_streams/" in resp.url
+            and statuses.setdefault(resp.url.split("/_streams/")[1].split("access_token=")[0], []).append(
+                resp.status
+            )
+        ),
+    )
 
     public = open_page(context, demo(base, "/messages/_streams/all"))
     with_token = open_page(context, demo(base, f"/messages/_streams/secret?access_token={quote(token)}"))

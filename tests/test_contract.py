@@ -152,8 +152,10 @@ def test_current_token_is_now(engine):
     assert [e["documentKey"]["_id"] for e in drain(stream, 1)] == [2]
 
 
-@pytest.mark.parametrize("token", ["82abc", {}, {"_data": 5}, {"_data": "xyz"}, {"_data": "0" * 32, "extra": 1},
-                                   [{"_data": "0" * 32}]])
+@pytest.mark.parametrize(
+    "token",
+    ["82abc", {}, {"_data": 5}, {"_data": "xyz"}, {"_data": "0" * 32, "extra": 1}, [{"_data": "0" * 32}]],
+)
 def test_malformed_token_is_bad_request(engine, token):
     with pytest.raises(BadRequest):
         engine.position(token)

@@ -27,8 +27,12 @@ def server(request, live_factory):
         uri = os.environ.get("MONGO_URI")
         if not uri:
             pytest.skip("MONGO_URI not set: the mongo leg of the HTTP contract needs a replica set")
-        return live_factory(MONGO_URI=uri, MONGO_DB=f"changefeed_test_{uuid.uuid4().hex[:8]}",
-                            SSE_HEARTBEAT_SECONDS=1, STREAM_LINGER_SECONDS=0)
+        return live_factory(
+            MONGO_URI=uri,
+            MONGO_DB=f"changefeed_test_{uuid.uuid4().hex[:8]}",
+            SSE_HEARTBEAT_SECONDS=1,
+            STREAM_LINGER_SECONDS=0,
+        )
     return live_factory(MONGO_URI="", SSE_HEARTBEAT_SECONDS=1, STREAM_LINGER_SECONDS=0)
 
 
@@ -46,8 +50,11 @@ def test_tutorial_events_are_the_same_on_every_engine(server):
     assert set(data) == {"operationType", "wallTime", "fullDocument", "documentKey"}
     assert json.loads(ws.recv()) == data
 
-    r = requests.patch(f"{base}/messages/{doc_id}", auth=ADMIN, json={"message": "edited", "$inc": {"n": 1},
-                                                                       "$push": {"tags": "a"}})
+    r = requests.patch(
+        f"{base}/messages/{doc_id}",
+        auth=ADMIN,
+        json={"message": "edited", "$inc": {"n": 1}, "$push": {"tags": "a"}},
+    )
     assert r.status_code == 200
     upd = sse.next_event().json()
     assert upd["operationType"] == "update"
@@ -69,11 +76,17 @@ def test_tutorial_events_are_the_same_on_every_engine(server):
 def test_bad_requests_are_the_same_on_every_engine(server):
     base = server.url
     put_streams(base)
-    assert requests.get(f"{base}/messages/_streams/nope", auth=ADMIN,
-                        headers={"Accept": "text/event-stream"}).status_code == 404
+    assert (
+        requests.get(
+            f"{base}/messages/_streams/nope", auth=ADMIN, headers={"Accept": "text/event-stream"}
+        ).status_code
+        == 404
+    )
     r = requests.get(f"{base}/messages/_streams/all", auth=ADMIN, headers={"Last-Event-ID": "x"})
     assert r.status_code == 400
     r = requests.get(f"{base}/messages/_streams/mine", auth=ADMIN, headers={"Accept": "text/event-stream"})
     assert r.status_code == 400 and r.json()["message"] == "variable n not bound"
-    r = requests.put(f"{base}/messages", auth=ADMIN, json={"streams": [{"uri": "x", "stages": [{"$out": "y"}]}]})
+    r = requests.put(
+        f"{base}/messages", auth=ADMIN, json={"streams": [{"uri": "x", "stages": [{"$out": "y"}]}]}
+    )
     assert r.status_code == 400

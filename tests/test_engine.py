@@ -18,7 +18,14 @@ from bson.int64 import Int64
 from bson.objectid import ObjectId
 from bson.timestamp import Timestamp
 
-from services.errors import BadRequest, CollectionNotFound, DocumentNotFound, DuplicateKey, EtagMismatch, HistoryLost
+from services.errors import (
+    BadRequest,
+    CollectionNotFound,
+    DocumentNotFound,
+    DuplicateKey,
+    EtagMismatch,
+    HistoryLost,
+)
 from services.storage.embedded import EmbeddedEngine, decode
 from services.updates import UpdateError, normalize_patch
 
@@ -39,7 +46,9 @@ def engine(tmp_path):
     eng.close()
 
 
-def log_rows(path: str, coll: str | None = None, kind: str | None = "event") -> list[tuple[int, str, str, dict]]:
+def log_rows(
+    path: str, coll: str | None = None, kind: str | None = "event"
+) -> list[tuple[int, str, str, dict]]:
     conn = sqlite3.connect(path)
     try:
         rows = conn.execute("SELECT seq, coll, kind, event FROM changes ORDER BY seq").fetchall()
@@ -88,7 +97,7 @@ def check_common(event: dict, engine: EmbeddedEngine, op: str, coll: str = "c") 
     assert event["clusterTime"].inc == engine.position(token)
     wall = event["wallTime"]
     assert isinstance(wall, dt.datetime)
-    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     assert abs((now - wall).total_seconds()) < 60
     assert wall.microsecond % 1000 == 0  # BSON dates have millisecond precision
 
@@ -226,7 +235,14 @@ UPDATE_CASES = [
     ("inc", {"a": 5, "b": 1}, {"$inc": {"b": 2}}, {"a": 5, "b": 3}, {"b": 3}, []),
     ("inc-create", {}, {"$inc": {"n": 4}}, {"n": 4}, {"n": 4}, []),
     ("push-append", {"arr": [1, 2]}, {"$push": {"arr": 3}}, {"arr": [1, 2, 3]}, {"arr.2": 3}, []),
-    ("push-each", {"arr": [0]}, {"$push": {"arr": {"$each": [1, 2]}}}, {"arr": [0, 1, 2]}, {"arr.1": 1, "arr.2": 2}, []),
+    (
+        "push-each",
+        {"arr": [0]},
+        {"$push": {"arr": {"$each": [1, 2]}}},
+        {"arr": [0, 1, 2]},
+        {"arr.1": 1, "arr.2": 2},
+        [],
+    ),
     ("push-empty", {"arr": []}, {"$push": {"arr": 1}}, {"arr": [1]}, {"arr": [1]}, []),
     ("pull", {"arr": [0, 1, 2, 3]}, {"$pull": {"arr": {"$lt": 2}}}, {"arr": [2, 3]}, {"arr": [2, 3]}, []),
     ("addToSet", {"arr": [0]}, {"$addToSet": {"arr": 1}}, {"arr": [0, 1]}, {"arr": [0, 1]}, []),
@@ -239,8 +255,9 @@ UPDATE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("before, spec, after, updated, removed", [c[1:] for c in UPDATE_CASES],
-                         ids=[c[0] for c in UPDATE_CASES])
+@pytest.mark.parametrize(
+    "before, spec, after, updated, removed", [c[1:] for c in UPDATE_CASES], ids=[c[0] for c in UPDATE_CASES]
+)
 def test_update_description(engine, before, spec, after, updated, removed):
     (old,) = engine.insert_documents("c", [{"_id": 1, **before}])
     stream = watch_all(engine)
@@ -270,17 +287,20 @@ def test_current_date_description(engine):
     assert new["a"] == event["wallTime"]
 
 
-@pytest.mark.parametrize("spec", [
-    {"$set": {"a": 1}},
-    {"$unset": {"missing": 1}},
-    {"$inc": {"a": 0}},
-    {"$push": {"arr": {"$each": []}}},
-    {"$pull": {"arr": 99}},
-    {"$addToSet": {"arr": 1}},
-    {"$rename": {"missing": "b"}},
-    {"$min": {"a": 5}},
-    {"$max": {"a": 0}},
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"$set": {"a": 1}},
+        {"$unset": {"missing": 1}},
+        {"$inc": {"a": 0}},
+        {"$push": {"arr": {"$each": []}}},
+        {"$pull": {"arr": 99}},
+        {"$addToSet": {"arr": 1}},
+        {"$rename": {"missing": "b"}},
+        {"$min": {"a": 5}},
+        {"$max": {"a": 0}},
+    ],
+)
 def test_noop_update_makes_no_event(engine, spec):
     (old,) = engine.insert_documents("c", [{"_id": 1, "a": 1, "arr": [1]}])
     before = log_rows(engine.path, kind=None)
@@ -304,7 +324,9 @@ def test_failed_update_writes_nothing(engine):
 
 def test_upsert_update_inserts(engine):
     stream = watch_all(engine)
-    created, new = engine.update_document("c", "u", normalize_patch({"$set": {"a": 1}, "$inc": {"n": 2}}), upsert=True)
+    created, new = engine.update_document(
+        "c", "u", normalize_patch({"$set": {"a": 1}, "$inc": {"n": 2}}), upsert=True
+    )
     assert created is True
     assert {k: v for k, v in new.items() if k != "_etag"} == {"_id": "u", "a": 1, "n": 2}
     (event,) = drain(engine, stream)
@@ -371,17 +393,20 @@ def test_current_token_is_now(engine):
     assert [e["documentKey"]["_id"] for e in drain(engine, stream)] == [2]
 
 
-@pytest.mark.parametrize("token", [
-    "82abc",
-    {},
-    {"_data": 5},
-    {"_data": "xyz"},
-    {"_data": "0" * 31},
-    {"_data": "0" * 33},
-    {"_data": "g" * 32},
-    {"_data": "0" * 32, "extra": 1},
-    [{"_data": "0" * 32}],
-])
+@pytest.mark.parametrize(
+    "token",
+    [
+        "82abc",
+        {},
+        {"_data": 5},
+        {"_data": "xyz"},
+        {"_data": "0" * 31},
+        {"_data": "0" * 33},
+        {"_data": "g" * 32},
+        {"_data": "0" * 32, "extra": 1},
+        [{"_data": "0" * 32}],
+    ],
+)
 def test_malformed_token_is_bad_request(engine, token):
     with pytest.raises(BadRequest):
         engine.position(token)
@@ -622,7 +647,11 @@ def test_four_processes_lose_nothing_and_share_one_order(tmp_path):
             f"w{w}-{i}" for w in range(PROCESSES) for i in range(0, WRITES, 2)
         )
 
-        rows = [r for r in log_rows(engine.path, "c") if r[3]["documentKey"]["_id"] != "counter" or r[3]["operationType"] == "update"]
+        rows = [
+            r
+            for r in log_rows(engine.path, "c")
+            if r[3]["documentKey"]["_id"] != "counter" or r[3]["operationType"] == "update"
+        ]
         all_rows = log_rows(engine.path, "c")
         assert len(all_rows) == 1 + PROCESSES * WRITES
         assert len(rows) == PROCESSES * WRITES
@@ -633,15 +662,27 @@ def test_four_processes_lose_nothing_and_share_one_order(tmp_path):
         # the counter's events count up one by one in log order: no lost or reordered $inc
         counts = [r[3]["fullDocument"]["n"] for r in all_rows[1:] if r[3]["operationType"] == "update"]
         assert counts == list(range(1, incs + 1))
-        assert all(r[3]["updateDescription"]["updatedFields"]["n"] == r[3]["fullDocument"]["n"]
-                   for r in all_rows[1:] if r[3]["operationType"] == "update")
+        assert all(
+            r[3]["updateDescription"]["updatedFields"]["n"] == r[3]["fullDocument"]["n"]
+            for r in all_rows[1:]
+            if r[3]["operationType"] == "update"
+        )
         # each writer's own inserts appear in the order it made them
         for w in range(PROCESSES):
-            mine = [r[3]["fullDocument"]["i"] for r in all_rows if r[3]["operationType"] == "insert"
-                    and r[3]["fullDocument"].get("worker") == w]
+            mine = [
+                r[3]["fullDocument"]["i"]
+                for r in all_rows
+                if r[3]["operationType"] == "insert" and r[3]["fullDocument"].get("worker") == w
+            ]
             assert mine == list(range(0, WRITES, 2))
-        assert int(sqlite3.connect(os.path.join(data_dir, "changefeed.sqlite3")).execute(
-            "SELECT value FROM meta WHERE key='last_seq'").fetchone()[0]) == seqs[-1]
+        assert (
+            int(
+                sqlite3.connect(os.path.join(data_dir, "changefeed.sqlite3"))
+                .execute("SELECT value FROM meta WHERE key='last_seq'")
+                .fetchone()[0]
+            )
+            == seqs[-1]
+        )
 
         # this engine's stream (its feed) and a second instance (reading the table) agree
         expected = [(engine.token(seq), ev["documentKey"]) for seq, _, _, ev in all_rows[1:]]

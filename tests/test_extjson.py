@@ -17,11 +17,11 @@ VALUES = [
     {"b": Binary(b"xy", 0), "u": Binary(b"0123456789abcdef", 4)},
     {"ts": Timestamp(1680529003, 1)},
     {"r": Regex("^a", "i")},
-    {"tz": dt.datetime(2023, 1, 1, tzinfo=dt.timezone.utc)},
+    {"tz": dt.datetime(2023, 1, 1, tzinfo=dt.UTC)},
     {"tz2": dt.datetime(2023, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=2)))},
     ["x", {"y": [1, None, True, "é\u2028", {"z": []}]}],
     {"big": 2**62, "neg": -(2**40)},
-    {"uni": "\u00e9\U0001F600", "ctl": "a\nb\t\"c\""},
+    {"uni": "\u00e9\U0001f600", "ctl": 'a\nb\t"c"'},
     {"mk": MinKey(), "xk": MaxKey()},
 ]
 

@@ -7,11 +7,11 @@ The same attacks over real sockets against gunicorn are in test_live_attacks.py.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import time
 
 import pytest
-
 from werkzeug.http import HTTP_STATUS_CODES
 
 from services.throttle import FailureThrottle
@@ -20,7 +20,12 @@ from .test_security import basic, bearer, get_token
 
 SSE = {"Accept": "text/event-stream"}
 STREAMS = {"streams": [{"uri": "all", "stages": []}]}
-PUBLIC = {"_id": "pub", "roles": ["$unauthenticated"], "predicate": "path-prefix(/pub/_streams)", "priority": 0}
+PUBLIC = {
+    "_id": "pub",
+    "roles": ["$unauthenticated"],
+    "predicate": "path-prefix(/pub/_streams)",
+    "priority": 0,
+}
 
 
 def assert_error(r, status: int, message: str | None = None) -> str:
@@ -95,14 +100,34 @@ def test_stream_links_are_relative_unless_public_url_is_set(client, app, pub):
     r = client.get("/pub/_streams", headers={"Host": "evil.example"})
     assert r.get_json()[0]["url"] == "/pub/_streams/all"
     app.config["PUBLIC_URL"] = "https://feeds.example.com"
-    assert client.get("/pub/_streams", headers={"Host": "evil.example"}).get_json()[0]["url"] == \
-        "https://feeds.example.com/pub/_streams/all"
+    assert (
+        client.get("/pub/_streams", headers={"Host": "evil.example"}).get_json()[0]["url"]
+        == "https://feeds.example.com/pub/_streams/all"
+    )
 
 
 # --------------------------------------------------------------------------- ids and text
 
-ODD_IDS = ["0123456789abcdef01234567", "a\nb", "a/b", "../x", ".", "..", "100%", "%41", "a b?c#d", "tab\there", "nul\0x", "café", "😀",
-           "a;b=c", "x" * 300, "\u2028", " lead", "trail "]
+ODD_IDS = [
+    "0123456789abcdef01234567",
+    "a\nb",
+    "a/b",
+    "../x",
+    ".",
+    "..",
+    "100%",
+    "%41",
+    "a b?c#d",
+    "tab\there",
+    "nul\0x",
+    "café",
+    "😀",
+    "a;b=c",
+    "x" * 300,
+    "\u2028",
+    " lead",
+    "trail ",
+]
 
 
 @pytest.mark.parametrize("doc_id", ODD_IDS)
@@ -134,8 +159,10 @@ def test_id_type(client):
     assert_error(client.get("/things/xyz", query_string={"id_type": "NUMBER"}), 400)
 
 
-@pytest.mark.parametrize("doc_id", [{"$minKey": 1}, {"$maxKey": 1}, None, True, 1.5, {"a": 1}, [1],
-                                    {"$date": "2020-01-01T00:00:00Z"}])
+@pytest.mark.parametrize(
+    "doc_id",
+    [{"$minKey": 1}, {"$maxKey": 1}, None, True, 1.5, {"a": 1}, [1], {"$date": "2020-01-01T00:00:00Z"}],
+)
 def test_ids_a_url_cannot_name_are_refused(client, doc_id):
     client.put("/things", json={})
     assert "could not be addressed" in assert_error(client.post("/things", json={"_id": doc_id}), 400)
@@ -154,7 +181,10 @@ def test_integer_ids_round_trip_with_id_type_number(client):
 
 def test_min_and_max_keys_in_values_sort_in_bson_order(client):
     client.put("/things", json={})
-    client.post("/things", json=[{"_id": "a", "v": {"$maxKey": 1}}, {"_id": "b", "v": 1}, {"_id": "c", "v": {"$minKey": 1}}])
+    client.post(
+        "/things",
+        json=[{"_id": "a", "v": {"$maxKey": 1}}, {"_id": "b", "v": 1}, {"_id": "c", "v": {"$minKey": 1}}],
+    )
     r = client.get("/things", query_string={"sort": "v"})
     assert r.status_code == 200 and [d["_id"] for d in r.get_json()] == ["c", "b", "a"]
 
@@ -164,9 +194,16 @@ def test_empty_string_id_is_refused(client):
     assert_error(client.post("/things", json={"_id": ""}), 400)
 
 
-@pytest.mark.parametrize("body", [
-    b'{"a": "\\ud800"}', b'{"\\udfff": 1}', b'{"a": ["x", {"b": "\\udc00y"}]}', b'{"a": "\xff"}', b'{"a": "\xed\xa0\x80"}',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"a": "\\ud800"}',
+        b'{"\\udfff": 1}',
+        b'{"a": ["x", {"b": "\\udc00y"}]}',
+        b'{"a": "\xff"}',
+        b'{"a": "\xed\xa0\x80"}',
+    ],
+)
 def test_text_that_is_not_unicode_is_a_400_and_writes_nothing(client, app, body):
     client.put("/things", json={})
     r = client.post("/things", data=body, content_type="application/json")
@@ -178,7 +215,9 @@ def test_surrogates_in_query_parameters_and_patches(client):
     client.put("/things", json={})
     client.post("/things", json={"_id": "t"})
     assert_error(client.get("/things", query_string={"filter": '{"a": "\\ud800"}'}), 400)
-    assert_error(client.patch("/things/t", data=b'{"$set": {"a": "\\ud83d"}}', content_type="application/json"), 400)
+    assert_error(
+        client.patch("/things/t", data=b'{"$set": {"a": "\\ud83d"}}', content_type="application/json"), 400
+    )
     assert_error(client.put("/things/t", data=b'{"\\ud83d": 1}', content_type="application/json"), 400)
 
 
@@ -223,9 +262,13 @@ def test_a_trusted_proxy_names_the_client(client, anon, app):
 
     app.config["TRUSTED_PROXIES"] = load(overrides={"TRUSTED_PROXIES": "127.0.0.0/8"})["TRUSTED_PROXIES"]
     # trusted peer: the last hop is the client; an earlier (client-written) entry is not
-    assert_error(anon.get("/", headers={**basic("admin", "bad"), "X-Forwarded-For": "1.2.3.4, 198.51.100.2"}), 401)
+    assert_error(
+        anon.get("/", headers={**basic("admin", "bad"), "X-Forwarded-For": "1.2.3.4, 198.51.100.2"}), 401
+    )
     assert_error(anon.get("/", headers={**basic("admin", "bad"), "X-Forwarded-For": "198.51.100.2"}), 429)
-    assert_error(anon.get("/", headers={**basic("admin", "bad"), "X-Forwarded-For": "198.51.100.2, 1.2.3.4"}), 401)
+    assert_error(
+        anon.get("/", headers={**basic("admin", "bad"), "X-Forwarded-For": "198.51.100.2, 1.2.3.4"}), 401
+    )
 
 
 def test_unknown_users_cost_a_bcrypt_check_like_wrong_passwords(client, anon, monkeypatch):
@@ -258,8 +301,13 @@ def test_a_token_cannot_mint_a_token_that_outlives_it(anon, app):
 
 
 def test_malformed_basic_credentials(anon):
-    for value in ("Basic", "Basic !!!", "Basic " + base64.b64encode(b"nocolon").decode(),
-                  "Basic " + base64.b64encode(b":pw").decode(), "Basic " + base64.b64encode(b"\xff\xfe:x").decode()):
+    for value in (
+        "Basic",
+        "Basic !!!",
+        "Basic " + base64.b64encode(b"nocolon").decode(),
+        "Basic " + base64.b64encode(b":pw").decode(),
+        "Basic " + base64.b64encode(b"\xff\xfe:x").decode(),
+    ):
         assert_error(anon.get("/", headers={"Authorization": value}), 401)
 
 
@@ -268,14 +316,20 @@ def test_malformed_basic_credentials(anon):
 
 def test_open_streams_are_bounded_per_owner_and_watchers_per_worker(app, client):
     hub = app.extensions["changefeed.hub"]
-    client.put("/pub", json={"streams": [{"uri": "v", "stages": [{"$match": {"fullDocument.v": {"$var": "v"}}}]}]})
+    client.put(
+        "/pub", json={"streams": [{"uri": "v", "stages": [{"$match": {"fullDocument.v": {"$var": "v"}}}]}]}
+    )
     hub.max_per_address, hub.max_per_user, hub.max_watchers = 2, 3, 4
-    subs = [hub.subscribe("pub", "v", '{"v": 1}', None, "sse", owner=("address", "1.1.1.1")) for _ in range(2)]
+    subs = [
+        hub.subscribe("pub", "v", '{"v": 1}', None, "sse", owner=("address", "1.1.1.1")) for _ in range(2)
+    ]
     with pytest.raises(Exception) as info:
         hub.subscribe("pub", "v", '{"v": 1}', None, "sse", owner=("address", "1.1.1.1"))
     assert info.value.status == 429 and "STREAM_MAX_PER_ADDRESS" in info.value.message
     subs.append(hub.subscribe("pub", "v", '{"v": 1}', None, "sse", owner=("address", "2.2.2.2")))
-    subs += [hub.subscribe("pub", "v", json.dumps({"v": i}), None, "sse", owner=("user", "u")) for i in range(2, 5)]
+    subs += [
+        hub.subscribe("pub", "v", json.dumps({"v": i}), None, "sse", owner=("user", "u")) for i in range(2, 5)
+    ]
     assert hub.status()["watchers"] == 4
     with pytest.raises(Exception) as info:
         hub.subscribe("pub", "v", '{"v": 9}', None, "sse", owner=("user", "other"))
@@ -333,7 +387,7 @@ def test_a_resume_from_far_back_yields_between_batches(data_dir):
         sub.close()
         assert seen == 1200 and batches >= 3  # 500 events per batch at most
         # the ticker ran between every two batches: the catch-up never held the loop throughout
-        assert all(b > a for a, b in zip(between, between[1:]))
+        assert all(b > a for a, b in itertools.pairwise(between))
     finally:
         hub.close_all()
         engine.close()
@@ -370,10 +424,17 @@ def test_password_checks_are_bounded_per_address_and_in_all():
         pass
 
 
-@pytest.mark.parametrize("keys, status", [
-    ({"arr.$": 1}, 400), ({"arr.0": 1}, 400), ({"arr": 1, "arr.0": 1}, 400), ({"text": 1, "text.a": 1}, 400),
-    ({"_id": 1}, 200), ({"arr.x": 1}, 200),
-])
+@pytest.mark.parametrize(
+    "keys, status",
+    [
+        ({"arr.$": 1}, 400),
+        ({"arr.0": 1}, 400),
+        ({"arr": 1, "arr.0": 1}, 400),
+        ({"text": 1, "text.a": 1}, 400),
+        ({"_id": 1}, 200),
+        ({"arr.x": 1}, 200),
+    ],
+)
 def test_keys_projections_never_500(client, keys, status):
     client.put("/things", json={})
     client.post("/things", json={"_id": "t", "arr": [1, {"x": 2}], "text": "a"})

@@ -88,15 +88,29 @@ def test_of_returns_none_when_nothing_is_hidden():
 
 
 def test_of_builds_visibility():
-    for vis in (Visibility.of({"secret": 0}), Visibility.of(None, ("password",)),
-                Visibility.of({"_id": 1}), Visibility.of({"name": 1}, ("password",))):
+    for vis in (
+        Visibility.of({"secret": 0}),
+        Visibility.of(None, ("password",)),
+        Visibility.of({"_id": 1}),
+        Visibility.of({"name": 1}, ("password",)),
+    ):
         assert vis is not None and vis.hides_anything
 
 
-@pytest.mark.parametrize("projection,always", [
-    ({}, ()), ({"_id": 0}, ()), ([], ()), (None, ("_id",)), (None, ("_id.x",)), (None, ("a..b",)),
-    (None, ("",)), (None, ("$x",)), (None, ("a.0",)),
-])
+@pytest.mark.parametrize(
+    "projection,always",
+    [
+        ({}, ()),
+        ({"_id": 0}, ()),
+        ([], ()),
+        (None, ("_id",)),
+        (None, ("_id.x",)),
+        (None, ("a..b",)),
+        (None, ("",)),
+        (None, ("$x",)),
+        (None, ("a.0",)),
+    ],
+)
 def test_of_refuses_bad_input(projection, always):
     with pytest.raises(ValueError):
         Visibility.of(projection, always)
@@ -104,8 +118,9 @@ def test_of_refuses_bad_input(projection, always):
 
 def test_describe():
     assert Visibility.of({"secret": 0, "a.b": 0}, ("password",)).describe() == "hides secret, a.b, password"
-    assert Visibility.of({"name": 1}, ("password",)).describe() == \
-        "shows only _id, name; always hides password"
+    assert (
+        Visibility.of({"name": 1}, ("password",)).describe() == "shows only _id, name; always hides password"
+    )
     assert Visibility.of({"_id": 1}).describe() == "shows only _id"
 
 
@@ -117,22 +132,54 @@ INCL_PW = Visibility.of({"name": 1, "password": 1}, ("password",))
 USERS = Visibility.of(None, ("password",))
 
 REVEALS = [
-    (EXCL, "secret", True), (EXCL, "secret.x", True), (EXCL, "secret.0", True),
-    (EXCL, "profile", True), (EXCL, "profile.pin", True), (EXCL, "profile.pin.x", True),
-    (EXCL, "profile.name", False), (EXCL, "items", True), (EXCL, "items.0", True),
-    (EXCL, "items.0.secret", True), (EXCL, "items.3.secret.y", True), (EXCL, "items.0.1.secret", True),
-    (EXCL, "items.0.x", False), (EXCL, "items.x", False), (EXCL, "name", False),
-    (EXCL, "password", True), (EXCL, "password.x", True), (EXCL, "passwords", False),
-    (EXCL, "secretive", False), (EXCL, "sec", False), (EXCL, "_id", False), (EXCL, "_id.secret", False),
-    (EXCL, "", True), (EXCL, "a..b", True), (EXCL, ".secret", True), (EXCL, "0", False),
-    (INCL, "name", False), (INCL, "name.first", False), (INCL, "profile", True),
-    (INCL, "profile.name", False), (INCL, "profile.name.0", False), (INCL, "profile.0.name", False),
-    (INCL, "profile.0", True), (INCL, "profile.pin", True), (INCL, "other", True),
-    (INCL, "tags", False), (INCL, "tags.5", False), (INCL, "_id", False), (INCL, "_id.x", False),
-    (INCL, "password", True), (INCL, "nam", True),
-    (INCL_PW, "password", True), (INCL_PW, "name", False),
-    (USERS, "password", True), (USERS, "password.x", True), (USERS, "roles", False),
-    (USERS, "passwords", False), (USERS, "_id", False),
+    (EXCL, "secret", True),
+    (EXCL, "secret.x", True),
+    (EXCL, "secret.0", True),
+    (EXCL, "profile", True),
+    (EXCL, "profile.pin", True),
+    (EXCL, "profile.pin.x", True),
+    (EXCL, "profile.name", False),
+    (EXCL, "items", True),
+    (EXCL, "items.0", True),
+    (EXCL, "items.0.secret", True),
+    (EXCL, "items.3.secret.y", True),
+    (EXCL, "items.0.1.secret", True),
+    (EXCL, "items.0.x", False),
+    (EXCL, "items.x", False),
+    (EXCL, "name", False),
+    (EXCL, "password", True),
+    (EXCL, "password.x", True),
+    (EXCL, "passwords", False),
+    (EXCL, "secretive", False),
+    (EXCL, "sec", False),
+    (EXCL, "_id", False),
+    (EXCL, "_id.secret", False),
+    (EXCL, "", True),
+    (EXCL, "a..b", True),
+    (EXCL, ".secret", True),
+    (EXCL, "0", False),
+    (INCL, "name", False),
+    (INCL, "name.first", False),
+    (INCL, "profile", True),
+    (INCL, "profile.name", False),
+    (INCL, "profile.name.0", False),
+    (INCL, "profile.0.name", False),
+    (INCL, "profile.0", True),
+    (INCL, "profile.pin", True),
+    (INCL, "other", True),
+    (INCL, "tags", False),
+    (INCL, "tags.5", False),
+    (INCL, "_id", False),
+    (INCL, "_id.x", False),
+    (INCL, "password", True),
+    (INCL, "nam", True),
+    (INCL_PW, "password", True),
+    (INCL_PW, "name", False),
+    (USERS, "password", True),
+    (USERS, "password.x", True),
+    (USERS, "roles", False),
+    (USERS, "passwords", False),
+    (USERS, "_id", False),
 ]
 
 
@@ -148,8 +195,12 @@ PROJECT = [
     ({"secret": 0}, (), {"_id": 1, "name": "n", "secret": "s"}, {"_id": 1, "name": "n"}),
     ({"a.b": 0}, (), {"_id": 1, "a": {"b": 1, "c": 2}, "b": 3}, {"_id": 1, "a": {"c": 2}, "b": 3}),
     ({"a.b.c": 0}, (), {"a": {"b": {"c": 1, "d": 2}}}, {"a": {"b": {"d": 2}}}),
-    ({"a.b": 0}, (), {"a": [{"b": 1, "c": 2}, {"b": 3}, 4, [{"b": 5, "d": 6}]]},
-     {"a": [{"c": 2}, {}, 4, [{"d": 6}]]}),
+    (
+        {"a.b": 0},
+        (),
+        {"a": [{"b": 1, "c": 2}, {"b": 3}, 4, [{"b": 5, "d": 6}]]},
+        {"a": [{"c": 2}, {}, 4, [{"d": 6}]]},
+    ),
     ({"tags.secret": 0}, (), {"tags": ["x", "y"]}, {"tags": ["x", "y"]}),
     ({"secret": 0}, (), {"_id": 1, "name": "n"}, {"_id": 1, "name": "n"}),
     ({"a.b": 0}, (), {"a": 5}, {"a": 5}),
@@ -157,12 +208,24 @@ PROJECT = [
     ({"_id": 1, "secret": 0}, (), {"_id": 9, "secret": 1}, {"_id": 9}),
     ({"secret": 0}, ("password",), {"_id": 1, "secret": 1, "password": "h", "x": 1}, {"_id": 1, "x": 1}),
     # inclusion
-    ({"name": 1, "owner": 1}, (), {"_id": 7, "name": "n", "owner": "o", "secret": "s"},
-     {"_id": 7, "name": "n", "owner": "o"}),
-    ({"profile.name": 1}, (), {"_id": 1, "profile": {"name": "n", "pin": 1}, "x": 1},
-     {"_id": 1, "profile": {"name": "n"}}),
-    ({"a.b": 1}, (), {"_id": 1, "a": [{"b": 1, "c": 2}, {"c": 3}, 4, [{"b": 5, "c": 6}, 7]]},
-     {"_id": 1, "a": [{"b": 1}, {}, [{"b": 5}]]}),
+    (
+        {"name": 1, "owner": 1},
+        (),
+        {"_id": 7, "name": "n", "owner": "o", "secret": "s"},
+        {"_id": 7, "name": "n", "owner": "o"},
+    ),
+    (
+        {"profile.name": 1},
+        (),
+        {"_id": 1, "profile": {"name": "n", "pin": 1}, "x": 1},
+        {"_id": 1, "profile": {"name": "n"}},
+    ),
+    (
+        {"a.b": 1},
+        (),
+        {"_id": 1, "a": [{"b": 1, "c": 2}, {"c": 3}, 4, [{"b": 5, "c": 6}, 7]]},
+        {"_id": 1, "a": [{"b": 1}, {}, [{"b": 5}]]},
+    ),
     ({"tags": 1}, (), {"_id": 1, "tags": [1, 2], "x": 1}, {"_id": 1, "tags": [1, 2]}),
     ({"a.b": 1}, (), {"_id": 1, "a": 5}, {"_id": 1}),
     ({"a.b": 1}, (), {"_id": 1, "a": [1, 2]}, {"_id": 1, "a": []}),
@@ -172,13 +235,25 @@ PROJECT = [
     ({"_id": 1}, (), {"_id": 1, "x": 2}, {"_id": 1}),
     ({"_id": 1, "name": 1}, (), {"_id": {"k": 1}, "name": "n", "x": 2}, {"_id": {"k": 1}, "name": "n"}),
     # always hidden: stays hidden even when an inclusion lists it
-    ({"name": 1, "password": 1}, ("password",), {"_id": "u", "name": "n", "password": "$2b$10$x"},
-     {"_id": "u", "name": "n"}),
+    (
+        {"name": 1, "password": 1},
+        ("password",),
+        {"_id": "u", "name": "n", "password": "$2b$10$x"},
+        {"_id": "u", "name": "n"},
+    ),
     (None, ("password",), {"_id": "u", "roles": ["r"], "password": "$2b$10$x"}, {"_id": "u", "roles": ["r"]}),
-    ({"profile": 1}, ("profile.pin",), {"_id": 1, "profile": {"pin": 1, "name": "n"}, "x": 1},
-     {"_id": 1, "profile": {"name": "n"}}),
-    ({"profile": 1}, ("profile.pin",), {"_id": 1, "profile": [{"pin": 1, "n": 1}, 3]},
-     {"_id": 1, "profile": [{"n": 1}, 3]}),
+    (
+        {"profile": 1},
+        ("profile.pin",),
+        {"_id": 1, "profile": {"pin": 1, "name": "n"}, "x": 1},
+        {"_id": 1, "profile": {"name": "n"}},
+    ),
+    (
+        {"profile": 1},
+        ("profile.pin",),
+        {"_id": 1, "profile": [{"pin": 1, "n": 1}, 3]},
+        {"_id": 1, "profile": [{"n": 1}, 3]},
+    ),
 ]
 
 
@@ -222,19 +297,35 @@ NS = {"db": "restheart", "coll": "messages"}
 
 def test_project_insert_event():
     vis = Visibility.of({"secret": 0})
-    event = {"_id": TOKEN, "operationType": "insert", "ns": NS, "documentKey": {"_id": 1},
-             "wallTime": 5, "fullDocument": {"_id": 1, "name": "n", "secret": "s"}}
+    event = {
+        "_id": TOKEN,
+        "operationType": "insert",
+        "ns": NS,
+        "documentKey": {"_id": 1},
+        "wallTime": 5,
+        "fullDocument": {"_id": 1, "name": "n", "secret": "s"},
+    }
     out = vis.project_event(event)
-    assert out == {"_id": TOKEN, "operationType": "insert", "ns": NS, "documentKey": {"_id": 1},
-                   "wallTime": 5, "fullDocument": {"_id": 1, "name": "n"}}
+    assert out == {
+        "_id": TOKEN,
+        "operationType": "insert",
+        "ns": NS,
+        "documentKey": {"_id": 1},
+        "wallTime": 5,
+        "fullDocument": {"_id": 1, "name": "n"},
+    }
     assert event["fullDocument"]["secret"] == "s"
 
 
 def test_project_replace_event_with_before_image():
     vis = Visibility.of({"name": 1})
-    event = {"_id": TOKEN, "operationType": "replace", "documentKey": {"_id": 2},
-             "fullDocument": {"_id": 2, "name": "new", "pin": 1},
-             "fullDocumentBeforeChange": {"_id": 2, "name": "old", "pin": 0}}
+    event = {
+        "_id": TOKEN,
+        "operationType": "replace",
+        "documentKey": {"_id": 2},
+        "fullDocument": {"_id": 2, "name": "new", "pin": 1},
+        "fullDocumentBeforeChange": {"_id": 2, "name": "old", "pin": 0},
+    }
     out = vis.project_event(event)
     assert out["fullDocument"] == {"_id": 2, "name": "new"}
     assert out["fullDocumentBeforeChange"] == {"_id": 2, "name": "old"}
@@ -243,8 +334,13 @@ def test_project_replace_event_with_before_image():
 
 def test_project_delete_event():
     vis = Visibility.of({"secret": 0})
-    event = {"_id": TOKEN, "operationType": "delete", "documentKey": {"_id": 3}, "ns": NS,
-             "fullDocumentBeforeChange": None}
+    event = {
+        "_id": TOKEN,
+        "operationType": "delete",
+        "documentKey": {"_id": 3},
+        "ns": NS,
+        "fullDocumentBeforeChange": None,
+    }
     out = vis.project_event(event)
     assert out == event and out is not event and out["documentKey"] is not event["documentKey"]
 
@@ -252,19 +348,33 @@ def test_project_delete_event():
 def test_project_update_event_exclusion():
     vis = Visibility.of({"secret": 0, "a.secret": 0, "arr.secret": 0})
     event = {
-        "_id": TOKEN, "operationType": "update", "documentKey": {"_id": 4},
+        "_id": TOKEN,
+        "operationType": "update",
+        "documentKey": {"_id": 4},
         "fullDocument": {"_id": 4, "secret": 1, "a": {"secret": 2, "b": 3}, "arr": [{"secret": 1, "x": 2}]},
         "updateDescription": {
             "updatedFields": {
-                "secret": 1, "secret.x": 2, "a.secret": 3, "a.secret.deep": 3,
-                "a": {"secret": 1, "b": 2}, "a.b": 3,
-                "arr.1": {"secret": 1, "x": 2}, "arr.1.secret": 5, "arr.1.x": 6, "arr.2": 7,
+                "secret": 1,
+                "secret.x": 2,
+                "a.secret": 3,
+                "a.secret.deep": 3,
+                "a": {"secret": 1, "b": 2},
+                "a.b": 3,
+                "arr.1": {"secret": 1, "x": 2},
+                "arr.1.secret": 5,
+                "arr.1.x": 6,
+                "arr.2": 7,
                 "arr": [{"secret": 1, "y": 1}, 5, [{"secret": 2}]],
-                "name": "n", "_id": 4,
+                "name": "n",
+                "_id": 4,
             },
             "removedFields": ["secret", "a.secret", "a", "name", "arr.0.secret", "secret.z", "arr.0"],
-            "truncatedArrays": [{"field": "arr", "newSize": 1}, {"field": "secret", "newSize": 0},
-                                {"field": "a.secret", "newSize": 2}, {"field": "secret.list", "newSize": 2}],
+            "truncatedArrays": [
+                {"field": "arr", "newSize": 1},
+                {"field": "secret", "newSize": 0},
+                {"field": "a.secret", "newSize": 2},
+                {"field": "secret.list", "newSize": 2},
+            ],
             "disambiguatedPaths": {"arr.1.secret": ["arr", 1, "secret"], "arr.1": ["arr", 1]},
         },
     }
@@ -274,8 +384,14 @@ def test_project_update_event_exclusion():
     assert out["fullDocument"] == {"_id": 4, "a": {"b": 3}, "arr": [{"x": 2}]}
     assert out["updateDescription"] == {
         "updatedFields": {
-            "a": {"b": 2}, "a.b": 3, "arr.1": {"x": 2}, "arr.1.x": 6, "arr.2": 7,
-            "arr": [{"y": 1}, 5, [{}]], "name": "n", "_id": 4,
+            "a": {"b": 2},
+            "a.b": 3,
+            "arr.1": {"x": 2},
+            "arr.1.x": 6,
+            "arr.2": 7,
+            "arr": [{"y": 1}, 5, [{}]],
+            "name": "n",
+            "_id": 4,
         },
         "removedFields": ["a", "name", "arr.0"],
         "truncatedArrays": [{"field": "arr", "newSize": 1}],
@@ -287,21 +403,39 @@ def test_project_update_event_exclusion():
 def test_project_update_event_inclusion():
     vis = Visibility.of({"name": 1, "profile.name": 1, "tags": 1}, ("password",))
     event = {
-        "_id": TOKEN, "operationType": "update", "documentKey": {"_id": "u"},
+        "_id": TOKEN,
+        "operationType": "update",
+        "documentKey": {"_id": "u"},
         "updateDescription": {
             "updatedFields": {
-                "name": "n", "password": "h", "password.x": 1, "profile": {"name": "p", "pin": 1},
-                "profile.pin": 2, "profile.name": "q", "other": 1, "tags.3": "t",
-                "profile.list": 1, "profile.2": {"name": "e", "pin": 0}, "profile.3": 7,
+                "name": "n",
+                "password": "h",
+                "password.x": 1,
+                "profile": {"name": "p", "pin": 1},
+                "profile.pin": 2,
+                "profile.name": "q",
+                "other": 1,
+                "tags.3": "t",
+                "profile.list": 1,
+                "profile.2": {"name": "e", "pin": 0},
+                "profile.3": 7,
             },
             "removedFields": ["other", "profile", "profile.name", "password", "profile.pin", "tags.0"],
-            "truncatedArrays": [{"field": "tags", "newSize": 2}, {"field": "other", "newSize": 1},
-                                {"field": "profile", "newSize": 1}],
+            "truncatedArrays": [
+                {"field": "tags", "newSize": 2},
+                {"field": "other", "newSize": 1},
+                {"field": "profile", "newSize": 1},
+            ],
         },
     }
     out = vis.project_event(event)["updateDescription"]
-    assert out["updatedFields"] == {"name": "n", "profile": {"name": "p"}, "profile.name": "q",
-                                    "tags.3": "t", "profile.2": {"name": "e"}}
+    assert out["updatedFields"] == {
+        "name": "n",
+        "profile": {"name": "p"},
+        "profile.name": "q",
+        "tags.3": "t",
+        "profile.2": {"name": "e"},
+    }
     assert out["removedFields"] == ["profile", "profile.name", "tags.0"]
     assert out["truncatedArrays"] == [{"field": "tags", "newSize": 2}, {"field": "profile", "newSize": 1}]
 
@@ -313,34 +447,51 @@ def test_project_update_event_inclusion_drops_scalar_ancestor():
 
 
 def test_project_users_update_event():
-    event = {"operationType": "update", "documentKey": {"_id": "bob"},
-             "updateDescription": {"updatedFields": {"password": "$2b$10$abc", "roles": ["x"]},
-                                   "removedFields": ["password", "tmp"], "truncatedArrays": []}}
+    event = {
+        "operationType": "update",
+        "documentKey": {"_id": "bob"},
+        "updateDescription": {
+            "updatedFields": {"password": "$2b$10$abc", "roles": ["x"]},
+            "removedFields": ["password", "tmp"],
+            "truncatedArrays": [],
+        },
+    }
     out = USERS.project_event(event)["updateDescription"]
     assert out == {"updatedFields": {"roles": ["x"]}, "removedFields": ["tmp"], "truncatedArrays": []}
 
 
 def test_project_event_keeps_unknown_shapes():
     vis = Visibility.of({"secret": 0})
-    event = {"operationType": "update", "updateDescription": {"updatedFields": None, "extra": [1]},
-             "fullDocument": None, "clusterTime": 7}
+    event = {
+        "operationType": "update",
+        "updateDescription": {"updatedFields": None, "extra": [1]},
+        "fullDocument": None,
+        "clusterTime": 7,
+    }
     assert vis.project_event(event) == event
 
 
 # --------------------------------------------------------------------------- oracles: filters
 
-PROBE = {"$expr": {"$gte": [
-    {"$let": {"vars": {"e": {"$arrayElemAt": [{"$objectToArray": "$$ROOT"}, 1]}}, "in": "$$e.v"}},
-    {"$literal": "$2b$10$N9qo8uLOickgx2ZMRZoMye"},
-]}}
+PROBE = {
+    "$expr": {
+        "$gte": [
+            {"$let": {"vars": {"e": {"$arrayElemAt": [{"$objectToArray": "$$ROOT"}, 1]}}, "in": "$$e.v"}},
+            {"$literal": "$2b$10$N9qo8uLOickgx2ZMRZoMye"},
+        ]
+    }
+}
 
 FILTER_REFUSED = [
     (EXCL, {"secret": "x"}, "the field 'secret' is hidden by your permission"),
     (EXCL, {"password": {"$regex": "^\\$2b"}}, "the field 'password' is hidden"),
     (EXCL, {"profile.pin": 1}, "'profile.pin'"),
     (EXCL, {"profile.pin.x": {"$gt": 1}}, "'profile.pin.x'"),
-    (EXCL, {"profile": {"name": "a", "pin": 1}},
-     "'profile' is hidden by your permission (it contains the hidden field 'profile.pin')"),
+    (
+        EXCL,
+        {"profile": {"name": "a", "pin": 1}},
+        "'profile' is hidden by your permission (it contains the hidden field 'profile.pin')",
+    ),
     (EXCL, {"profile": {"$exists": True}}, "'profile'"),
     (EXCL, {"items.0.secret": 1}, "'items.0.secret'"),
     (EXCL, {"items.0": {"secret": 1}}, "'items.0'"),
@@ -366,15 +517,24 @@ FILTER_REFUSED = [
     (EXCL, {"$expr": {"$eq": [{"$size": {"$objectToArray": "$name"}}, 3]}}, "$objectToArray is not allowed"),
     (EXCL, {"$expr": {"$eq": [{"$getField": "secret"}, 1]}}, "$getField is not allowed"),
     (EXCL, {"$expr": {"$eq": [{"$getField": {"field": "name", "input": "$profile"}}, 1]}}, "not allowed"),
-    (EXCL, {"$expr": {"$eq": [{"$setField": {"field": "a", "input": "$name", "value": 1}}, 1]}},
-     "$setField is not allowed"),
-    (EXCL, {"$expr": {"$eq": [{"$unsetField": {"field": "a", "input": "$name"}}, 1]}},
-     "$unsetField is not allowed"),
+    (
+        EXCL,
+        {"$expr": {"$eq": [{"$setField": {"field": "a", "input": "$name", "value": 1}}, 1]}},
+        "$setField is not allowed",
+    ),
+    (
+        EXCL,
+        {"$expr": {"$eq": [{"$unsetField": {"field": "a", "input": "$name"}}, 1]}},
+        "$unsetField is not allowed",
+    ),
     (EXCL, {"$expr": {"$let": {"vars": {"r": "$$ROOT"}, "in": {"$eq": ["$$r.secret", 1]}}}}, "$$ROOT"),
     (EXCL, {"$expr": {"$let": {"vars": {"CURRENT": "$$ROOT"}, "in": {"$eq": ["$name", 1]}}}}, "$$ROOT"),
     (EXCL, {"$expr": {"$let": {"vars": {"p": "$profile"}, "in": {"$eq": ["$$p.pin", 1]}}}}, "'profile'"),
-    (EXCL, {"$expr": {"$anyElementTrue": {"$map": {"input": "$items", "in": {"$eq": ["$$this.secret", 1]}}}}},
-     "'items'"),
+    (
+        EXCL,
+        {"$expr": {"$anyElementTrue": {"$map": {"input": "$items", "in": {"$eq": ["$$this.secret", 1]}}}}},
+        "'items'",
+    ),
     (EXCL, {"$expr": {"$eq": [{"$mergeObjects": ["$$ROOT", {"a": 1}]}, {}]}}, "$$ROOT"),
     (EXCL, {"$jsonSchema": {"properties": {"name": {"type": "string"}}}}, "$jsonSchema is not allowed"),
     (EXCL, {"$where": "this.secret == 'x'"}, "$where is not allowed"),
@@ -387,8 +547,11 @@ FILTER_REFUSED = [
     (USERS, {"password": {"$gte": "$2b$10$N"}}, "the field 'password' is hidden"),
     (USERS, {"password": {"$exists": True}}, "'password'"),
     (USERS, {"$expr": {"$lt": ["$password", "$2c"]}}, "'password'"),
-    (INCL, {"profile": {"name": "x"}},
-     "'profile' is hidden by your permission (only part of it is visible: profile.name)"),
+    (
+        INCL,
+        {"profile": {"name": "x"}},
+        "'profile' is hidden by your permission (only part of it is visible: profile.name)",
+    ),
     (INCL, {"profile.pin": 1}, "'profile.pin'"),
     (INCL, {"other": 1}, "'other' is hidden by your permission (your permission shows only _id, name"),
     (INCL, {"password": 1}, "'password'"),
@@ -426,11 +589,19 @@ FILTER_ALLOWED = [
     (EXCL, {"$expr": {"$eq": ["$name", {"$literal": "$secret"}]}}),
     (EXCL, {"$expr": {"$eq": [{"$literal": "$$ROOT"}, "x"]}}),
     (EXCL, {"$expr": {"$eq": [{"$literal": {"$objectToArray": "$$ROOT"}}, "x"]}}),
-    (EXCL, {"$expr": {"$anyElementTrue": {"$map": {"input": "$tags", "as": "t",
-                                                     "in": {"$eq": ["$$t", "x"]}}}}}),
+    (
+        EXCL,
+        {"$expr": {"$anyElementTrue": {"$map": {"input": "$tags", "as": "t", "in": {"$eq": ["$$t", "x"]}}}}},
+    ),
     (EXCL, {"$expr": {"$anyElementTrue": {"$map": {"input": "$tags", "in": {"$eq": ["$$this", "x"]}}}}}),
-    (EXCL, {"$expr": {"$gt": [{"$reduce": {"input": "$tags", "initialValue": 0,
-                                             "in": {"$add": ["$$value", 1]}}}, 1]}}),
+    (
+        EXCL,
+        {
+            "$expr": {
+                "$gt": [{"$reduce": {"input": "$tags", "initialValue": 0, "in": {"$add": ["$$value", 1]}}}, 1]
+            }
+        },
+    ),
     (EXCL, {"$expr": {"$let": {"vars": {"n": "$name"}, "in": {"$eq": ["$$n", "x"]}}}}),
     (EXCL, {"$expr": {"$eq": ["$$ROOT.name", "x"]}}),
     (EXCL, {"$expr": {"$lt": ["$$NOW", "$createdAt"]}}),
@@ -491,38 +662,68 @@ def test_check_expression():
 # --------------------------------------------------------------------------- oracles: sort, keys
 
 
-@pytest.mark.parametrize("vis,sort", [
-    (EXCL, [("secret", 1)]), (EXCL, [("name", 1), ("profile", -1)]), (EXCL, [("items.0.secret", 1)]),
-    (EXCL, [("items", 1)]), (USERS, [("password", 1)]), (INCL, [("other", 1)]), (INCL, [("profile", 1)]),
-    (EXCL, ["secret"]), (EXCL, {"secret": 1}),
-])
+@pytest.mark.parametrize(
+    "vis,sort",
+    [
+        (EXCL, [("secret", 1)]),
+        (EXCL, [("name", 1), ("profile", -1)]),
+        (EXCL, [("items.0.secret", 1)]),
+        (EXCL, [("items", 1)]),
+        (USERS, [("password", 1)]),
+        (INCL, [("other", 1)]),
+        (INCL, [("profile", 1)]),
+        (EXCL, ["secret"]),
+        (EXCL, {"secret": 1}),
+    ],
+)
 def test_check_sort_refuses(vis, sort):
     with pytest.raises(Forbidden, match="^sort: the field '.*' is hidden by your permission"):
         vis.check_sort(sort)
 
 
-@pytest.mark.parametrize("vis,sort", [
-    (EXCL, [("name", 1), ("_id", -1)]), (EXCL, [("profile.name", 1), ("items.x", -1)]), (EXCL, []),
-    (EXCL, None), (USERS, [("roles", 1)]), (INCL, [("profile.name", -1), ("tags", 1)]),
-])
+@pytest.mark.parametrize(
+    "vis,sort",
+    [
+        (EXCL, [("name", 1), ("_id", -1)]),
+        (EXCL, [("profile.name", 1), ("items.x", -1)]),
+        (EXCL, []),
+        (EXCL, None),
+        (USERS, [("roles", 1)]),
+        (INCL, [("profile.name", -1), ("tags", 1)]),
+    ],
+)
 def test_check_sort_allows(vis, sort):
     vis.check_sort(sort)
 
 
-@pytest.mark.parametrize("vis,keys", [
-    (EXCL, {"secret": 0}), (EXCL, {"secret": 1}), (EXCL, {"profile": 1}),
-    (EXCL, {"name": 1, "items.secret": 1}),
-    (USERS, {"password": 0}), (INCL, {"other": 1}), (INCL, {"profile": 0}),
-])
+@pytest.mark.parametrize(
+    "vis,keys",
+    [
+        (EXCL, {"secret": 0}),
+        (EXCL, {"secret": 1}),
+        (EXCL, {"profile": 1}),
+        (EXCL, {"name": 1, "items.secret": 1}),
+        (USERS, {"password": 0}),
+        (INCL, {"other": 1}),
+        (INCL, {"profile": 0}),
+    ],
+)
 def test_check_keys_refuses(vis, keys):
     with pytest.raises(Forbidden, match="^keys: the field '.*' is hidden by your permission"):
         vis.check_keys(keys)
 
 
-@pytest.mark.parametrize("vis,keys", [
-    (EXCL, None), (EXCL, {}), (EXCL, {"name": 1, "_id": 0}), (EXCL, {"profile.name": 1}),
-    (INCL, {"name": 1, "profile.name": 1}), (USERS, {"roles": 1}),
-])
+@pytest.mark.parametrize(
+    "vis,keys",
+    [
+        (EXCL, None),
+        (EXCL, {}),
+        (EXCL, {"name": 1, "_id": 0}),
+        (EXCL, {"profile.name": 1}),
+        (INCL, {"name": 1, "profile.name": 1}),
+        (USERS, {"roles": 1}),
+    ],
+)
 def test_check_keys_allows(vis, keys):
     vis.check_keys(keys)
 
@@ -530,8 +731,10 @@ def test_check_keys_allows(vis, keys):
 # --------------------------------------------------------------------------- oracles: stream stages
 
 STAGES_REFUSED = [
-    ([{"$match": {"fullDocument.secret": "x"}}],
-     "the field 'fullDocument.secret' is hidden by your permission"),
+    (
+        [{"$match": {"fullDocument.secret": "x"}}],
+        "the field 'fullDocument.secret' is hidden by your permission",
+    ),
     ([{"$match": {"fullDocumentBeforeChange.profile.pin": 1}}], "'fullDocumentBeforeChange.profile.pin'"),
     ([{"$match": {"fullDocument.profile": {"a": 1}}}], "'fullDocument.profile'"),
     ([{"$match": {"updateDescription.updatedFields.secret": {"$exists": True}}}], "updatedFields.secret"),
@@ -554,8 +757,10 @@ STAGES_REFUSED = [
     ([{"$project": {"_id": 1, "leak": {"$concat": ["$fullDocument.password"]}}}], "'fullDocument.password'"),
     ([{"$project": {"nested": {"deeper": "$fullDocument.profile"}}}], "'fullDocument.profile'"),
     ([{"$replaceWith": {"_id": "$_id", "d": "$fullDocumentBeforeChange"}}], "'fullDocumentBeforeChange'"),
-    ([{"$replaceRoot": {"newRoot": {"_id": "$_id", "d": "$updateDescription.updatedFields"}}}],
-     "updatedFields"),
+    (
+        [{"$replaceRoot": {"newRoot": {"_id": "$_id", "d": "$updateDescription.updatedFields"}}}],
+        "updatedFields",
+    ),
     ([{"$redact": "$$KEEP"}], "$redact is not allowed"),
     ([{"$lookup": {"from": "x"}}], "the stage $lookup is not allowed"),
 ]
@@ -577,8 +782,19 @@ def test_check_stages_names_the_stage():
 STAGES_ALLOWED = [
     [],
     [{"$match": {"operationType": {"$in": ["insert", "update"]}}}],
-    [{"$match": {"fullDocument.name": "x", "documentKey._id": 1, "ns.coll": "c", "wallTime": {"$gt": 1},
-                 "clusterTime": {"$gt": 0}, "_id": {"$exists": True}, "documentKey": {"_id": 1}}}],
+    [
+        {
+            "$match": {
+                "fullDocument.name": "x",
+                "documentKey._id": 1,
+                "ns.coll": "c",
+                "wallTime": {"$gt": 1},
+                "clusterTime": {"$gt": 0},
+                "_id": {"$exists": True},
+                "documentKey": {"_id": 1},
+            }
+        }
+    ],
     [{"$match": {"updateDescription.updatedFields.name": {"$exists": True}}}],
     [{"$match": {"fullDocument.items": {"$elemMatch": {"x": 1}}}}],
     [{"$match": {"$expr": {"$eq": ["$$ROOT.operationType", "insert"]}}}],
@@ -611,12 +827,14 @@ FIELDS = ["a", "b", "secret", "password", "x"]
 SCALARS = st.one_of(st.integers(-3, 3), st.text(alphabet="xyz", max_size=2), st.none(), st.booleans())
 VALUES = st.recursive(
     SCALARS,
-    lambda children: st.one_of(st.lists(children, max_size=3),
-                               st.dictionaries(st.sampled_from(FIELDS), children, max_size=3)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=3), st.dictionaries(st.sampled_from(FIELDS), children, max_size=3)
+    ),
     max_leaves=12,
 )
 DOCS = st.tuples(st.booleans(), st.dictionaries(st.sampled_from(FIELDS), VALUES, max_size=5)).map(
-    lambda t: {"_id": 1, **t[1]} if t[0] else t[1])
+    lambda t: {"_id": 1, **t[1]} if t[0] else t[1]
+)
 PATHS = st.lists(st.sampled_from(FIELDS), min_size=1, max_size=3).map(tuple)
 
 
@@ -626,7 +844,7 @@ def _strip(path: str) -> tuple:
 
 
 def _under(path: tuple, other: tuple) -> bool:
-    return path[:len(other)] == other
+    return path[: len(other)] == other
 
 
 @st.composite
@@ -724,13 +942,17 @@ def test_property_no_hidden_value_survives_projection(model, doc):
 
 KEY_SEGMENTS = FIELDS + ["0", "1"]
 KEYS = st.tuples(st.sampled_from(FIELDS), st.lists(st.sampled_from(KEY_SEGMENTS), max_size=3)).map(
-    lambda t: ".".join([t[0], *t[1]]))
-UPDATES = st.fixed_dictionaries({
-    "updatedFields": st.dictionaries(KEYS, VALUES, max_size=6),
-    "removedFields": st.lists(KEYS, max_size=4),
-    "truncatedArrays": st.lists(st.fixed_dictionaries({"field": KEYS, "newSize": st.integers(0, 3)}),
-                                max_size=3),
-})
+    lambda t: ".".join([t[0], *t[1]])
+)
+UPDATES = st.fixed_dictionaries(
+    {
+        "updatedFields": st.dictionaries(KEYS, VALUES, max_size=6),
+        "removedFields": st.lists(KEYS, max_size=4),
+        "truncatedArrays": st.lists(
+            st.fixed_dictionaries({"field": KEYS, "newSize": st.integers(0, 3)}), max_size=3
+        ),
+    }
+)
 
 
 @PROPERTY
@@ -766,15 +988,34 @@ def test_property_no_hidden_path_in_projected_events(model, desc, full):
 # paths a filter may name
 
 FILTER_MODELS = {
-    "exclude": (Visibility.of({"secret": 0, "b.secret": 0}, ("password",)),
-                lambda p: any(_under(p, h) or _under(h, p)
-                              for h in [("secret",), ("b", "secret"), ("password",)])),
-    "include": (Visibility.of({"a": 1, "b.c": 1, "x": 1}, ("password",)),
-                lambda p: not any(_under(p, i) for i in [("a",), ("b", "c"), ("x",)])
-                or any(_under(p, h) or _under(h, p) for h in [("password",)])),
+    "exclude": (
+        Visibility.of({"secret": 0, "b.secret": 0}, ("password",)),
+        lambda p: any(_under(p, h) or _under(h, p) for h in [("secret",), ("b", "secret"), ("password",)]),
+    ),
+    "include": (
+        Visibility.of({"a": 1, "b.c": 1, "x": 1}, ("password",)),
+        lambda p: (
+            not any(_under(p, i) for i in [("a",), ("b", "c"), ("x",)])
+            or any(_under(p, h) or _under(h, p) for h in [("password",)])
+        ),
+    ),
 }
-REL_FIELDS = ["a", "b", "c", "x", "secret", "password", "a.x", "b.c", "b.secret", "a.1.x", "b.0.secret",
-              "secret.y", "_id", "_id.k"]
+REL_FIELDS = [
+    "a",
+    "b",
+    "c",
+    "x",
+    "secret",
+    "password",
+    "a.x",
+    "b.c",
+    "b.secret",
+    "a.1.x",
+    "b.0.secret",
+    "secret.y",
+    "_id",
+    "_id.k",
+]
 ELEM_FIELDS = ["a", "b", "c", "secret"]
 LITERALS = st.one_of(st.integers(-2, 2), st.sampled_from(["$secret", "$$ROOT", "v"]), st.none())
 
@@ -819,8 +1060,12 @@ def filters(draw, model: str, visible_only: bool, prefix: str = "", depth: int =
         else:
             field = draw(st.sampled_from(_fields(model, prefix, visible_only)))
             literal = draw(LITERALS)
-            value = {"eq": literal, "op": {draw(st.sampled_from(["$gt", "$lte", "$ne", "$exists"])): literal},
-                     "not": {"$not": {"$gt": literal}}, "in": {"$in": [literal, 1]}}[kind]
+            value = {
+                "eq": literal,
+                "op": {draw(st.sampled_from(["$gt", "$lte", "$ne", "$exists"])): literal},
+                "not": {"$not": {"$gt": literal}},
+                "in": {"$in": [literal, 1]},
+            }[kind]
             key, mentions = field, _hidden(model, _join(prefix, field))
         if key in flt:
             continue
@@ -855,8 +1100,11 @@ def test_property_filters_naming_hidden_fields_are_refused(case):
 def test_elem_match_on_an_entirely_hidden_field_is_refused():
     """Even an empty condition on the elements tells whether the field is a non-empty array."""
     vis = Visibility.of({"secret": 0, "items.pin": 0})
-    for flt in ({"secret": {"$elemMatch": {"$and": [{}]}}}, {"secret": {"$elemMatch": {"x": 1}}},
-                {"secret": {"$all": [{"$elemMatch": {"a": 1}}]}}):
+    for flt in (
+        {"secret": {"$elemMatch": {"$and": [{}]}}},
+        {"secret": {"$elemMatch": {"x": 1}}},
+        {"secret": {"$all": [{"$elemMatch": {"a": 1}}]}},
+    ):
         with pytest.raises(Forbidden):
             vis.check_filter(flt)
     vis.check_filter({"items": {"$elemMatch": {"name": "x"}}})  # items is visible but for items.pin
@@ -864,9 +1112,16 @@ def test_elem_match_on_an_entirely_hidden_field_is_refused():
         vis.check_stages([{"$match": {"fullDocument.secret": {"$elemMatch": {"$and": [{}]}}}}])
 
 
-@pytest.mark.parametrize("spec", [{"$set": {"secret.0": "x"}}, {"$currentDate": {"secret.0": True}},
-                                  {"$set": {"secret.00": 1}}, {"$rename": {"title": "secret.0"}},
-                                  {"$unset": {"secret.1": 1}}])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"$set": {"secret.0": "x"}},
+        {"$currentDate": {"secret.0": True}},
+        {"$set": {"secret.00": 1}},
+        {"$rename": {"title": "secret.0"}},
+        {"$unset": {"secret.1": 1}},
+    ],
+)
 def test_array_indexes_inside_a_hidden_field_are_writes_into_it(spec):
     with pytest.raises(Forbidden):
         Visibility.of({"secret": 0}).check_update(spec)

@@ -19,11 +19,19 @@ from services.hub import END_REASONS, Batch, Hub
 from services.storage import Change, ChangeStream, MetaChange
 
 CONFIG = {
-    "STREAM_CLIENT_QUEUE": 50, "STREAM_REPLAY_BUFFER": 5, "STREAM_LINGER_SECONDS": 0.3,
-    "STREAM_MAX_PER_USER": 100, "STREAM_MAX_PER_ADDRESS": 100, "STREAM_MAX_WATCHERS": 100,
+    "STREAM_CLIENT_QUEUE": 50,
+    "STREAM_REPLAY_BUFFER": 5,
+    "STREAM_LINGER_SECONDS": 0.3,
+    "STREAM_MAX_PER_USER": 100,
+    "STREAM_MAX_PER_ADDRESS": 100,
+    "STREAM_MAX_WATCHERS": 100,
 }
-STREAMS = {"streams": [{"uri": "all", "stages": []},
-                       {"uri": "big", "stages": [{"_$match": {"fullDocument::n": {"_$gt": 2}}}]}]}
+STREAMS = {
+    "streams": [
+        {"uri": "all", "stages": []},
+        {"uri": "big", "stages": [{"_$match": {"fullDocument::n": {"_$gt": 2}}}]},
+    ]
+}
 
 
 class FakeStream(ChangeStream):
@@ -84,13 +92,23 @@ class FakeEngine:
     def insert(self, *values: int, coll: str = "c") -> None:
         for n in values:
             pos = len(self.log) + 1
-            self.log.append((pos, coll, {"_id": self.token(pos), "operationType": "insert",
-                                         "fullDocument": {"n": n}, "documentKey": {"_id": pos}}))
+            self.log.append(
+                (
+                    pos,
+                    coll,
+                    {
+                        "_id": self.token(pos),
+                        "operationType": "insert",
+                        "fullDocument": {"n": n},
+                        "documentKey": {"_id": pos},
+                    },
+                )
+            )
         written, self.written = self.written, gevent.event.Event()
         written.set()
 
     def token(self, position: int) -> dict:
-        return {"_data": "%032X" % position}
+        return {"_data": f"{position:032X}"}
 
     def position(self, token: dict) -> int:
         return int(token["_data"], 16)
@@ -190,7 +208,7 @@ def test_every_subscriber_gets_every_change_in_order_as_the_same_objects(hub, en
     wait_for(lambda: all(len(s.messages) == 50 for _, s in subs))
     assert numbers(subs[0][1].messages) == list(range(50))
     # one message object per change, shared: each wire form is encoded once for everyone
-    assert all(a is b for _, s in subs[1:] for a, b in zip(subs[0][1].messages, s.messages))
+    assert all(a is b for _, s in subs[1:] for a, b in zip(subs[0][1].messages, s.messages, strict=True))
     assert len(hub.watchers) == 1
 
 
@@ -257,7 +275,7 @@ def test_a_resume_point_the_engine_lost_becomes_a_reset_then_live(hub, engine):
     gevent.sleep(0.05)
     replayed = [m for batch in sub.catch_up() for m in batch]
     assert [m.kind for m in replayed] == ["reset"]
-    assert replayed[0].id == '{"_data":"%032X"}' % 12  # ids go on from where it joined
+    assert replayed[0].id == f'{{"_data":"{12:032X}"}}'  # ids go on from where it joined
     assert numbers(sub.take()) == [13]
 
 
@@ -334,7 +352,9 @@ def test_a_dropped_collection_ends_its_subscribers(hub, engine):
 def test_a_redefined_stream_ends_its_subscribers_and_others_stay(hub, engine):
     sub, _ = subscribe(hub)
     big, _ = subscribe(hub, uri="big")
-    engine.props["c"] = {"streams": [{"uri": "all", "stages": [{"_$match": {"x": 1}}]}, STREAMS["streams"][1]]}
+    engine.props["c"] = {
+        "streams": [{"uri": "all", "stages": [{"_$match": {"x": 1}}]}, STREAMS["streams"][1]]
+    }
     for listener in engine.meta_listeners:
         listener(MetaChange("props", "c"))
     wait_for(lambda: sub.ended is not None)
@@ -380,11 +400,14 @@ def test_leaving_the_with_block_by_any_path_undoes_the_registration(hub):
     sub.close()  # a second close is harmless
 
 
-@pytest.mark.parametrize("call, error", [
-    (lambda h: h.subscribe("c", "nope", None, None, "sse"), NotFound),
-    (lambda h: h.subscribe("c", "all", "{not json", None, "sse"), BadRequest),
-    (lambda h: h.subscribe("nope", "all", None, None, "sse"), NotFound),
-])
+@pytest.mark.parametrize(
+    "call, error",
+    [
+        (lambda h: h.subscribe("c", "nope", None, None, "sse"), NotFound),
+        (lambda h: h.subscribe("c", "all", "{not json", None, "sse"), BadRequest),
+        (lambda h: h.subscribe("nope", "all", None, None, "sse"), NotFound),
+    ],
+)
 def test_a_refused_subscription_registers_nothing(hub, call, error):
     with pytest.raises(error):
         call(hub)

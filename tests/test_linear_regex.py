@@ -30,27 +30,35 @@ def run_isolated(code: str) -> str:
     return done.stdout.strip()
 
 
-@pytest.mark.parametrize("expression", [
-    f'filter_applies({{"name": {{"$regex": {EVIL!r}}}}}, {{"name": {VICTIM!r}}})',
-    f'filter_applies({{"name": {{"$regex": {EVIL!r}, "$options": "i"}}}}, {{"name": {VICTIM!r}}})',
-    f'filter_applies({{"name": {{"$in": [re.compile({EVIL!r})]}}}}, {{"name": {VICTIM!r}}})',
-    f'filter_applies({{"name": {{"$not": {{"$regex": {EVIL!r}}}}}}}, {{"name": {VICTIM!r}}})',
-    f'filter_applies({{"$expr": {{"$regexMatch": {{"input": "$name", "regex": {EVIL!r}}}}}}}, {{"name": {VICTIM!r}}})',
-])
+@pytest.mark.parametrize(
+    "expression",
+    [
+        f'filter_applies({{"name": {{"$regex": {EVIL!r}}}}}, {{"name": {VICTIM!r}}})',
+        f'filter_applies({{"name": {{"$regex": {EVIL!r}, "$options": "i"}}}}, {{"name": {VICTIM!r}}})',
+        f'filter_applies({{"name": {{"$in": [re.compile({EVIL!r})]}}}}, {{"name": {VICTIM!r}}})',
+        f'filter_applies({{"name": {{"$not": {{"$regex": {EVIL!r}}}}}}}, {{"name": {VICTIM!r}}})',
+        f'filter_applies({{"$expr": {{"$regexMatch": {{"input": "$name", "regex": {EVIL!r}}}}}}}, '
+        f'{{"name": {VICTIM!r}}})',
+    ],
+)
 def test_catastrophic_patterns_finish_in_a_fresh_process(expression):
-    out = run_isolated("import re\nfrom services import query\nfrom mongomock.filtering import filter_applies\n"
-                       f"print({expression})")
+    out = run_isolated(
+        "import re\nfrom services import query\nfrom mongomock.filtering import filter_applies\n"
+        f"print({expression})"
+    )
     assert out in ("True", "False")
 
 
 def test_stream_stages_and_pull_conditions_use_it_too():
     out = run_isolated(
         "from services import pipeline, updates\nimport datetime\n"
-        f"p = pipeline.compile_pipeline([{{'$match': {{'fullDocument.name': {{'$regex': {EVIL!r}}}}}}}], {{}})\n"
+        f"p = pipeline.compile_pipeline([{{'$match': {{'fullDocument.name': {{'$regex': {EVIL!r}}}}}}}], "
+        "{})\n"
         f"print(p.apply({{'_id': 1, 'fullDocument': {{'name': {VICTIM!r}}}}}))\n"
         f"doc, _ = updates.apply_update({{'_id': 1, 'tags': [{VICTIM!r}, 'b']}}, "
         f"{{'$pull': {{'tags': {{'$regex': {EVIL!r}}}}}}}, datetime.datetime.now())\n"
-        "print(doc['tags'])")
+        "print(doc['tags'])"
+    )
     assert out.splitlines() == ["None", "['a" + "a" * 59 + "!', 'b']"]
 
 
@@ -64,7 +72,9 @@ def test_semantics_match_mongodb_options():
     assert filter_applies({"n": {"$regex": "é$"}}, {"n": "café"})
     assert filter_applies({"tags": {"$regex": "^x"}}, {"tags": ["a", "xy"]})
     assert not filter_applies({"n": {"$regex": "1"}}, {"n": 1})  # not a string: no match
-    assert filter_applies({"$expr": {"$regexMatch": {"input": "$n", "regex": "B", "options": "i"}}}, {"n": "abc"})
+    assert filter_applies(
+        {"$expr": {"$regexMatch": {"input": "$n", "regex": "B", "options": "i"}}}, {"n": "abc"}
+    )
 
 
 @pytest.mark.parametrize("pattern, options", [("(a)\\1", ""), ("a(?=b)", ""), ("(?<!x)a", ""), ("a b", "x")])

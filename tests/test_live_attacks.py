@@ -25,8 +25,12 @@ from .test_live_streams import open_sse, put_streams, wait_for
 
 pytestmark = pytest.mark.live
 
-TUTORIAL_RULE = {"_id": "unauthenticatedCanConnectToMessagesStream", "priority": 0,
-                 "predicate": "path-prefix(/messages/_streams/all)", "roles": ["$unauthenticated"]}
+TUTORIAL_RULE = {
+    "_id": "unauthenticatedCanConnectToMessagesStream",
+    "priority": 0,
+    "predicate": "path-prefix(/messages/_streams/all)",
+    "roles": ["$unauthenticated"],
+}
 SSE = {"Accept": "text/event-stream"}
 
 
@@ -48,7 +52,7 @@ def raw_request(port: int, head: str, body: bytes = b"", timeout: float = 5.0) -
         while True:
             try:
                 part = s.recv(65536)
-            except (socket.timeout, ConnectionResetError):
+            except (TimeoutError, ConnectionResetError):
                 break
             if not part:
                 break
@@ -81,7 +85,12 @@ def test_head_on_a_public_stream_no_longer_kills_the_worker(live):
 def test_writes_on_stream_urls_are_405_even_where_anonymous_may_read(live):
     base = live.url
     assert put_streams(base, "pub", {"streams": [{"uri": "s", "stages": []}]}) == 201
-    rule = {"_id": "pub", "roles": ["$unauthenticated"], "predicate": "path-prefix(/pub/_streams)", "priority": 0}
+    rule = {
+        "_id": "pub",
+        "roles": ["$unauthenticated"],
+        "predicate": "path-prefix(/pub/_streams)",
+        "priority": 0,
+    }
     assert requests.post(f"{base}/acl", auth=ADMIN, json=rule, timeout=10).status_code == 201
     before = pid(live)
     for method in ("PUT", "POST", "PATCH", "DELETE"):
@@ -96,8 +105,12 @@ def test_writes_on_stream_urls_are_405_even_where_anonymous_may_read(live):
 def ws_handshake(port: int, path: str) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
     key = base64.b64encode(os.urandom(16)).decode()
-    s.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    s.sendall(
+        (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
     data = b""
     while b"\r\n\r\n" not in data:
         data += s.recv(4096)
@@ -113,7 +126,7 @@ def close_code(s: socket.socket, timeout: float = 5.0) -> int | None:
     while time.time() < deadline:
         try:
             part = s.recv(65536)
-        except (socket.timeout, ConnectionResetError):
+        except (TimeoutError, ConnectionResetError):
             break
         if not part:
             break
@@ -128,8 +141,8 @@ def close_code(s: socket.socket, timeout: float = 5.0) -> int | None:
             if len(data) < offset + n:
                 break
             if opcode == 0x8:
-                return struct.unpack("!H", data[offset:offset + 2])[0]
-            data = data[offset + n:]
+                return struct.unpack("!H", data[offset : offset + 2])[0]
+            data = data[offset + n :]
     return None
 
 
@@ -216,39 +229,80 @@ def test_distinct_bindings_are_bounded_by_stream_max_watchers(live_factory):
 def test_bob_against_alice_over_http(live):
     base = live.url
     for user in ("alice", "bob"):
-        r = requests.post(f"{base}/users", auth=ADMIN, json={"_id": user, "password": f"pw-{user}",
-                                                            "roles": ["user"]}, timeout=10)
+        r = requests.post(
+            f"{base}/users",
+            auth=ADMIN,
+            json={"_id": user, "password": f"pw-{user}", "roles": ["user"]},
+            timeout=10,
+        )
         assert r.status_code == 201
     assert put_streams(base, "notes", {"streams": [{"uri": "all", "stages": []}]}) == 201
-    rule = {"_id": "notes", "roles": ["user"], "priority": 1, "predicate": "path-prefix(/notes)",
-            "mongo": {"readFilter": {"owner": "@user._id"}, "writeFilter": {"owner": "@user._id"},
-                      "mergeRequest": {"owner": "@user._id"}, "projectResponse": {"secret": 0},
-                      "allowManagementRequests": False}}
+    rule = {
+        "_id": "notes",
+        "roles": ["user"],
+        "priority": 1,
+        "predicate": "path-prefix(/notes)",
+        "mongo": {
+            "readFilter": {"owner": "@user._id"},
+            "writeFilter": {"owner": "@user._id"},
+            "mergeRequest": {"owner": "@user._id"},
+            "projectResponse": {"secret": 0},
+            "allowManagementRequests": False,
+        },
+    }
     assert requests.post(f"{base}/acl", auth=ADMIN, json=rule, timeout=10).status_code == 201
     alice, bob = ("alice", "pw-alice"), ("bob", "pw-bob")
-    r = requests.post(f"{base}/notes", auth=alice, json={"_id": "a1", "title": "mine", "secret": "s3cr3t"}, timeout=10)
+    r = requests.post(
+        f"{base}/notes", auth=alice, json={"_id": "a1", "title": "mine", "secret": "s3cr3t"}, timeout=10
+    )
     assert r.status_code == 201
     before = pid(live)
-    sse_bob = open_sse(base, "/notes/_streams/all", headers={"Authorization": "Basic " + base64.b64encode(
-        b"bob:pw-bob").decode()})
-    sse_alice = open_sse(base, "/notes/_streams/all", headers={"Authorization": "Basic " + base64.b64encode(
-        b"alice:pw-alice").decode()})
+    sse_bob = open_sse(
+        base,
+        "/notes/_streams/all",
+        headers={"Authorization": "Basic " + base64.b64encode(b"bob:pw-bob").decode()},
+    )
+    sse_alice = open_sse(
+        base,
+        "/notes/_streams/all",
+        headers={"Authorization": "Basic " + base64.b64encode(b"alice:pw-alice").decode()},
+    )
     statuses = {
-        "replace": requests.put(f"{base}/notes/a1", auth=bob, json={"title": "bob's now"}, timeout=10).status_code,
-        "take over": requests.put(f"{base}/notes/a1", auth=bob, json={"owner": "bob"}, timeout=10).status_code,
+        "replace": requests.put(
+            f"{base}/notes/a1", auth=bob, json={"title": "bob's now"}, timeout=10
+        ).status_code,
+        "take over": requests.put(
+            f"{base}/notes/a1", auth=bob, json={"owner": "bob"}, timeout=10
+        ).status_code,
         "patch": requests.patch(f"{base}/notes/a1", auth=bob, json={"title": "x"}, timeout=10).status_code,
         "delete": requests.delete(f"{base}/notes/a1", auth=bob, timeout=10).status_code,
         "read": requests.get(f"{base}/notes/a1", auth=bob, timeout=10).status_code,
-        "redefine streams": requests.put(f"{base}/notes", auth=bob, json={"streams": []}, timeout=10).status_code,
+        "redefine streams": requests.put(
+            f"{base}/notes", auth=bob, json={"streams": []}, timeout=10
+        ).status_code,
         "drop": requests.delete(f"{base}/notes", auth=bob, headers={"If-Match": "*"}, timeout=10).status_code,
-        "query secret": requests.get(f"{base}/notes", auth=alice, params={"filter": '{"secret": "s3cr3t"}'},
-                                     timeout=10).status_code,
-        "upsert": requests.put(f"{base}/notes/a2", auth=bob, params={"wm": "upsert"}, json={}, timeout=10).status_code,
+        "query secret": requests.get(
+            f"{base}/notes", auth=alice, params={"filter": '{"secret": "s3cr3t"}'}, timeout=10
+        ).status_code,
+        "upsert": requests.put(
+            f"{base}/notes/a2", auth=bob, params={"wm": "upsert"}, json={}, timeout=10
+        ).status_code,
     }
     # alice's document is outside bob's readFilter: for him it does not exist (404)
-    assert statuses == {"replace": 404, "take over": 404, "patch": 404, "delete": 404, "read": 404,
-                        "redefine streams": 403, "drop": 403, "query secret": 403, "upsert": 403}
-    r = requests.post(f"{base}/notes", auth=bob, json={"_id": "b1", "owner": "alice", "title": "planted"}, timeout=10)
+    assert statuses == {
+        "replace": 404,
+        "take over": 404,
+        "patch": 404,
+        "delete": 404,
+        "read": 404,
+        "redefine streams": 403,
+        "drop": 403,
+        "query secret": 403,
+        "upsert": 403,
+    }
+    r = requests.post(
+        f"{base}/notes", auth=bob, json={"_id": "b1", "owner": "alice", "title": "planted"}, timeout=10
+    )
     assert r.status_code == 201
     assert requests.get(f"{base}/notes/b1", auth=ADMIN, timeout=10).json()["owner"] == "bob"
     assert [d["_id"] for d in requests.get(f"{base}/notes", auth=alice, timeout=10).json()] == ["a1"]
@@ -267,8 +321,12 @@ def test_bob_against_alice_over_http(live):
 
 def test_self_promotion_and_the_hash_probe(live):
     base = live.url
-    requests.post(f"{base}/users", auth=ADMIN, json={"_id": "alice", "password": "pw-alice", "roles": ["user"]},
-                  timeout=10)
+    requests.post(
+        f"{base}/users",
+        auth=ADMIN,
+        json={"_id": "alice", "password": "pw-alice", "roles": ["user"]},
+        timeout=10,
+    )
     lax = {"_id": "lax", "roles": ["user"], "priority": 0, "predicate": "path-prefix(/users)"}
     assert requests.post(f"{base}/acl", auth=ADMIN, json=lax, timeout=10).status_code == 201
     alice = ("alice", "pw-alice")
@@ -276,11 +334,20 @@ def test_self_promotion_and_the_hash_probe(live):
     r = requests.patch(f"{base}/users/alice", auth=alice, json={"$set": {"roles": ["admin"]}}, timeout=10)
     assert r.status_code == 403
     assert requests.get(f"{base}/users/alice", auth=ADMIN, timeout=10).json()["roles"] == ["user"]
-    probe = {"_id": "admin", "$expr": {"$gte": [{"$let": {"vars": {"e": {"$arrayElemAt": [
-        {"$objectToArray": "$$ROOT"}, 1]}}, "in": "$$e.v"}}, {"$literal": "$2b$"}]}}
+    probe = {
+        "_id": "admin",
+        "$expr": {
+            "$gte": [
+                {"$let": {"vars": {"e": {"$arrayElemAt": [{"$objectToArray": "$$ROOT"}, 1]}}, "in": "$$e.v"}},
+                {"$literal": "$2b$"},
+            ]
+        },
+    }
     r = requests.get(f"{base}/users", auth=alice, params={"filter": json.dumps(probe)}, timeout=10)
     assert r.status_code == 403, r.text  # at the first request
-    assert requests.get(f"{base}/users", auth=alice, params={"sort": "password"}, timeout=10).status_code == 403
+    assert (
+        requests.get(f"{base}/users", auth=alice, params={"sort": "password"}, timeout=10).status_code == 403
+    )
     assert "$2b$" not in requests.get(f"{base}/users", auth=alice, timeout=10).text
     assert pid(live) == before
 
@@ -308,19 +375,36 @@ def test_odd_input_is_never_a_500(live):
     base = live.url
     assert requests.put(f"{base}/things", auth=ADMIN, json={}, timeout=10).status_code == 201
     before = pid(live)
-    long_password = requests.post(f"{base}/users", auth=ADMIN, json={"_id": "long", "password": "x" * 73}, timeout=10)
+    long_password = requests.post(
+        f"{base}/users", auth=ADMIN, json={"_id": "long", "password": "x" * 73}, timeout=10
+    )
     assert long_password.status_code == 400 and "72 bytes" in long_password.json()["message"]
-    surrogate = requests.post(f"{base}/things", auth=ADMIN, data=b'{"a": "\\ud800"}',
-                              headers={"Content-Type": "application/json"}, timeout=10)
+    surrogate = requests.post(
+        f"{base}/things",
+        auth=ADMIN,
+        data=b'{"a": "\\ud800"}',
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
     assert surrogate.status_code == 400
-    bad_utf8 = requests.post(f"{base}/things", auth=ADMIN, data=b'{"a": "\xc3\x28"}',
-                             headers={"Content-Type": "application/json"}, timeout=10)
+    bad_utf8 = requests.post(
+        f"{base}/things",
+        auth=ADMIN,
+        data=b'{"a": "\xc3\x28"}',
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
     assert bad_utf8.status_code == 400
     newline = requests.post(f"{base}/things", auth=ADMIN, json={"_id": "line1\nline2"}, timeout=10)
     assert newline.status_code == 201
     assert newline.headers["Location"] == "/things/line1%0Aline2"
-    assert requests.get(base + newline.headers["Location"], auth=ADMIN, timeout=10).json()["_id"] == "line1\nline2"
-    status, data = raw_request(live.port, "GET /things/a%2Fb%25c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert (
+        requests.get(base + newline.headers["Location"], auth=ADMIN, timeout=10).json()["_id"]
+        == "line1\nline2"
+    )
+    status, data = raw_request(
+        live.port, "GET /things/a%2Fb%25c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
     assert status == 401  # well-formed, just not authenticated
     assert requests.get(f"{base}/things", auth=ADMIN, timeout=10).json()[0]["_id"] == "line1\nline2"
     assert pid(live) == before
@@ -343,8 +427,12 @@ def test_parallel_guesses_cannot_outrun_the_throttle(live_factory):
     assert codes.count(401) <= 5 and codes.count(429) >= 35, codes  # at most 5 passwords were checked
     # unknown user names are not throttled per name, but checks in flight per address are bounded
     with concurrent.futures.ThreadPoolExecutor(30) as pool:
-        codes = list(pool.map(lambda i: requests.get(f"{base}/", auth=(f"nobody{i}", "x"), timeout=60).status_code,
-                              range(30)))
+        codes = list(
+            pool.map(
+                lambda i: requests.get(f"{base}/", auth=(f"nobody{i}", "x"), timeout=60).status_code,
+                range(30),
+            )
+        )
     assert set(codes) <= {401, 429} and codes.count(429) > 0
     assert requests.get(f"{base}/", auth=ADMIN, timeout=10).status_code == 200
     assert pid(server) == before
@@ -358,8 +446,12 @@ def test_a_websocket_client_that_pings_and_never_reads_is_dropped(live_factory):
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect(("127.0.0.1", server.port))
     key = base64.b64encode(os.urandom(16)).decode()
-    s.sendall((f"GET /messages/_streams/all HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    s.sendall(
+        (
+            f"GET /messages/_streams/all HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
     s.settimeout(5)
     assert s.recv(4096).startswith(b"HTTP/1.1 101")
     assert wait_for(lambda: server.status()["clients"] == 1)
@@ -371,7 +463,7 @@ def test_a_websocket_client_that_pings_and_never_reads_is_dropped(live_factory):
         while sent < 200_000 and time.time() < deadline:
             s.sendall(ping * 100)  # never read a pong
             sent += 100
-    except (socket.timeout, BrokenPipeError, ConnectionResetError):
+    except (TimeoutError, BrokenPipeError, ConnectionResetError):
         pass  # the server stopped reading, or closed: both are the point
     # the pongs it could not send count against the queue: the client is ended, its socket
     # shut down within the grace period, and nothing of it is left
@@ -380,15 +472,21 @@ def test_a_websocket_client_that_pings_and_never_reads_is_dropped(live_factory):
     assert pid(server) == before
 
 
-@pytest.mark.parametrize("framing", [
-    "Content-Length: 5\r\nContent-Length: 6\r\n",
-    "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
-    "Transfer-Encoding: gzip, chunked\r\n",
-    "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
-])
+@pytest.mark.parametrize(
+    "framing",
+    [
+        "Content-Length: 5\r\nContent-Length: 6\r\n",
+        "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+        "Transfer-Encoding: gzip, chunked\r\n",
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+    ],
+)
 def test_ambiguous_body_framing_is_refused(live, framing):
     before = pid(live)
-    head = f"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{framing}Connection: close\r\n\r\n"
+    head = (
+        "POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"{framing}Connection: close\r\n\r\n"
+    )
     status, _ = raw_request(live.port, head, b"0\r\n\r\n")
     assert status == 400
     assert pid(live) == before
@@ -406,7 +504,7 @@ def test_a_request_head_sent_byte_by_byte_is_cut_off(live):
             if s.recv(100) == b"":
                 closed = True
                 break
-        except socket.timeout:
+        except TimeoutError:
             continue
         except (BrokenPipeError, ConnectionResetError):
             closed = True
@@ -416,14 +514,18 @@ def test_a_request_head_sent_byte_by_byte_is_cut_off(live):
     assert requests.get(f"{live.url}/_health", timeout=5).status_code == 200
 
 
-@pytest.mark.parametrize("head", [
-    "Content-Length : 5\r\n",  # no Content-Length to us, perhaps one to a proxy
-    "Content-Length: +5\r\n",
-    "Transfer-Encoding : chunked\r\nContent-Length: 5\r\n",
-])
+@pytest.mark.parametrize(
+    "head",
+    [
+        "Content-Length : 5\r\n",  # no Content-Length to us, perhaps one to a proxy
+        "Content-Length: +5\r\n",
+        "Transfer-Encoding : chunked\r\nContent-Length: 5\r\n",
+    ],
+)
 def test_header_names_and_lengths_a_proxy_could_read_otherwise_are_refused(live, head):
-    status, _ = raw_request(live.port, f"POST /messages HTTP/1.1\r\nHost: x\r\n{head}Connection: close\r\n\r\n",
-                            b"{}\r\n\r\n")
+    status, _ = raw_request(
+        live.port, f"POST /messages HTTP/1.1\r\nHost: x\r\n{head}Connection: close\r\n\r\n", b"{}\r\n\r\n"
+    )
     assert status == 400
 
 
@@ -431,8 +533,11 @@ def test_a_body_sent_byte_by_byte_is_cut_off(live_factory):
     server = live_factory(REQUEST_BODY_SECONDS=2)
     s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     auth = base64.b64encode(b"admin:secret")
-    s.sendall(b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Basic "
-              + auth + b"\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n{")
+    s.sendall(
+        b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Basic "
+        + auth
+        + b"\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n{"
+    )
     answer = b""
     for _ in range(20):
         try:
@@ -444,7 +549,7 @@ def test_a_body_sent_byte_by_byte_is_cut_off(live_factory):
             answer += part
             if b"\r\n\r\n" in answer:
                 break
-        except socket.timeout:
+        except TimeoutError:
             continue
         except (BrokenPipeError, ConnectionResetError):
             break

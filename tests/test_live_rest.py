@@ -57,7 +57,9 @@ def test_tutorial_put_post_patch(live):
     meta = requests.get(f"{live.url}/messages/_meta", auth=ADMIN, timeout=5).json()
     assert meta["streams"] == [ALL_STREAM]  # stored as sent: `_$match` is not unescaped
 
-    r = requests.post(f"{live.url}/messages", json={"message": "Hello SSE!", "name": "uji"}, auth=ADMIN, timeout=5)
+    r = requests.post(
+        f"{live.url}/messages", json={"message": "Hello SSE!", "name": "uji"}, auth=ADMIN, timeout=5
+    )
     assert r.status_code == 201
     location = r.headers["Location"]
     doc_id = r.json()["_id"]["$oid"]
@@ -101,12 +103,21 @@ def test_401_without_credentials(live):
 
 def test_bad_requests_over_the_wire(live):
     requests.put(f"{live.url}/messages", json={}, auth=ADMIN, timeout=5)
-    r = requests.post(f"{live.url}/messages", data="{not json", auth=ADMIN, timeout=5,
-                      headers={"Content-Type": "application/json"})
+    r = requests.post(
+        f"{live.url}/messages",
+        data="{not json",
+        auth=ADMIN,
+        timeout=5,
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 400 and list(r.json()) == ERROR_KEYS
-    r = requests.post(f"{live.url}/messages", data="{}", auth=ADMIN, timeout=5, headers={"Content-Type": "text/plain"})
+    r = requests.post(
+        f"{live.url}/messages", data="{}", auth=ADMIN, timeout=5, headers={"Content-Type": "text/plain"}
+    )
     assert r.status_code == 415 and list(r.json()) == ERROR_KEYS
-    r = requests.get(f"{live.url}/messages", params={"filter": json.dumps({"$where": "1"})}, auth=ADMIN, timeout=5)
+    r = requests.get(
+        f"{live.url}/messages", params={"filter": json.dumps({"$where": "1"})}, auth=ADMIN, timeout=5
+    )
     assert r.status_code == 400 and "$where" in r.json()["message"]
     assert change_events(live.data_dir, "messages") == []
 
@@ -114,8 +125,12 @@ def test_bad_requests_over_the_wire(live):
 def test_access_log_has_request_lines(live):
     requests.put(f"{live.url}/logged", json={}, auth=ADMIN, timeout=5)
     requests.post(f"{live.url}/logged", json={"x": 1}, auth=ADMIN, timeout=5)
-    requests.get(f"{live.url}/logged", params={"filter": '{"x":1}', "access_token": "SECRET-TOKEN"}, auth=ADMIN,
-                 timeout=5)
+    requests.get(
+        f"{live.url}/logged",
+        params={"filter": '{"x":1}', "access_token": "SECRET-TOKEN"},
+        auth=ADMIN,
+        timeout=5,
+    )
     requests.get(f"{live.url}/logged", timeout=5)
 
     def logged():
@@ -145,12 +160,18 @@ def test_two_workers_both_serve(live_factory, tmp_path):
     # writes through either worker land in the one shared store
     assert requests.put(f"{server.url}/shared", json={}, auth=ADMIN, timeout=5).status_code == 201
     for i in range(20):
-        r = requests.post(f"{server.url}/shared", json={"_id": i}, auth=ADMIN, timeout=5,
-                          headers={"Connection": "close"})
+        r = requests.post(
+            f"{server.url}/shared", json={"_id": i}, auth=ADMIN, timeout=5, headers={"Connection": "close"}
+        )
         assert r.status_code == 201
     for _ in range(6):
-        r = requests.get(f"{server.url}/shared", params={"pagesize": 100}, auth=ADMIN, timeout=5,
-                         headers={"Connection": "close"})
+        r = requests.get(
+            f"{server.url}/shared",
+            params={"pagesize": 100},
+            auth=ADMIN,
+            timeout=5,
+            headers={"Connection": "close"},
+        )
         assert sorted(d["_id"] for d in r.json()) == list(range(20))
     events = change_events(server.data_dir, "shared")
     assert [e["documentKey"]["_id"] for e in events] == list(range(20))
@@ -159,20 +180,33 @@ def test_two_workers_both_serve(live_factory, tmp_path):
     assert [u["_id"] for u in users] == ["admin"]
 
 
-@pytest.mark.parametrize("name, value", [
-    ("PORT", "abc"),
-    ("PORT", "70000"),
-    ("WORKERS", "0"),
-    ("WORKERS", "many"),
-    ("LOG_LEVEL", "loud"),
-    ("MONGO_URI", "http://x"),
-    ("MAX_CONTENT_LENGTH", "-1"),
-])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("PORT", "abc"),
+        ("PORT", "70000"),
+        ("WORKERS", "0"),
+        ("WORKERS", "many"),
+        ("LOG_LEVEL", "loud"),
+        ("MONGO_URI", "http://x"),
+        ("MAX_CONTENT_LENGTH", "-1"),
+    ],
+)
 def test_bad_setting_stops_start_up_with_one_line(tmp_path, name, value):
-    env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(free_port()), "DATA_DIR": str(tmp_path / "d"), name: value}
+    env = {
+        **os.environ,
+        "HOST": "127.0.0.1",
+        "PORT": str(free_port()),
+        "DATA_DIR": str(tmp_path / "d"),
+        name: value,
+    }
     proc = subprocess.run(
         [sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "gunicorn.conf.py")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=30,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert proc.returncode != 0
     output = (proc.stdout + proc.stderr).strip()

@@ -20,7 +20,10 @@ pytestmark = pytest.mark.live
 
 TUTORIAL_STREAMS = {
     "streams": [
-        {"uri": "all", "stages": [{"_$match": {"_$or": [{"operationType": "insert"}, {"operationType": "update"}]}}]},
+        {
+            "uri": "all",
+            "stages": [{"_$match": {"_$or": [{"operationType": "insert"}, {"operationType": "update"}]}}],
+        },
         {"uri": "mine", "stages": [{"_$match": {"fullDocument::name": {"_$var": "n"}}}]},
     ]
 }
@@ -50,7 +53,9 @@ def ws_url(base: str, path: str) -> str:
 
 
 def open_ws(base: str, path: str, timeout: float = 10) -> websocket.WebSocket:
-    return websocket.create_connection(ws_url(base, path), header=[f"Authorization: {ADMIN_HEADER}"], timeout=timeout)
+    return websocket.create_connection(
+        ws_url(base, path), header=[f"Authorization: {ADMIN_HEADER}"], timeout=timeout
+    )
 
 
 def wait_for(predicate, timeout: float = 5.0, interval: float = 0.05):
@@ -157,28 +162,43 @@ def test_bad_requests_are_4xx_before_any_stream(live):
     r = requests.get(f"{base}/messages/_streams/all", auth=ADMIN)
     assert r.status_code == 400 and "text/event-stream" in r.json()["message"]
     assert requests.get(f"{base}/messages/_streams/nope", auth=ADMIN).status_code == 404
-    assert requests.get(f"{base}/nocoll/_streams/all", auth=ADMIN, headers={"Accept": "text/event-stream"}).status_code == 404
+    assert (
+        requests.get(
+            f"{base}/nocoll/_streams/all", auth=ADMIN, headers={"Accept": "text/event-stream"}
+        ).status_code
+        == 404
+    )
     for bad in ("garbage", '{"_data": "xyz"}', "[1,2]", '{"_data": 5}'):
         c = SSEClient(base + "/messages/_streams/all", headers={**AUTH, "Last-Event-ID": bad})
         assert c.status == 400, bad
         assert "Last-Event-ID" in json.loads(c.body())["message"]
-    assert requests.get(f"{base}/messages/_streams/all", headers={"Accept": "text/event-stream"}).status_code == 401
+    assert (
+        requests.get(f"{base}/messages/_streams/all", headers={"Accept": "text/event-stream"}).status_code
+        == 401
+    )
     # a refused WebSocket handshake is an HTTP error, never a 101
     with pytest.raises(websocket.WebSocketBadStatusException) as exc:
-        websocket.create_connection(ws_url(base, "/messages/_streams/all"),
-                                    header=["Authorization: Basic YWRtaW46d3Jvbmc="])
+        websocket.create_connection(
+            ws_url(base, "/messages/_streams/all"), header=["Authorization: Basic YWRtaW46d3Jvbmc="]
+        )
     assert exc.value.status_code == 401
     with pytest.raises(websocket.WebSocketBadStatusException) as exc:
         open_ws(base, "/messages/_streams/all?lastEventId=nonsense")
     assert exc.value.status_code == 400
     # a handshake with a broken key
     s = socket.create_connection(("127.0.0.1", live.port))
-    s.sendall(b"GET /messages/_streams/all HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-              b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: short\r\nAuthorization: " + ADMIN_HEADER.encode() + b"\r\n\r\n")
+    s.sendall(
+        b"GET /messages/_streams/all HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: short\r\nAuthorization: "
+        + ADMIN_HEADER.encode()
+        + b"\r\n\r\n"
+    )
     assert s.recv(100).startswith(b"HTTP/1.1 400")
     s.close()
     # bad stream definitions are refused when written, naming the stream
-    r = requests.put(f"{base}/other", auth=ADMIN, json={"streams": [{"uri": "x", "stages": [{"$group": {}}]}]})
+    r = requests.put(
+        f"{base}/other", auth=ADMIN, json={"streams": [{"uri": "x", "stages": [{"$group": {}}]}]}
+    )
     assert r.status_code == 400 and "'x'" in r.json()["message"]
 
 
@@ -299,7 +319,9 @@ def test_slow_client_is_dropped_and_resumes_without_loss(live_factory):
     reader = threading.Thread(target=lambda: got_fast.extend(_seq_of(fast.next_event()) for _ in range(n)))
     reader.start()
     for i in range(0, n, 5):
-        requests.post(f"{base}/messages", auth=ADMIN, json=[{"seq": j, "blob": blob} for j in range(i, i + 5)])
+        requests.post(
+            f"{base}/messages", auth=ADMIN, json=[{"seq": j, "blob": blob} for j in range(i, i + 5)]
+        )
         time.sleep(0.02)
     reader.join(30)
     assert got_fast == list(range(n))  # the slow one never held the others back
@@ -322,10 +344,17 @@ def test_slow_client_is_dropped_and_resumes_without_loss(live_factory):
 
 def test_pipeline_error_is_reported_in_band_and_the_stream_goes_on(live):
     base = live.url
-    body = {"streams": [{"uri": "div", "stages": [
-        {"_$match": {"operationType": "insert"}},
-        {"_$addFields": {"fullDocument::div": {"_$divide": [1, "$fullDocument.n"]}}},
-    ]}]}
+    body = {
+        "streams": [
+            {
+                "uri": "div",
+                "stages": [
+                    {"_$match": {"operationType": "insert"}},
+                    {"_$addFields": {"fullDocument::div": {"_$divide": [1, "$fullDocument.n"]}}},
+                ],
+            }
+        ]
+    }
     assert put_streams(base, body=body) == 201
     sse = open_sse(base, "/messages/_streams/div")
     post(base, {"n": 1})
@@ -358,7 +387,12 @@ def test_redefining_a_stream_closes_only_its_clients_in_every_worker(live_factor
     for _ in range(40):
         pids.add(requests.get(base + "/_status", auth=ADMIN).json()["pid"])
     assert len(pids) >= 2  # the clients are spread over several processes
-    body2 = {"streams": [{"uri": "a", "stages": [{"$match": {"operationType": "delete"}}]}, {"uri": "b", "stages": []}]}
+    body2 = {
+        "streams": [
+            {"uri": "a", "stages": [{"$match": {"operationType": "delete"}}]},
+            {"uri": "b", "stages": []},
+        ]
+    }
     assert put_streams(base, body=body2) == 200
     for c in a_clients:
         ev = c.next_event(timeout=5)
@@ -432,15 +466,24 @@ def test_a_stream_request_to_a_draining_worker_ends_cleanly_not_500(live_factory
     assert wait_for(lambda: server.status()["clients"] == 1)
     server.proc.send_signal(15)
     assert sse.next_event(timeout=10).event == "end"
-    r = kept.get(server.url + "/messages/_streams/all", auth=ADMIN, timeout=5,
-                 headers={"Accept": "text/event-stream"})
+    r = kept.get(
+        server.url + "/messages/_streams/all", auth=ADMIN, timeout=5, headers={"Accept": "text/event-stream"}
+    )
     assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream")
     assert r.text.startswith("retry:3000\n") and "event:end\n" in r.text
     assert json.loads(r.text.split("data:")[1].split("\n")[0])["reason"] == "shutdown"
     assert "id:" not in r.text  # the client keeps the Last-Event-ID it had
-    r = kept.get(server.url + "/messages/_streams/all", auth=ADMIN, timeout=5,
-                 headers={"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
-                          "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+    r = kept.get(
+        server.url + "/messages/_streams/all",
+        auth=ADMIN,
+        timeout=5,
+        headers={
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        },
+    )
     assert r.status_code == 503, r.text
     kept.close()
     sse.close()

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import time
 
+import gevent
 import pytest
 from bson.objectid import ObjectId
-import gevent
 from mockupdb import MockupDB
 
 from services.errors import DocumentNotFound, DuplicateKey, EtagMismatch, Forbidden, HistoryLost, Unavailable
@@ -47,9 +47,16 @@ def go(fn, *args):
 
 def primary_hello(address: str) -> dict:
     return {
-        "ismaster": True, "isWritablePrimary": True, "helloOk": True, "setName": "rs0",
-        "hosts": [address], "me": address, "minWireVersion": 0, "maxWireVersion": 21,
-        "logicalSessionTimeoutMinutes": 30, "ok": 1,
+        "ismaster": True,
+        "isWritablePrimary": True,
+        "helloOk": True,
+        "setName": "rs0",
+        "hosts": [address],
+        "me": address,
+        "minWireVersion": 0,
+        "maxWireVersion": 21,
+        "logicalSessionTimeoutMinutes": 30,
+        "ok": 1,
     }
 
 
@@ -80,8 +87,9 @@ def server():
 
 @pytest.fixture
 def engine(server):
-    eng = MongoEngine(f"mongodb://{server.address_string}/?replicaSet=rs0", "db",
-                      server_selection_timeout_ms=3000)
+    eng = MongoEngine(
+        f"mongodb://{server.address_string}/?replicaSet=rs0", "db", server_selection_timeout_ms=3000
+    )
     yield eng
     eng.close()
 
@@ -125,8 +133,15 @@ def change_stream_spec(request) -> dict:
 
 def test_aggregate_command_carries_options_and_the_bound_unescaped_pipeline(server, engine):
     compiled = compile_pipeline(
-        [{"_$match": {"fullDocument::status": {"$var": "status"}, "operationType": {"_$in": ["insert", "update"]}}},
-         {"_$project": {"fullDocument::secret": 0}}],
+        [
+            {
+                "_$match": {
+                    "fullDocument::status": {"$var": "status"},
+                    "operationType": {"_$in": ["insert", "update"]},
+                }
+            },
+            {"_$project": {"fullDocument::secret": 0}},
+        ],
         {"status": "open"},
     )
     stream, request = open_stream(server, engine, compiled)
@@ -188,8 +203,11 @@ def test_resume_after_token_and_start_after_for_an_invalidate_token(server, engi
     future = go(engine.watch, "c", None, {"_data": INV})
     request = recv(server, "aggregate")
     assert change_stream_spec(request)["resumeAfter"] == {"_data": INV}
-    request.command_err(260, "Attempting to resume a change stream using 'resumeAfter' is not allowed "
-                             "from an invalidate notification.")
+    request.command_err(
+        260,
+        "Attempting to resume a change stream using 'resumeAfter' is not allowed "
+        "from an invalidate notification.",
+    )
     request = recv(server, "aggregate")
     assert change_stream_spec(request) == {"fullDocument": "updateLookup", "startAfter": {"_data": INV}}
     cursor_reply(request, [], INV, first=True)
@@ -235,15 +253,20 @@ def test_resumable_error_label_on_get_more_resumes(server, engine):
 def test_history_lost_286_on_open_and_on_get_more(server, engine):
     future = go(engine.watch, "c", None, {"_data": T1})
     recv(server, "aggregate").command_err(
-        286, "Resume of change stream was not possible, as the resume point may no longer be in the oplog.",
-        errorLabels=["NonResumableChangeStreamError"])
+        286,
+        "Resume of change stream was not possible, as the resume point may no longer be in the oplog.",
+        errorLabels=["NonResumableChangeStreamError"],
+    )
     with pytest.raises(HistoryLost, match="no longer be in the oplog"):
         future()
 
     stream, _ = open_stream(server, engine)
     future = go(stream.try_next, 1)
-    recv(server, "getMore").command_err(280, "cannot resume stream; the resume token was not found.",
-                                           errorLabels=["NonResumableChangeStreamError"])
+    recv(server, "getMore").command_err(
+        280,
+        "cannot resume stream; the resume token was not found.",
+        errorLabels=["NonResumableChangeStreamError"],
+    )
     with pytest.raises(HistoryLost, match="resume token was not found"):
         future()
 
@@ -260,8 +283,14 @@ def test_history_lost_in_a_coalesced_batch_ends_in_reset_then_the_live_stream(se
 
     streams = {"streams": [{"uri": "all", "stages": []}]}
     monkeypatch.setattr(engine, "get_collection", lambda coll: streams)
-    config = {"STREAM_CLIENT_QUEUE": 100, "STREAM_REPLAY_BUFFER": 10, "STREAM_LINGER_SECONDS": 5,
-              "STREAM_MAX_PER_USER": 10, "STREAM_MAX_PER_ADDRESS": 10, "STREAM_MAX_WATCHERS": 10}
+    config = {
+        "STREAM_CLIENT_QUEUE": 100,
+        "STREAM_REPLAY_BUFFER": 10,
+        "STREAM_LINGER_SECONDS": 5,
+        "STREAM_MAX_PER_USER": 10,
+        "STREAM_MAX_PER_ADDRESS": 10,
+        "STREAM_MAX_WATCHERS": 10,
+    }
     hub = Hub(engine, config)
     got: list = []
 
@@ -276,8 +305,10 @@ def test_history_lost_in_a_coalesced_batch_ends_in_reset_then_the_live_stream(se
     try:
         cursor_reply(recv(server, "getMore"), [event(T1, doc_id=1), event(T2, doc_id=2)], T2)
         recv(server, "getMore").command_err(
-            286, "Resume of change stream was not possible, as the resume point may no longer be in the oplog.",
-            errorLabels=["NonResumableChangeStreamError"])
+            286,
+            "Resume of change stream was not possible, as the resume point may no longer be in the oplog.",
+            errorLabels=["NonResumableChangeStreamError"],
+        )
         request = recv(server, "aggregate")  # the watcher starts again from now
         assert "resumeAfter" not in change_stream_spec(request)
         cursor_reply(request, [], T2, cursor_id=81, first=True)
@@ -288,7 +319,7 @@ def test_history_lost_in_a_coalesced_batch_ends_in_reset_then_the_live_stream(se
             gevent.sleep(0.01)
         assert [m.kind for m in got] == ["change", "change", "reset", "change"]
         assert [json.loads(m.data)["documentKey"]["_id"] for m in got if m.kind == "change"] == [1, 2, 3]
-        assert "no longer be in the oplog" in got[2].data and got[2].id == '{"_data":"%s"}' % T2
+        assert "no longer be in the oplog" in got[2].data and got[2].id == f'{{"_data":"{T2}"}}'
         assert sub.ended is None
     finally:
         hub.close_all()
@@ -303,8 +334,9 @@ def test_pipeline_error_is_reported_once_in_band_then_reopens_after_the_last_goo
     assert future().position == T1
 
     future = go(stream.try_next, 5)
-    recv(server, "getMore").command_err(241, "PlanExecutor error during aggregation :: caused by :: "
-                                                "Failed to parse number 'x' in $convert")
+    recv(server, "getMore").command_err(
+        241, "PlanExecutor error during aggregation :: caused by :: Failed to parse number 'x' in $convert"
+    )
     change = future()
     assert change.event is None and "Failed to parse number" in change.error
     assert change.position == T1 and change.token == {"_data": T1}
@@ -313,8 +345,9 @@ def test_pipeline_error_is_reported_once_in_band_then_reopens_after_the_last_goo
     future = go(stream.try_next, 5)
     request = recv(server, "aggregate")
     assert change_stream_spec(request)["resumeAfter"] == {"_data": T1}
-    request.command_err(241, "PlanExecutor error during aggregation :: caused by :: "
-                             "Failed to parse number 'x' in $convert")
+    request.command_err(
+        241, "PlanExecutor error during aggregation :: caused by :: Failed to parse number 'x' in $convert"
+    )
     request = recv(server, "aggregate", timeout=10)
     assert change_stream_spec(request)["resumeAfter"] == {"_data": T1}
     cursor_reply(request, [event(T2, doc_id=2)], T2, cursor_id=81, first=True)
@@ -326,8 +359,14 @@ def test_invalidate_ends_the_stream_with_a_reason(server, engine):
     stream, _ = open_stream(server, engine)
     future = go(stream.try_next, 5)
     request = recv(server, "getMore")
-    request.ok(cursor={"id": 0, "ns": "db.c", "nextBatch": [event(T1, "drop"), event(INV, "invalidate")],
-                       "postBatchResumeToken": {"_data": INV}})
+    request.ok(
+        cursor={
+            "id": 0,
+            "ns": "db.c",
+            "nextBatch": [event(T1, "drop"), event(INV, "invalidate")],
+            "postBatchResumeToken": {"_data": INV},
+        }
+    )
     assert future().event["operationType"] == "drop"
     change = stream.try_next(1)
     assert change.event is None and change.error == ENDED_MESSAGE % "c"
@@ -341,8 +380,16 @@ def test_invalidate_ends_the_stream_with_a_reason(server, engine):
 def test_malformed_tokens_are_bad_requests(engine):
     from services.errors import BadRequest
 
-    for bad in ["82", {}, {"_data": 5}, {"_data": "xyz"}, {"_data": "abc"}, {"_data": ""},
-                {"_data": "82", "extra": 1}, [{"_data": "82"}]]:
+    for bad in [
+        "82",
+        {},
+        {"_data": 5},
+        {"_data": "xyz"},
+        {"_data": "abc"},
+        {"_data": ""},
+        {"_data": "82", "extra": 1},
+        [{"_data": "82"}],
+    ]:
         with pytest.raises(BadRequest):
             engine.position(bad)
     pos = engine.position({"_data": "82ab"})
@@ -364,8 +411,9 @@ def test_current_token_is_the_post_batch_resume_token_of_a_database_stream(serve
 
 
 def test_standalone_server_stops_start_up_with_instructions():
-    server = start_server({"ismaster": True, "isWritablePrimary": True, "minWireVersion": 0,
-                           "maxWireVersion": 21, "ok": 1})
+    server = start_server(
+        {"ismaster": True, "isWritablePrimary": True, "minWireVersion": 0, "maxWireVersion": 21, "ok": 1}
+    )
     engine = MongoEngine(server.uri, "db", server_selection_timeout_ms=2000)
     try:
         with pytest.raises(RuntimeError) as info:
@@ -416,8 +464,12 @@ def test_insert_stamps_an_etag(server, engine):
 def test_duplicate_key_11000(server, engine):
     future = go(engine.insert_documents, "c", [{"_id": "a"}])
     props_found(server)
-    recv(server, "insert").ok(n=0, writeErrors=[{"index": 0, "code": 11000, "keyValue": {"_id": "a"},
-                                                    "errmsg": "E11000 duplicate key error"}])
+    recv(server, "insert").ok(
+        n=0,
+        writeErrors=[
+            {"index": 0, "code": 11000, "keyValue": {"_id": "a"}, "errmsg": "E11000 duplicate key error"}
+        ],
+    )
     with pytest.raises(DuplicateKey, match='"a"'):
         future()
 
@@ -515,7 +567,9 @@ def test_metadata_watcher_turns_events_into_listener_calls(server, engine):
     request = recv(server, "aggregate")
     assert request.doc["aggregate"] == 1
     assert request.doc["pipeline"][0] == {"$changeStream": {}}
-    assert request.doc["pipeline"][1]["$match"]["$or"][0] == {"ns.coll": {"$in": ["_properties", "acl", "users"]}}
+    assert request.doc["pipeline"][1]["$match"]["$or"][0] == {
+        "ns.coll": {"$in": ["_properties", "acl", "users"]}
+    }
     cursor_reply(request, [], T0, first=True)
     deadline = time.monotonic() + 5
     while not engine._meta_live and time.monotonic() < deadline:
@@ -523,10 +577,18 @@ def test_metadata_watcher_turns_events_into_listener_calls(server, engine):
     v0 = engine.collection_version("acl")
     assert v0 == engine.collection_version("acl")
     batch = [
-        {"_id": {"_data": T1}, "operationType": "update", "ns": {"db": "db", "coll": "_properties"},
-         "documentKey": {"_id": "c"}},
-        {"_id": {"_data": T2}, "operationType": "insert", "ns": {"db": "db", "coll": "acl"},
-         "documentKey": {"_id": "p1"}},
+        {
+            "_id": {"_data": T1},
+            "operationType": "update",
+            "ns": {"db": "db", "coll": "_properties"},
+            "documentKey": {"_id": "c"},
+        },
+        {
+            "_id": {"_data": T2},
+            "operationType": "insert",
+            "ns": {"db": "db", "coll": "acl"},
+            "documentKey": {"_id": "p1"},
+        },
         {"_id": {"_data": T3}, "operationType": "drop", "ns": {"db": "db", "coll": "other"}},
     ]
     cursor_reply(recv(server, "getMore"), batch, T3)
@@ -548,6 +610,7 @@ def owned_by(owner: str):
         for doc in (old, new):
             if doc is not None and doc.get("owner") != owner:
                 raise Forbidden("outside the writeFilter")
+
     return guard
 
 
@@ -555,7 +618,9 @@ def test_guarded_replace_reads_checks_then_writes_conditionally(server, engine):
     etag = ObjectId()
     future = go(engine.replace_document, "c", 1, {"owner": "bob", "x": 2}, False, None, owned_by("bob"))
     props_found(server)
-    recv(server, "find").ok(cursor={"id": 0, "ns": "db.c", "firstBatch": [{"_id": 1, "owner": "bob", "_etag": etag}]})
+    recv(server, "find").ok(
+        cursor={"id": 0, "ns": "db.c", "firstBatch": [{"_id": 1, "owner": "bob", "_etag": etag}]}
+    )
     request = recv(server, "update")
     (op,) = request.doc["updates"]
     assert op["q"] == {"_id": 1, "_etag": etag}  # only the document that was checked
@@ -567,17 +632,21 @@ def test_guarded_replace_reads_checks_then_writes_conditionally(server, engine):
 def test_guarded_replace_refuses_before_writing_and_retries_a_lost_race(server, engine):
     future = go(engine.replace_document, "c", 1, {"owner": "bob"}, False, None, owned_by("bob"))
     props_found(server)
-    recv(server, "find").ok(cursor={"id": 0, "ns": "db.c", "firstBatch": [{"_id": 1, "owner": "alice",
-                                                                           "_etag": ObjectId()}]})
+    recv(server, "find").ok(
+        cursor={"id": 0, "ns": "db.c", "firstBatch": [{"_id": 1, "owner": "alice", "_etag": ObjectId()}]}
+    )
     with pytest.raises(Forbidden):
         future()  # no update was sent: the next request is the next test step's
     first, second = ObjectId(), ObjectId()
     future = go(engine.replace_document, "c", 1, {"owner": "bob"}, False, None, owned_by("bob"))
     props_found(server)
-    recv(server, "find").ok(cursor={"id": 0, "ns": "db.c", "firstBatch": [{"_id": 1, "owner": "bob", "_etag": first}]})
+    recv(server, "find").ok(
+        cursor={"id": 0, "ns": "db.c", "firstBatch": [{"_id": 1, "owner": "bob", "_etag": first}]}
+    )
     recv(server, "update").ok(n=0, nModified=0)  # changed meanwhile
-    recv(server, "find").ok(cursor={"id": 0, "ns": "db.c", "firstBatch": [{"_id": 1, "owner": "alice",
-                                                                           "_etag": second}]})
+    recv(server, "find").ok(
+        cursor={"id": 0, "ns": "db.c", "firstBatch": [{"_id": 1, "owner": "alice", "_etag": second}]}
+    )
     with pytest.raises(Forbidden):
         future()  # checked again as it is now: alice's
 
@@ -598,7 +667,9 @@ def test_guarded_upsert_insert_and_delete(server, engine):
     etag = ObjectId()
     future = go(engine.delete_document, "c", 7, None, owned_by("bob"))
     props_found(server)
-    recv(server, "find").ok(cursor={"id": 0, "ns": "db.c", "firstBatch": [{"_id": 7, "owner": "bob", "_etag": etag}]})
+    recv(server, "find").ok(
+        cursor={"id": 0, "ns": "db.c", "firstBatch": [{"_id": 7, "owner": "bob", "_etag": etag}]}
+    )
     request = recv(server, "delete")
     assert request.doc["deletes"] == [{"q": {"_id": 7, "_etag": etag}, "limit": 1}]
     request.ok(n=1)
@@ -607,9 +678,13 @@ def test_guarded_upsert_insert_and_delete(server, engine):
 
 def test_guarded_update_checks_the_computed_result(server, engine):
     etag = ObjectId()
-    future = go(engine.update_document, "c", 1, normalize_patch({"owner": "alice"}), None, False, owned_by("bob"))
+    future = go(
+        engine.update_document, "c", 1, normalize_patch({"owner": "alice"}), None, False, owned_by("bob")
+    )
     props_found(server)
-    recv(server, "find").ok(cursor={"id": 0, "ns": "db.c", "firstBatch": [{"_id": 1, "owner": "bob", "_etag": etag}]})
+    recv(server, "find").ok(
+        cursor={"id": 0, "ns": "db.c", "firstBatch": [{"_id": 1, "owner": "bob", "_etag": etag}]}
+    )
     with pytest.raises(Forbidden):
         future()  # no findAndModify: the update would move it out of the filter
 
@@ -646,8 +721,9 @@ def mongo_app(server, tmp_path):
         return False  # the writes under test: queued for the test to answer
 
     server.autoresponds(database)
-    eng = MongoEngine(f"mongodb://{server.address_string}/?replicaSet=rs0", "db",
-                      server_selection_timeout_ms=3000)
+    eng = MongoEngine(
+        f"mongodb://{server.address_string}/?replicaSet=rs0", "db", server_selection_timeout_ms=3000
+    )
     app = create_app({"DATA_DIR": str(tmp_path / "data")}, engine=eng)
     app.testing = True
     yield app

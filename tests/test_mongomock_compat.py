@@ -39,23 +39,37 @@ def test_every_patch_is_in_effect():
 
 def test_bson_order_compares_and_sorts_timestamps_minkey_and_maxkey():
     when = datetime.datetime(2024, 1, 1)
-    docs = [{"_id": "max", "v": MaxKey()}, {"_id": "ts2", "v": Timestamp(20, 1)}, {"_id": "re", "v": re.compile("a")},
-            {"_id": "min", "v": MinKey()}, {"_id": "date", "v": when}, {"_id": "ts1", "v": Timestamp(10, 1)}]
+    docs = [
+        {"_id": "max", "v": MaxKey()},
+        {"_id": "ts2", "v": Timestamp(20, 1)},
+        {"_id": "re", "v": re.compile("a")},
+        {"_id": "min", "v": MinKey()},
+        {"_id": "date", "v": when},
+        {"_id": "ts1", "v": Timestamp(10, 1)},
+    ]
     assert ids(docs, {"v": {"$gt": Timestamp(10, 1)}}) == ["ts2"]  # a change event's clusterTime
     assert ids(docs, {}, [("v", 1)]) == ["min", "date", "ts1", "ts2", "re", "max"]  # BSON type order
 
 
-@pytest.mark.parametrize("type_, expected", [
-    ("timestamp", ["ts"]),
-    ("null", ["null"]),
-    ("regex", ["re"]),
-    (2, ["str"]),  # numeric type code: string
-    (10, ["null"]),
-    (["int", "string"], ["int", "str"]),  # any of the listed types
-])
+@pytest.mark.parametrize(
+    "type_, expected",
+    [
+        ("timestamp", ["ts"]),
+        ("null", ["null"]),
+        ("regex", ["re"]),
+        (2, ["str"]),  # numeric type code: string
+        (10, ["null"]),
+        (["int", "string"], ["int", "str"]),  # any of the listed types
+    ],
+)
 def test_type_aliases_codes_and_lists(type_, expected):
-    docs = [{"_id": "ts", "v": Timestamp(1, 1)}, {"_id": "null", "v": None}, {"_id": "re", "v": re.compile("a")},
-            {"_id": "str", "v": "s"}, {"_id": "int", "v": 1}]
+    docs = [
+        {"_id": "ts", "v": Timestamp(1, 1)},
+        {"_id": "null", "v": None},
+        {"_id": "re", "v": re.compile("a")},
+        {"_id": "str", "v": "s"},
+        {"_id": "int", "v": 1},
+    ]
     assert sorted(ids(docs, {"v": {"$type": type_}})) == sorted(expected)
 
 
@@ -81,11 +95,14 @@ def test_and_short_circuits_in_expressions():
     assert ids(docs, {"$expr": guarded}) == [2]  # 1/d is never evaluated for d = 0
 
 
-@pytest.mark.parametrize("flt", [
-    {"n": {"$regex": "(a)\\1"}},
-    {"n": {"$in": [re.compile("(a)\\1")]}},
-    {"$expr": {"$regexMatch": {"input": "$n", "regex": "(a)\\1"}}},
-])
+@pytest.mark.parametrize(
+    "flt",
+    [
+        {"n": {"$regex": "(a)\\1"}},
+        {"n": {"$in": [re.compile("(a)\\1")]}},
+        {"$expr": {"$regexMatch": {"input": "$n", "regex": "(a)\\1"}}},
+    ],
+)
 def test_linear_regex_runs_patterns_through_re2(flt):
     # Python's re would match "aa"; RE2 has no backreferences, so the query is refused
     with pytest.raises(BadRequest, match="backreferences and lookaround are not supported"):

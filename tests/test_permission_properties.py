@@ -31,7 +31,9 @@ def fast_bcrypt(monkeypatch):
 
 
 def setup(client, mongo: dict) -> None:
-    assert client.post("/users", json={"_id": "bob", "password": "pw-bob", "roles": ["user"]}).status_code == 201
+    assert (
+        client.post("/users", json={"_id": "bob", "password": "pw-bob", "roles": ["user"]}).status_code == 201
+    )
     assert client.put("/docs", json={}).status_code == 201
     rule = {"_id": "r", "roles": ["user"], "priority": 1, "predicate": "path-prefix(/docs)", "mongo": mongo}
     assert client.post("/acl", json=rule).status_code == 201, client.get("/acl").get_data()
@@ -45,17 +47,37 @@ def reset(engine, docs: list[dict]) -> None:
 # --------------------------------------------------------------------------- 1. no oracle
 
 FIELDS = ["title", "n", "secret", "profile", "profile.name", "profile.pin", "tags", "_id", "profile.x"]
-scalars = st.one_of(st.sampled_from(["a", "b", "HIDDEN-1", "x1", ""]), st.integers(-3, 3),
-                    st.sampled_from([424242, True, None]))
-field_refs = st.sampled_from(["$title", "$n", "$secret", "$profile", "$profile.pin", "$profile.name",
-                              "$$ROOT", "$$CURRENT", "$$CURRENT.secret", "$tags", "$_id"])
+scalars = st.one_of(
+    st.sampled_from(["a", "b", "HIDDEN-1", "x1", ""]),
+    st.integers(-3, 3),
+    st.sampled_from([424242, True, None]),
+)
+field_refs = st.sampled_from(
+    [
+        "$title",
+        "$n",
+        "$secret",
+        "$profile",
+        "$profile.pin",
+        "$profile.name",
+        "$$ROOT",
+        "$$CURRENT",
+        "$$CURRENT.secret",
+        "$tags",
+        "$_id",
+    ]
+)
 expressions = st.recursive(
     st.one_of(scalars, field_refs),
     lambda inner: st.one_of(
-        st.builds(lambda op, a, b: {op: [a, b]}, st.sampled_from(["$eq", "$gt", "$lt", "$ne", "$gte"]), inner, inner),
+        st.builds(
+            lambda op, a, b: {op: [a, b]}, st.sampled_from(["$eq", "$gt", "$lt", "$ne", "$gte"]), inner, inner
+        ),
         st.builds(lambda a: {"$objectToArray": a}, inner),
         st.builds(lambda a: {"$getField": a}, st.sampled_from(["secret", "title"])),
-        st.builds(lambda a, b: {"$let": {"vars": {"e": a}, "in": b}}, inner, st.sampled_from(["$$e", "$$e.v"])),
+        st.builds(
+            lambda a, b: {"$let": {"vars": {"e": a}, "in": b}}, inner, st.sampled_from(["$$e", "$$e.v"])
+        ),
         st.builds(lambda a: {"$literal": a}, st.sampled_from(["$secret", "plain"])),
         st.builds(lambda a: {"$size": {"$ifNull": [a, []]}}, inner),
     ),
@@ -71,8 +93,11 @@ operators = st.one_of(
 queries = st.recursive(
     st.dictionaries(st.sampled_from(FIELDS), st.one_of(scalars, operators), min_size=1, max_size=2),
     lambda inner: st.one_of(
-        st.builds(lambda op, qs: {op: qs}, st.sampled_from(["$and", "$or", "$nor"]), st.lists(inner, min_size=1,
-                                                                                                max_size=3)),
+        st.builds(
+            lambda op, qs: {op: qs},
+            st.sampled_from(["$and", "$or", "$nor"]),
+            st.lists(inner, min_size=1, max_size=3),
+        ),
         st.builds(lambda f, q: {f: {"$elemMatch": q}}, st.sampled_from(["tags", "profile"]), inner),
         st.builds(lambda f, o: {f: {"$not": o}}, st.sampled_from(FIELDS), operators),
         st.builds(lambda e: {"$expr": e}, expressions),
@@ -80,15 +105,28 @@ queries = st.recursive(
     ),
     max_leaves=5,
 )
-sorts = st.lists(st.tuples(st.sampled_from(FIELDS), st.sampled_from([1, -1])), max_size=2, unique_by=lambda t: t[0])
-keys = st.one_of(st.none(), st.dictionaries(st.sampled_from(FIELDS[:-1]), st.sampled_from([0, 1]), min_size=1,
-                                            max_size=2).filter(lambda k: len({v for f, v in k.items() if f != "_id"}) <= 1))
+sorts = st.lists(
+    st.tuples(st.sampled_from(FIELDS), st.sampled_from([1, -1])), max_size=2, unique_by=lambda t: t[0]
+)
+keys = st.one_of(
+    st.none(),
+    st.dictionaries(st.sampled_from(FIELDS[:-1]), st.sampled_from([0, 1]), min_size=1, max_size=2).filter(
+        lambda k: len({v for f, v in k.items() if f != "_id"}) <= 1
+    ),
+)
 
 
 def documents(values: tuple) -> list[dict]:
     s1, s2 = values
     return [
-        {"_id": "d1", "title": "a", "n": 1, "secret": s1, "profile": {"name": "x1", "pin": s2}, "tags": ["a", "b"]},
+        {
+            "_id": "d1",
+            "title": "a",
+            "n": 1,
+            "secret": s1,
+            "profile": {"name": "x1", "pin": s2},
+            "tags": ["a", "b"],
+        },
         {"_id": "d2", "title": "b", "n": 2, "secret": s2, "profile": {"name": "x2", "pin": s1}, "tags": []},
         {"_id": "d3", "title": "x1", "n": -1, "profile": {"name": "a"}, "tags": ["x1"]},
         {"_id": "d4", "n": 3, "secret": {"deep": s1}, "tags": [{"k": "v"}], "profile": {"pin": [s2]}},
@@ -140,14 +178,24 @@ fields = st.sampled_from(["owner", "n", "tag", "owner.sub", "other"])
 bodies = st.dictionaries(st.sampled_from(["owner", "n", "tag", "other"]), values, max_size=3)
 update_specs = st.one_of(
     bodies,
-    st.builds(lambda op, f, v: {op: {f: v}}, st.sampled_from(["$set", "$setOnInsert", "$max", "$min"]), fields, values),
+    st.builds(
+        lambda op, f, v: {op: {f: v}},
+        st.sampled_from(["$set", "$setOnInsert", "$max", "$min"]),
+        fields,
+        values,
+    ),
     st.builds(lambda f: {"$unset": {f: 1}}, fields),
-    st.builds(lambda a, b: {"$rename": {a: b}}, st.sampled_from(["owner", "tag", "n"]),
-              st.sampled_from(["owner", "was", "tag2"])),
+    st.builds(
+        lambda a, b: {"$rename": {a: b}},
+        st.sampled_from(["owner", "tag", "n"]),
+        st.sampled_from(["owner", "was", "tag2"]),
+    ),
     st.builds(lambda f, v: {"$inc": {f: v}}, fields, st.integers(1, 2)),
     st.builds(lambda f, v: {"$push": {f: v}}, fields, values),
 )
-filters = st.one_of(st.just({}), st.builds(lambda f, v: {f: v}, st.sampled_from(["owner", "n", "_id"]), values))
+filters = st.one_of(
+    st.just({}), st.builds(lambda f, v: {f: v}, st.sampled_from(["owner", "n", "_id"]), values)
+)
 modes = st.sampled_from([None, "insert", "update", "upsert"])
 operations = st.one_of(
     st.tuples(st.just("post"), st.none(), bodies, st.none()),
@@ -182,8 +230,16 @@ def perform(anon, op) -> int:
 def test_writes_never_leave_the_write_filter(client, anon, app, ops):
     engine = app.extensions["changefeed.engine"]
     if not engine.list_collections().count("docs"):
-        setup(client, {"writeFilter": {"owner": "@user._id"}, "mergeRequest": {"owner": "@user._id"},
-                       "allowWriteMode": True, "allowBulkPatch": True, "allowBulkDelete": True})
+        setup(
+            client,
+            {
+                "writeFilter": {"owner": "@user._id"},
+                "mergeRequest": {"owner": "@user._id"},
+                "allowWriteMode": True,
+                "allowBulkPatch": True,
+                "allowBulkDelete": True,
+            },
+        )
     reset(engine, ALICES + BOBS)
     before = {d["_id"]: d for d in engine.find("docs", {"owner": "alice"}, [], None, 0, 0)}
     for op in ops:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import base64
 import json
+
 import pytest
 
 from .test_security import assert_error, basic
 
 RULE = {
-    "_id": "tenants", "roles": ["user"], "priority": 1,
+    "_id": "tenants",
+    "roles": ["user"],
+    "priority": 1,
     "predicate": "path-prefix(/docs)",
     "mongo": {
         "readFilter": {"owner": "@user._id"},
@@ -55,11 +58,14 @@ def docs(client, app):
         r = client.post("/users", json={"_id": user, "password": f"pw-{user}", "roles": ["user"]})
         assert r.status_code == 201
     assert client.put("/docs", json=STREAMS).status_code == 201
-    r = client.post("/docs", json=[
-        {"_id": "a1", "owner": "alice", "title": "alice's", "secret": "s-a1"},
-        {"_id": "a2", "owner": "alice", "title": "alice's 2", "secret": "s-a2"},
-        {"_id": "b1", "owner": "bob", "title": "bob's", "secret": "s-b1"},
-    ])
+    r = client.post(
+        "/docs",
+        json=[
+            {"_id": "a1", "owner": "alice", "title": "alice's", "secret": "s-a1"},
+            {"_id": "a2", "owner": "alice", "title": "alice's 2", "secret": "s-a2"},
+            {"_id": "b1", "owner": "bob", "title": "bob's", "secret": "s-b1"},
+        ],
+    )
     assert r.status_code == 201
     with_rule(client)
     return app.extensions["changefeed.engine"]
@@ -75,7 +81,9 @@ def stored(engine, doc_id):
 def test_reads_see_only_own_documents_without_the_hidden_field(anon, docs):
     r = anon.get("/docs", headers=BOB)
     assert r.status_code == 200
-    assert r.get_json() == [{"_id": "b1", "owner": "bob", "title": "bob's", "_etag": r.get_json()[0]["_etag"]}]
+    assert r.get_json() == [
+        {"_id": "b1", "owner": "bob", "title": "bob's", "_etag": r.get_json()[0]["_etag"]}
+    ]
     assert anon.get("/docs/b1", headers=BOB).get_json().keys() == {"_id", "owner", "title", "_etag"}
     assert_error(anon.get("/docs/a1", headers=BOB), 404)  # alice's: as absent as in the list
     assert anon.get("/docs/_size", headers=BOB).get_json() == {"_size": 1}
@@ -83,18 +91,21 @@ def test_reads_see_only_own_documents_without_the_hidden_field(anon, docs):
     assert "s-a" not in anon.get("/docs", headers=ALICE).get_data(as_text=True)
 
 
-@pytest.mark.parametrize("args", [
-    {"filter": q({"secret": "s-b1"})},
-    {"filter": q({"secret": {"$regex": "^s"}})},
-    {"filter": q({"$or": [{"title": "x"}, {"secret": {"$gt": "a"}}]})},
-    {"filter": q({"$expr": {"$gt": ["$secret", "a"]}})},
-    {"filter": q({"$expr": {"$gt": [{"$size": {"$objectToArray": "$$ROOT"}}, 3]}})},
-    {"filter": q({"$jsonSchema": {"required": ["secret"]}})},
-    {"sort": "secret"},
-    {"sort": q({"secret": -1})},
-    {"keys": q({"secret": 1})},
-    {"keys": q({"secret": 0})},
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"filter": q({"secret": "s-b1"})},
+        {"filter": q({"secret": {"$regex": "^s"}})},
+        {"filter": q({"$or": [{"title": "x"}, {"secret": {"$gt": "a"}}]})},
+        {"filter": q({"$expr": {"$gt": ["$secret", "a"]}})},
+        {"filter": q({"$expr": {"$gt": [{"$size": {"$objectToArray": "$$ROOT"}}, 3]}})},
+        {"filter": q({"$jsonSchema": {"required": ["secret"]}})},
+        {"sort": "secret"},
+        {"sort": q({"secret": -1})},
+        {"keys": q({"secret": 1})},
+        {"keys": q({"secret": 0})},
+    ],
+)
 def test_hidden_field_has_no_oracle(anon, docs, args):
     assert_error(anon.get("/docs", headers=BOB, query_string=args), 403)
     if "filter" in args:
@@ -102,8 +113,11 @@ def test_hidden_field_has_no_oracle(anon, docs, args):
 
 
 def test_visible_fields_can_be_queried(anon, docs):
-    r = anon.get("/docs", headers=ALICE, query_string={"filter": q({"title": {"$regex": "2$"}}), "sort": "-title",
-                                                        "keys": q({"title": 1})})
+    r = anon.get(
+        "/docs",
+        headers=ALICE,
+        query_string={"filter": q({"title": {"$regex": "2$"}}), "sort": "-title", "keys": q({"title": 1})},
+    )
     assert r.status_code == 200
     assert [d["title"] for d in r.get_json()] == ["alice's 2"]
 
@@ -115,8 +129,13 @@ def test_bob_cannot_replace_or_take_over_alices_document(anon, docs):
     before = stored(docs, "a1")
     # alice's document is outside bob's readFilter: it does not exist for him (404, as GET),
     # whatever else is wrong with the request (the ETag, the operators)
-    for body in ({"title": "mine now"}, {"title": "mine now", "owner": "bob"}, {"owner": "alice", "title": "x"},
-                 {"$set": {"title.x": 1}}, {"$inc": {"title": 1}}):  # these two would fail on alice's data
+    for body in (
+        {"title": "mine now"},
+        {"title": "mine now", "owner": "bob"},
+        {"owner": "alice", "title": "x"},
+        {"$set": {"title.x": 1}},
+        {"$inc": {"title": 1}},
+    ):  # these two would fail on alice's data
         if "$set" not in body and "$inc" not in body:
             assert_error(anon.put("/docs/a1", headers=BOB, json=body), 404)
         assert_error(anon.patch("/docs/a1", headers=BOB, json=body), 404)
@@ -132,10 +151,18 @@ def test_writable_but_not_readable_is_a_403_not_a_404(client, anon, docs):
     assert_error(anon.delete("/docs/a1", headers=BOB), 403)
 
 
-@pytest.mark.parametrize("body", [
-    {"$set": {"secret.x": 1}}, {"$inc": {"secret": 1}}, {"$push": {"secret": 1}}, {"$pull": {"secret": 1}},
-    {"$rename": {"secret": "leak"}}, {"$max": {"secret": "z"}}, {"$set": {"secret.a.b": 1}},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"$set": {"secret.x": 1}},
+        {"$inc": {"secret": 1}},
+        {"$push": {"secret": 1}},
+        {"$pull": {"secret": 1}},
+        {"$rename": {"secret": "leak"}},
+        {"$max": {"secret": "z"}},
+        {"$set": {"secret.a.b": 1}},
+    ],
+)
 def test_updates_cannot_read_hidden_fields(anon, docs, body):
     msg = assert_error(anon.patch("/docs/b1", headers=BOB, json=body), 403)
     assert "hidden by your permission" in msg
@@ -143,8 +170,13 @@ def test_updates_cannot_read_hidden_fields(anon, docs, body):
 
 
 def test_hidden_fields_can_still_be_overwritten(anon, docs):
-    for body in ({"secret": "new"}, {"$set": {"secret": {"a": 1}}}, {"$unset": {"secret": 1}},
-                 {"$rename": {"title": "secret"}}, {"$currentDate": {"secret": True}}):
+    for body in (
+        {"secret": "new"},
+        {"$set": {"secret": {"a": 1}}},
+        {"$unset": {"secret": 1}},
+        {"$rename": {"title": "secret"}},
+        {"$currentDate": {"secret": True}},
+    ):
         assert anon.patch("/docs/b1", headers=BOB, json=body).status_code == 200, body
     assert "secret" in stored(docs, "b1")
 
@@ -170,14 +202,17 @@ def test_own_writes_work_and_keep_the_owner(anon, docs):
     assert anon.delete("/docs/b1", headers=BOB).status_code == 204
 
 
-@pytest.mark.parametrize("body", [
-    {"$unset": {"owner": 1}},
-    {"$rename": {"owner": "was"}},
-    {"$rename": {"title": "owner"}},
-    {"$set": {"owner.x": 1}},
-    {"$push": {"owner": "x"}},
-    {"$inc": {"owner": 1}},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"$unset": {"owner": 1}},
+        {"$rename": {"owner": "was"}},
+        {"$rename": {"title": "owner"}},
+        {"$set": {"owner.x": 1}},
+        {"$push": {"owner": "x"}},
+        {"$inc": {"owner": 1}},
+    ],
+)
 def test_operators_cannot_undo_the_merge(anon, docs, body):
     msg = assert_error(anon.patch("/docs/b1", headers=BOB, json=body), 403)
     assert "mongo.mergeRequest" in msg
@@ -209,7 +244,9 @@ def test_management_requests_need_the_option(client, anon, docs):
 def test_write_mode_needs_the_option(client, anon, docs):
     for mode in ("upsert", "insert", "update"):
         assert_error(anon.put(f"/docs/new-{mode}", headers=BOB, json={}, query_string={"wm": mode}), 403)
-        assert_error(anon.patch("/docs/b1", headers=BOB, json={"x": 1}, query_string={"writeMode": mode}), 403)
+        assert_error(
+            anon.patch("/docs/b1", headers=BOB, json={"x": 1}, query_string={"writeMode": mode}), 403
+        )
     with_rule(client, allowWriteMode=True)
     r = anon.put("/docs/new", headers=BOB, json={"title": "upserted"}, query_string={"wm": "upsert"})
     assert r.status_code == 201
@@ -226,8 +263,12 @@ def test_bulk_patch_and_delete_need_their_options(client, anon, docs):
     r = anon.patch("/docs/*", headers=BOB, json={"title": "all"}, query_string=everything)
     assert r.get_json() == {"inserted": 0, "deleted": 0, "modified": 1, "matched": 1}
     assert stored(docs, "a1")["title"] == "alice's"
-    assert_error(anon.patch("/docs/*", headers=BOB, json={"$unset": {"owner": 1}}, query_string=everything), 403)
-    assert_error(anon.patch("/docs/*", headers=BOB, json={"x": 1}, query_string={"filter": q({"secret": "s"})}), 403)
+    assert_error(
+        anon.patch("/docs/*", headers=BOB, json={"$unset": {"owner": 1}}, query_string=everything), 403
+    )
+    assert_error(
+        anon.patch("/docs/*", headers=BOB, json={"x": 1}, query_string={"filter": q({"secret": "s"})}), 403
+    )
     assert_error(anon.patch("/docs/*", headers=BOB, json={"x": 1}), 400)  # a bulk write needs a filter
     r = anon.delete("/docs/*", headers=BOB, query_string=everything)
     assert r.get_json()["deleted"] == 1
@@ -246,18 +287,21 @@ def test_admin_keeps_every_option(client, docs):
 # --------------------------------------------------------------------------- ACL documents
 
 
-@pytest.mark.parametrize("mongo, fault", [
-    ({"readFilter": {"$where": "1"}}, "$where"),
-    ({"writeFilter": {"a": {"$bogus": 1}}}, "mongo.writeFilter"),
-    ({"mergeRequest": {"_id": "x"}}, "managed by the server"),
-    ({"mergeRequest": {"$set": {"a": 1}}}, "invalid field name"),
-    ({"mergeRequest": {}}, "must not be empty"),
-    ({"projectResponse": {"a": 1, "b": 0}}, "mongo.projectResponse"),
-    ({"projectResponse": {"_id": 0}}, "mongo.projectResponse"),
-    ({"projectResponse": {"a": 2}}, "mongo.projectResponse"),
-    ({"allowBulkPatch": "yes"}, "true or false"),
-    ({"readFilters": {}}, "unknown key 'readFilters'"),
-])
+@pytest.mark.parametrize(
+    "mongo, fault",
+    [
+        ({"readFilter": {"$where": "1"}}, "$where"),
+        ({"writeFilter": {"a": {"$bogus": 1}}}, "mongo.writeFilter"),
+        ({"mergeRequest": {"_id": "x"}}, "managed by the server"),
+        ({"mergeRequest": {"$set": {"a": 1}}}, "invalid field name"),
+        ({"mergeRequest": {}}, "must not be empty"),
+        ({"projectResponse": {"a": 1, "b": 0}}, "mongo.projectResponse"),
+        ({"projectResponse": {"_id": 0}}, "mongo.projectResponse"),
+        ({"projectResponse": {"a": 2}}, "mongo.projectResponse"),
+        ({"allowBulkPatch": "yes"}, "true or false"),
+        ({"readFilters": {}}, "unknown key 'readFilters'"),
+    ],
+)
 def test_unusable_mongo_options_are_refused_when_written(client, mongo, fault):
     rule = {"_id": "x", "roles": ["user"], "predicate": "path(/x)", "mongo": mongo}
     assert fault in assert_error(client.post("/acl", json=rule), 400)
@@ -267,13 +311,21 @@ def test_unusable_mongo_options_are_refused_when_written(client, mongo, fault):
 def test_unknown_acl_keys_are_refused(client):
     rule = {"_id": "x", "roles": ["user"], "predicate": "path(/x)", "readFilter": {"a": 1}}
     assert "unknown key 'readFilter'" in assert_error(client.post("/acl", json=rule), 400)
-    assert_error(client.patch("/acl/x", json={"priority": 1, "filter": 2}, query_string={"wm": "upsert"}), 400)
+    assert_error(
+        client.patch("/acl/x", json={"priority": 1, "filter": 2}, query_string={"wm": "upsert"}), 400
+    )
 
 
 # --------------------------------------------------------------------------- users: roles are the admin's
 
-SELF_SERVICE = {"_id": "selfService", "roles": ["user"], "priority": 1,
-                "predicate": "path-template(/users/{id}) and equals(@user._id, ${id}) and bson-request-whitelist(password)"}
+SELF_SERVICE = {
+    "_id": "selfService",
+    "roles": ["user"],
+    "priority": 1,
+    "predicate": (
+        "path-template(/users/{id}) and equals(@user._id, ${id}) and bson-request-whitelist(password)"
+    ),
+}
 LAX = {"_id": "lax", "roles": ["user"], "priority": 0, "predicate": "path-prefix(/users)"}
 
 
@@ -288,27 +340,35 @@ def test_self_service_rule_changes_the_password_and_nothing_else(client, anon, u
     assert anon.patch("/users/alice", headers=ALICE, json={"password": "new-pw"}).status_code == 200
     new = basic("alice", "new-pw")
     assert anon.get("/users/alice", headers=new).status_code == 200
-    for body in ({"$set": {"roles": ["admin"]}}, {"roles": ["admin"]}, {"password": "x", "roles": []},
-                 {"$rename": {"password": "roles"}}, {"$push": {"roles": "admin"}}):
+    for body in (
+        {"$set": {"roles": ["admin"]}},
+        {"roles": ["admin"]},
+        {"password": "x", "roles": []},
+        {"$rename": {"password": "roles"}},
+        {"$push": {"roles": "admin"}},
+    ):
         assert_error(anon.patch("/users/alice", headers=new, json=body), 403)
     assert_error(anon.patch("/users/bob", headers=new, json={"password": "owned"}), 403)
     assert client.get("/users/alice").get_json()["roles"] == ["user"]
 
 
-@pytest.mark.parametrize("method, url, body, args", [
-    ("patch", "/users/alice", {"$set": {"roles": ["admin"]}}, {}),
-    ("patch", "/users/alice", {"roles": ["user", "admin"]}, {}),
-    ("patch", "/users/alice", {"$push": {"roles": "admin"}}, {}),
-    ("patch", "/users/alice", {"$addToSet": {"roles": "admin"}}, {}),
-    ("patch", "/users/alice", {"$rename": {"tag": "roles"}}, {}),
-    ("patch", "/users/alice", {"$set": {"roles.0": "admin"}}, {}),
-    ("patch", "/users/alice", {"$unset": {"roles": 1}}, {}),
-    ("put", "/users/alice", {"password": "x", "roles": ["admin"]}, {}),
-    ("put", "/users/alice", {"password": "x"}, {}),  # a replace without roles changes them too
-    ("post", "/users", {"_id": "mallory", "password": "x", "roles": ["admin"]}, {}),
-    ("put", "/users/mallory", {"password": "x", "roles": ["admin"]}, {"wm": "upsert"}),
-    ("patch", "/users/mallory", {"password": "x", "roles": ["admin"]}, {"wm": "upsert"}),
-])
+@pytest.mark.parametrize(
+    "method, url, body, args",
+    [
+        ("patch", "/users/alice", {"$set": {"roles": ["admin"]}}, {}),
+        ("patch", "/users/alice", {"roles": ["user", "admin"]}, {}),
+        ("patch", "/users/alice", {"$push": {"roles": "admin"}}, {}),
+        ("patch", "/users/alice", {"$addToSet": {"roles": "admin"}}, {}),
+        ("patch", "/users/alice", {"$rename": {"tag": "roles"}}, {}),
+        ("patch", "/users/alice", {"$set": {"roles.0": "admin"}}, {}),
+        ("patch", "/users/alice", {"$unset": {"roles": 1}}, {}),
+        ("put", "/users/alice", {"password": "x", "roles": ["admin"]}, {}),
+        ("put", "/users/alice", {"password": "x"}, {}),  # a replace without roles changes them too
+        ("post", "/users", {"_id": "mallory", "password": "x", "roles": ["admin"]}, {}),
+        ("put", "/users/mallory", {"password": "x", "roles": ["admin"]}, {"wm": "upsert"}),
+        ("patch", "/users/mallory", {"password": "x", "roles": ["admin"]}, {"wm": "upsert"}),
+    ],
+)
 def test_roles_need_the_admin_whatever_the_acl_says(client, anon, users, method, url, body, args):
     lax = {**LAX, "mongo": {"allowWriteMode": True}}
     assert client.post("/acl", json=lax).status_code == 201
@@ -343,11 +403,14 @@ def test_basic_auth_never_base64_errors(anon, client):
 # --------------------------------------------------------------------------- errors describe nothing hidden
 
 
-@pytest.mark.parametrize("flt", [
-    {"$expr": {"$cond": [{"$eq": ["$owner", "alice"]}, {"$toInt": "$_id"}, False]}},
-    {"$expr": {"$cond": [{"$eq": ["$owner", "alice"]}, {"$divide": [1, 0]}, False]}},
-    {"$or": [{"title": "x"}, {"$expr": {"$toInt": "$title"}}]},
-])
+@pytest.mark.parametrize(
+    "flt",
+    [
+        {"$expr": {"$cond": [{"$eq": ["$owner", "alice"]}, {"$toInt": "$_id"}, False]}},
+        {"$expr": {"$cond": [{"$eq": ["$owner", "alice"]}, {"$divide": [1, 0]}, False]}},
+        {"$or": [{"title": "x"}, {"$expr": {"$toInt": "$title"}}]},
+    ],
+)
 def test_expressions_are_refused_under_a_read_filter(anon, docs, flt):
     """An expression that fails on a document outside the readFilter would describe it."""
     for url in ("/docs", "/docs/_size"):

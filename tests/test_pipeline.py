@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from bson import ObjectId
@@ -33,12 +33,12 @@ OID2 = ObjectId("64a1f0c2e4b0a1b2c3d4e5f7")
 OID3 = ObjectId("64a1f0c2e4b0a1b2c3d4e5f8")
 ETAG = ObjectId("64a1f0c2e4b0a1b2c3d4e600")
 T0 = Timestamp(1680529011, 1)
-W0 = datetime(2023, 4, 3, 13, 36, 51, 123000, tzinfo=timezone.utc)
+W0 = datetime(2023, 4, 3, 13, 36, 51, 123000, tzinfo=UTC)
 NS = {"db": "restheart", "coll": "messages"}
 
 
 def _token(n: int) -> dict:
-    return {"_data": "8264A1F0C2000000%02d2B022C0100296E5A1004" % n}
+    return {"_data": f"8264A1F0C2000000{n:02d}2B022C0100296E5A1004"}
 
 
 INSERT = {
@@ -47,10 +47,18 @@ INSERT = {
     "clusterTime": T0,
     "wallTime": W0,
     "fullDocument": {
-        "_id": OID1, "name": "uji", "message": "hello", "qty": 7, "price": 2.5,
-        "tags": ["red", "blue"], "secret": "s3", "owner": {"tier": "gold", "id": 42},
-        "items": [{"sku": "A1", "n": 2}, {"sku": "B2", "n": 5}], "note": None, "_etag": ETAG,
-        "createdAt": datetime(2023, 4, 1, tzinfo=timezone.utc),
+        "_id": OID1,
+        "name": "uji",
+        "message": "hello",
+        "qty": 7,
+        "price": 2.5,
+        "tags": ["red", "blue"],
+        "secret": "s3",
+        "owner": {"tier": "gold", "id": 42},
+        "items": [{"sku": "A1", "n": 2}, {"sku": "B2", "n": 5}],
+        "note": None,
+        "_etag": ETAG,
+        "createdAt": datetime(2023, 4, 1, tzinfo=UTC),
     },
     "ns": NS,
     "documentKey": {"_id": OID1},
@@ -60,12 +68,22 @@ UPDATE = {
     "operationType": "update",
     "clusterTime": Timestamp(1680529012, 3),
     "wallTime": W0 + timedelta(seconds=1),
-    "fullDocument": {"_id": OID2, "name": "Bob", "message": "edited", "qty": 1, "tags": ["green"],
-                     "owner": {"tier": "basic", "id": 7}, "_etag": ETAG},
+    "fullDocument": {
+        "_id": OID2,
+        "name": "Bob",
+        "message": "edited",
+        "qty": 1,
+        "tags": ["green"],
+        "owner": {"tier": "basic", "id": 7},
+        "_etag": ETAG,
+    },
     "ns": NS,
     "documentKey": {"_id": OID2},
-    "updateDescription": {"updatedFields": {"message": "edited", "_etag": ETAG},
-                          "removedFields": ["draft"], "truncatedArrays": []},
+    "updateDescription": {
+        "updatedFields": {"message": "edited", "_etag": ETAG},
+        "removedFields": ["draft"],
+        "truncatedArrays": [],
+    },
 }
 REPLACE = {
     "_id": _token(3),
@@ -100,21 +118,30 @@ def _matched(stages: list, avars: dict | None = None) -> list[str]:
 # unescape
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("raw, expected", [
-    ({"_$match": {"a": 1}}, {"$match": {"a": 1}}),
-    ({"fullDocument::name": "x"}, {"fullDocument.name": "x"}),
-    ({"updateDescription::updatedFields::a": 1}, {"updateDescription.updatedFields.a": 1}),
-    ({"_$set": {"x": "_$fullDocument.n"}}, {"$set": {"x": "$fullDocument.n"}}),
-    ([{"_$match": {"_$or": [{"a": 1}, {"b": {"_$in": [1, "_$x"]}}]}}],
-     [{"$match": {"$or": [{"a": 1}, {"b": {"$in": [1, "$x"]}}]}}]),
-    ({"$match": {"fullDocument.name": "$x"}}, {"$match": {"fullDocument.name": "$x"}}),  # unescaped passes
-    ({"a_$b": "x_$y", "_x": "_y"}, {"a_$b": "x_$y", "_x": "_y"}),  # only a leading _$ is an escape
-    ({"_$var": "n"}, {"$var": "n"}),
-    ("_$x", "$x"),
-    (5, 5),
-    (None, None),
-    ({"_$_$x": "_$_$y"}, {"$_$x": "$_$y"}),  # one level only
-])
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"_$match": {"a": 1}}, {"$match": {"a": 1}}),
+        ({"fullDocument::name": "x"}, {"fullDocument.name": "x"}),
+        ({"updateDescription::updatedFields::a": 1}, {"updateDescription.updatedFields.a": 1}),
+        ({"_$set": {"x": "_$fullDocument.n"}}, {"$set": {"x": "$fullDocument.n"}}),
+        (
+            [{"_$match": {"_$or": [{"a": 1}, {"b": {"_$in": [1, "_$x"]}}]}}],
+            [{"$match": {"$or": [{"a": 1}, {"b": {"$in": [1, "$x"]}}]}}],
+        ),
+        (
+            {"$match": {"fullDocument.name": "$x"}},
+            {"$match": {"fullDocument.name": "$x"}},
+        ),  # unescaped passes
+        ({"a_$b": "x_$y", "_x": "_y"}, {"a_$b": "x_$y", "_x": "_y"}),  # only a leading _$ is an escape
+        ({"_$var": "n"}, {"$var": "n"}),
+        ("_$x", "$x"),
+        (5, 5),
+        (None, None),
+        ({"_$_$x": "_$_$y"}, {"$_$x": "$_$y"}),  # one level only
+    ],
+)
 def test_unescape(raw, expected):
     before = copy.deepcopy(raw)
     assert unescape(raw) == expected
@@ -131,94 +158,149 @@ def test_unescape_is_idempotent_on_unescaped():
 # ---------------------------------------------------------------------------------------------
 
 TUTORIAL = [
-    {"uri": "all", "stages": [{"_$match": {"_$or": [{"operationType": "insert"}, {"operationType": "update"}]}}]},
+    {
+        "uri": "all",
+        "stages": [{"_$match": {"_$or": [{"operationType": "insert"}, {"operationType": "update"}]}}],
+    },
     {"uri": "mine", "stages": [{"_$match": {"fullDocument::name": {"_$var": "n"}}}]},
 ]
 
 
-@pytest.mark.parametrize("streams", [
-    TUTORIAL,
-    [],
-    [{"uri": "empty", "stages": []}],
-    [{"uri": "raw", "stages": [{"$match": {"operationType": "insert"}}]}],
-    [{"uri": "a-b_c.d~e", "stages": [{"$project": {"fullDocument": 1, "operationType": 1}}]}],
-    [{"uri": "x", "stages": [{"$project": {"_id": 1, "fullDocument.name": 1}}]}],
-    [{"uri": "x", "stages": [{"$project": {"fullDocument.secret": 0}}]}],
-    [{"uri": "x", "stages": [{"$addFields": {"total": {"$multiply": ["$fullDocument.qty", 2]}}}]}],
-    [{"uri": "x", "stages": [{"_$set": {"fullDocument::tag": {"_$var": ["t", "none"]}}}]}],
-    [{"uri": "x", "stages": [{"$unset": "fullDocument.secret"}, {"$unset": ["ns", "wallTime"]}]}],
-    [{"uri": "x", "stages": [{"$replaceRoot": {"newRoot": {"_id": "$_id", "doc": "$fullDocument"}}}]}],
-    [{"uri": "x", "stages": [{"_$replaceWith": {"_id": "_$_id", "op": "_$operationType"}}]}],
-    [{"uri": "x", "stages": [{"$redact": {"$cond": [{"$eq": ["$level", 5]}, "$$PRUNE", "$$DESCEND"]}}]}],
-    [{"uri": "x" * 100, "stages": []}],
-])
+@pytest.mark.parametrize(
+    "streams",
+    [
+        TUTORIAL,
+        [],
+        [{"uri": "empty", "stages": []}],
+        [{"uri": "raw", "stages": [{"$match": {"operationType": "insert"}}]}],
+        [{"uri": "a-b_c.d~e", "stages": [{"$project": {"fullDocument": 1, "operationType": 1}}]}],
+        [{"uri": "x", "stages": [{"$project": {"_id": 1, "fullDocument.name": 1}}]}],
+        [{"uri": "x", "stages": [{"$project": {"fullDocument.secret": 0}}]}],
+        [{"uri": "x", "stages": [{"$addFields": {"total": {"$multiply": ["$fullDocument.qty", 2]}}}]}],
+        [{"uri": "x", "stages": [{"_$set": {"fullDocument::tag": {"_$var": ["t", "none"]}}}]}],
+        [{"uri": "x", "stages": [{"$unset": "fullDocument.secret"}, {"$unset": ["ns", "wallTime"]}]}],
+        [{"uri": "x", "stages": [{"$replaceRoot": {"newRoot": {"_id": "$_id", "doc": "$fullDocument"}}}]}],
+        [{"uri": "x", "stages": [{"_$replaceWith": {"_id": "_$_id", "op": "_$operationType"}}]}],
+        [{"uri": "x", "stages": [{"$redact": {"$cond": [{"$eq": ["$level", 5]}, "$$PRUNE", "$$DESCEND"]}}]}],
+        [{"uri": "x" * 100, "stages": []}],
+    ],
+)
 def test_validate_streams_accepts(streams):
     assert validate_streams(streams) is streams
 
 
-@pytest.mark.parametrize("streams, uri, fault", [
-    ({"uri": "x"}, None, "'streams' must be an array"),
-    ("all", None, "'streams' must be an array"),
-    (["all"], "#1", "must be an object"),
-    ([{"stages": []}], "#1", "missing 'uri'"),
-    ([{"uri": 5, "stages": []}], "#1", "'uri' must be a string"),
-    ([{"uri": "", "stages": []}], "#1", "must not be empty"),
-    ([{"uri": "a/b", "stages": []}], "'a/b'", "A-Z a-z 0-9"),
-    ([{"uri": "a b", "stages": []}], "'a b'", "A-Z a-z 0-9"),
-    ([{"uri": "x" * 101, "stages": []}], "'" + "x" * 100, "1 to 100"),
-    ([{"uri": "dup", "stages": []}, {"uri": "dup", "stages": []}], "'dup'", "more than once"),
-    # a key we do not implement is refused, never stored and ignored (notify_when included)
-    ([{"uri": "x", "stages": [], "notify_when": {"fullDocument::tenant": {"$var": "t"}}}], "'x'",
-     "unknown key 'notify_when'"),
-    ([{"uri": "x", "stages": [], "fullDocument": "whenAvailable"}], "'x'", "unknown key 'fullDocument'"),
-    ([{"uri": "s"}], "'s'", "missing 'stages'"),
-    ([{"uri": "s", "stages": {"$match": {}}}], "'s'", "must be an array of stage objects"),
-    ([{"uri": "s", "stages": ["$match"]}], "'s'", "stage 1 must be an object with exactly one key"),
-    ([{"uri": "s", "stages": [{"$match": {}, "$project": {"a": 1}}]}], "'s'", "exactly one key"),
-    ([{"uri": "all", "stages": [{"$match": {}}, {"$group": {"_id": 1}}]}], "'all'",
-     "stage 2 uses $group, allowed stages are " + ", ".join(ALLOWED_STAGES)),
-    ([{"uri": "s", "stages": [{"_$lookup": {"from": "users"}}]}], "'s'", "uses $lookup"),
-    ([{"uri": "s", "stages": [{"$ifvar": ["n", {"$match": {}}]}]}], "'s'", "uses $ifvar"),
-    ([{"uri": "s", "stages": [{"$match": {"$where": "true"}}]}], "'s'", "forbidden operator $where"),
-    ([{"uri": "s", "stages": [{"_$match": {"_$expr": {"_$function": {"body": "f"}}}}]}], "'s'",
-     "forbidden operator $function"),
-    ([{"uri": "s", "stages": [{"$addFields": {"a": {"$x": [{"b": {"$Accumulator": {}}}]}}}]}], "'s'",
-     "forbidden operator $Accumulator"),
-    ([{"uri": "s", "stages": [{"$match": []}]}], "'s'", "$match takes a query object"),
-    ([{"uri": "p", "stages": [{"$project": {"_id": 0}}]}], "'p'", "must not remove or change _id"),
-    ([{"uri": "p", "stages": [{"$project": {"_id": False, "a": 1}}]}], "'p'", "must not remove or change _id"),
-    ([{"uri": "p", "stages": [{"$project": {"_id": "$fullDocument._id"}}]}], "'p'", "must not remove or change _id"),
-    ([{"uri": "p", "stages": [{"$project": {"_id::_data": 1}}]}], "'p'", "must not remove or change _id"),
-    ([{"uri": "p", "stages": [{"$project": {}}]}], "'p'", "non-empty object"),
-    ([{"uri": "p", "stages": [{"$project": {"a": 1, "b": 0}}]}], "'p'", "cannot mix inclusion and exclusion"),
-    ([{"uri": "u", "stages": [{"$unset": "_id"}]}], "'u'", "must not remove _id"),
-    ([{"uri": "u", "stages": [{"$unset": ["a", "_id._data"]}]}], "'u'", "must not remove _id"),
-    ([{"uri": "u", "stages": [{"$unset": [1]}]}], "'u'", "field name or an array of field names"),
-    ([{"uri": "u", "stages": [{"$unset": []}]}], "'u'", "field name or an array of field names"),
-    ([{"uri": "a", "stages": [{"$addFields": {"_id": "x"}}]}], "'a'", "must not change _id"),
-    ([{"uri": "a", "stages": [{"$set": {"_id._data": "x"}}]}], "'a'", "must not change _id"),
-    ([{"uri": "a", "stages": [{"_$set": {"_id::_data": "x"}}]}], "'a'", "must not change _id"),
-    ([{"uri": "a", "stages": [{"$set": {}}]}], "'a'", "non-empty object"),
-    ([{"uri": "r", "stages": [{"$replaceRoot": {"newRoot": "$fullDocument"}}]}], "'r'", "keeps the resume token"),
-    ([{"uri": "r", "stages": [{"$replaceRoot": {"newRoot": {"doc": "$fullDocument"}}}]}], "'r'",
-     "keeps the resume token"),
-    ([{"uri": "r", "stages": [{"$replaceRoot": {"newRoot": {"_id": "$documentKey"}}}]}], "'r'",
-     "keeps the resume token"),
-    ([{"uri": "r", "stages": [{"$replaceRoot": {"root": {"_id": "$_id"}}}]}], "'r'", "takes {'newRoot'"),
-    ([{"uri": "r", "stages": [{"$replaceWith": {"$mergeObjects": ["$fullDocument", {"_id": "$_id"}]}}]}],
-     "'r'", "keeps the resume token"),
-    ([{"uri": "v", "stages": [{"$match": {"a": {"$var": 1}}}]}], "'v'", "wrong variable name"),
-    ([{"uri": "v", "stages": [{"$match": {"a": {"$var": ""}}}]}], "'v'", "wrong variable name"),
-    ([{"uri": "v", "stages": [{"$match": {"a": {"$var": ["a"]}}}]}], "'v'", "wrong variable name"),
-    ([{"uri": "v", "stages": [{"$match": {"a": {"$var": [1, "x"]}}}]}], "'v'", "wrong variable name"),
-    ([{"uri": "v", "stages": [{"$match": {"a": {"$var": ["a", 1, 2]}}}]}], "'v'", "wrong variable name"),
-    ([{"uri": "v", "stages": [{"_$match": {"a": {"_$var": "n", "x": 1}}}]}], "'v'", "exactly one key"),
-    ([{"uri": "v", "stages": [{"$set": {"a": {"$var": {"n": 1}}}}]}], "'v'", "wrong variable name"),
-    ([{"uri": "v", "stages": [{"$match": {"$var": "q"}}]}], "'v'", "cannot be used as a query document"),
-    ([{"uri": "v", "stages": [{"$addFields": {"$var": "q"}}]}], "'v'", "variables can only supply values"),
-    ([{"uri": "v", "stages": [{"$unset": {"$var": "f"}}]}], "'v'", "field name or an array"),
-    ([{"uri": "ok", "stages": []}, {"uri": "bad", "stages": [{"$out": "x"}]}], "'bad'", "uses $out"),
-])
+@pytest.mark.parametrize(
+    "streams, uri, fault",
+    [
+        ({"uri": "x"}, None, "'streams' must be an array"),
+        ("all", None, "'streams' must be an array"),
+        (["all"], "#1", "must be an object"),
+        ([{"stages": []}], "#1", "missing 'uri'"),
+        ([{"uri": 5, "stages": []}], "#1", "'uri' must be a string"),
+        ([{"uri": "", "stages": []}], "#1", "must not be empty"),
+        ([{"uri": "a/b", "stages": []}], "'a/b'", "A-Z a-z 0-9"),
+        ([{"uri": "a b", "stages": []}], "'a b'", "A-Z a-z 0-9"),
+        ([{"uri": "x" * 101, "stages": []}], "'" + "x" * 100, "1 to 100"),
+        ([{"uri": "dup", "stages": []}, {"uri": "dup", "stages": []}], "'dup'", "more than once"),
+        # a key we do not implement is refused, never stored and ignored (notify_when included)
+        (
+            [{"uri": "x", "stages": [], "notify_when": {"fullDocument::tenant": {"$var": "t"}}}],
+            "'x'",
+            "unknown key 'notify_when'",
+        ),
+        ([{"uri": "x", "stages": [], "fullDocument": "whenAvailable"}], "'x'", "unknown key 'fullDocument'"),
+        ([{"uri": "s"}], "'s'", "missing 'stages'"),
+        ([{"uri": "s", "stages": {"$match": {}}}], "'s'", "must be an array of stage objects"),
+        ([{"uri": "s", "stages": ["$match"]}], "'s'", "stage 1 must be an object with exactly one key"),
+        ([{"uri": "s", "stages": [{"$match": {}, "$project": {"a": 1}}]}], "'s'", "exactly one key"),
+        (
+            [{"uri": "all", "stages": [{"$match": {}}, {"$group": {"_id": 1}}]}],
+            "'all'",
+            "stage 2 uses $group, allowed stages are " + ", ".join(ALLOWED_STAGES),
+        ),
+        ([{"uri": "s", "stages": [{"_$lookup": {"from": "users"}}]}], "'s'", "uses $lookup"),
+        ([{"uri": "s", "stages": [{"$ifvar": ["n", {"$match": {}}]}]}], "'s'", "uses $ifvar"),
+        ([{"uri": "s", "stages": [{"$match": {"$where": "true"}}]}], "'s'", "forbidden operator $where"),
+        (
+            [{"uri": "s", "stages": [{"_$match": {"_$expr": {"_$function": {"body": "f"}}}}]}],
+            "'s'",
+            "forbidden operator $function",
+        ),
+        (
+            [{"uri": "s", "stages": [{"$addFields": {"a": {"$x": [{"b": {"$Accumulator": {}}}]}}}]}],
+            "'s'",
+            "forbidden operator $Accumulator",
+        ),
+        ([{"uri": "s", "stages": [{"$match": []}]}], "'s'", "$match takes a query object"),
+        ([{"uri": "p", "stages": [{"$project": {"_id": 0}}]}], "'p'", "must not remove or change _id"),
+        (
+            [{"uri": "p", "stages": [{"$project": {"_id": False, "a": 1}}]}],
+            "'p'",
+            "must not remove or change _id",
+        ),
+        (
+            [{"uri": "p", "stages": [{"$project": {"_id": "$fullDocument._id"}}]}],
+            "'p'",
+            "must not remove or change _id",
+        ),
+        ([{"uri": "p", "stages": [{"$project": {"_id::_data": 1}}]}], "'p'", "must not remove or change _id"),
+        ([{"uri": "p", "stages": [{"$project": {}}]}], "'p'", "non-empty object"),
+        (
+            [{"uri": "p", "stages": [{"$project": {"a": 1, "b": 0}}]}],
+            "'p'",
+            "cannot mix inclusion and exclusion",
+        ),
+        ([{"uri": "u", "stages": [{"$unset": "_id"}]}], "'u'", "must not remove _id"),
+        ([{"uri": "u", "stages": [{"$unset": ["a", "_id._data"]}]}], "'u'", "must not remove _id"),
+        ([{"uri": "u", "stages": [{"$unset": [1]}]}], "'u'", "field name or an array of field names"),
+        ([{"uri": "u", "stages": [{"$unset": []}]}], "'u'", "field name or an array of field names"),
+        ([{"uri": "a", "stages": [{"$addFields": {"_id": "x"}}]}], "'a'", "must not change _id"),
+        ([{"uri": "a", "stages": [{"$set": {"_id._data": "x"}}]}], "'a'", "must not change _id"),
+        ([{"uri": "a", "stages": [{"_$set": {"_id::_data": "x"}}]}], "'a'", "must not change _id"),
+        ([{"uri": "a", "stages": [{"$set": {}}]}], "'a'", "non-empty object"),
+        (
+            [{"uri": "r", "stages": [{"$replaceRoot": {"newRoot": "$fullDocument"}}]}],
+            "'r'",
+            "keeps the resume token",
+        ),
+        (
+            [{"uri": "r", "stages": [{"$replaceRoot": {"newRoot": {"doc": "$fullDocument"}}}]}],
+            "'r'",
+            "keeps the resume token",
+        ),
+        (
+            [{"uri": "r", "stages": [{"$replaceRoot": {"newRoot": {"_id": "$documentKey"}}}]}],
+            "'r'",
+            "keeps the resume token",
+        ),
+        ([{"uri": "r", "stages": [{"$replaceRoot": {"root": {"_id": "$_id"}}}]}], "'r'", "takes {'newRoot'"),
+        (
+            [
+                {
+                    "uri": "r",
+                    "stages": [{"$replaceWith": {"$mergeObjects": ["$fullDocument", {"_id": "$_id"}]}}],
+                }
+            ],
+            "'r'",
+            "keeps the resume token",
+        ),
+        ([{"uri": "v", "stages": [{"$match": {"a": {"$var": 1}}}]}], "'v'", "wrong variable name"),
+        ([{"uri": "v", "stages": [{"$match": {"a": {"$var": ""}}}]}], "'v'", "wrong variable name"),
+        ([{"uri": "v", "stages": [{"$match": {"a": {"$var": ["a"]}}}]}], "'v'", "wrong variable name"),
+        ([{"uri": "v", "stages": [{"$match": {"a": {"$var": [1, "x"]}}}]}], "'v'", "wrong variable name"),
+        ([{"uri": "v", "stages": [{"$match": {"a": {"$var": ["a", 1, 2]}}}]}], "'v'", "wrong variable name"),
+        ([{"uri": "v", "stages": [{"_$match": {"a": {"_$var": "n", "x": 1}}}]}], "'v'", "exactly one key"),
+        ([{"uri": "v", "stages": [{"$set": {"a": {"$var": {"n": 1}}}}]}], "'v'", "wrong variable name"),
+        ([{"uri": "v", "stages": [{"$match": {"$var": "q"}}]}], "'v'", "cannot be used as a query document"),
+        (
+            [{"uri": "v", "stages": [{"$addFields": {"$var": "q"}}]}],
+            "'v'",
+            "variables can only supply values",
+        ),
+        ([{"uri": "v", "stages": [{"$unset": {"$var": "f"}}]}], "'v'", "field name or an array"),
+        ([{"uri": "ok", "stages": []}, {"uri": "bad", "stages": [{"$out": "x"}]}], "'bad'", "uses $out"),
+    ],
+)
 def test_validate_streams_rejects(streams, uri, fault):
     with pytest.raises(PipelineError) as info:
         validate_streams(streams)
@@ -232,39 +314,48 @@ def test_validate_streams_rejects(streams, uri, fault):
 # parse_avars
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("raw, expected", [
-    (None, {}),
-    ("{}", {}),
-    ('{"n": "uji"}', {"n": "uji"}),
-    ('{"n": 1, "o": {"a": [1, {"b": null}]}, "f": 1.5, "t": true}',
-     {"n": 1, "o": {"a": [1, {"b": None}]}, "f": 1.5, "t": True}),
-    ('{"a.b": 1}', {"a.b": 1}),
-    ('{"x": "$fullDocument.secret"}', {"x": "$fullDocument.secret"}),  # $ in values is fine
-    ('{"x@y": 1, "y": {"@nested": 2}}', {"x@y": 1, "y": {"@nested": 2}}),  # only top-level @ is reserved
-])
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (None, {}),
+        ("{}", {}),
+        ('{"n": "uji"}', {"n": "uji"}),
+        (
+            '{"n": 1, "o": {"a": [1, {"b": null}]}, "f": 1.5, "t": true}',
+            {"n": 1, "o": {"a": [1, {"b": None}]}, "f": 1.5, "t": True},
+        ),
+        ('{"a.b": 1}', {"a.b": 1}),
+        ('{"x": "$fullDocument.secret"}', {"x": "$fullDocument.secret"}),  # $ in values is fine
+        ('{"x@y": 1, "y": {"@nested": 2}}', {"x@y": 1, "y": {"@nested": 2}}),  # only top-level @ is reserved
+    ],
+)
 def test_parse_avars_ok(raw, expected):
     assert parse_avars(raw) == expected
 
 
-@pytest.mark.parametrize("raw, fault", [
-    ("{n: 1}", "illegal avars parameter, it is not a json object: {n: 1}"),
-    ("{'n': 'uji'}", "illegal avars parameter, it is not a json object: {'n': 'uji'}"),
-    ("not json", "illegal avars parameter, it is not a json object: not json"),
-    ('{"a": 1', "it is not a json object"),
-    ("[1]", "it is an array, not a json object: [1]"),
-    ("5", "it is a number, not a json object"),
-    ('"s"', "it is a string, not a json object"),
-    ("null", "it is null, not a json object"),
-    ("true", "it is a boolean, not a json object"),
-    ("", "it is empty"),
-    ("   ", "it is empty"),
-    ('{"$where": "x"}', "illegal avars parameter: aggregation variables cannot include operators"),
-    ('{"a": {"b": [{"$gt": 1}]}}', "aggregation variables cannot include operators"),
-    ('{"id": {"$oid": "64a1f0c2e4b0a1b2c3d4e5f6"}}', "aggregation variables cannot include operators"),
-    ('{"@user": {"_id": "root"}}', "reserved"),
-    ('{"@user._id": "root"}', "@user._id"),
-    ("[" * 5000 + "]" * 5000, "not"),
-])
+@pytest.mark.parametrize(
+    "raw, fault",
+    [
+        ("{n: 1}", "illegal avars parameter, it is not a json object: {n: 1}"),
+        ("{'n': 'uji'}", "illegal avars parameter, it is not a json object: {'n': 'uji'}"),
+        ("not json", "illegal avars parameter, it is not a json object: not json"),
+        ('{"a": 1', "it is not a json object"),
+        ("[1]", "it is an array, not a json object: [1]"),
+        ("5", "it is a number, not a json object"),
+        ('"s"', "it is a string, not a json object"),
+        ("null", "it is null, not a json object"),
+        ("true", "it is a boolean, not a json object"),
+        ("", "it is empty"),
+        ("   ", "it is empty"),
+        ('{"$where": "x"}', "illegal avars parameter: aggregation variables cannot include operators"),
+        ('{"a": {"b": [{"$gt": 1}]}}', "aggregation variables cannot include operators"),
+        ('{"id": {"$oid": "64a1f0c2e4b0a1b2c3d4e5f6"}}', "aggregation variables cannot include operators"),
+        ('{"@user": {"_id": "root"}}', "reserved"),
+        ('{"@user._id": "root"}', "@user._id"),
+        ("[" * 5000 + "]" * 5000, "not"),
+    ],
+)
 def test_parse_avars_errors(raw, fault):
     with pytest.raises(AvarsError) as info:
         parse_avars(raw)
@@ -275,60 +366,101 @@ def test_parse_avars_errors(raw, fault):
 # bind_variables
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("stages, avars, expected", [
-    # tutorial: escaped, query field-equality
-    ([{"_$match": {"fullDocument::name": {"_$var": "n"}}}], {"n": "uji"},
-     [{"$match": {"fullDocument.name": "uji"}}]),
-    # default used / overridden
-    ([{"$match": {"a": {"$var": ["n", "dflt"]}}}], {}, [{"$match": {"a": "dflt"}}]),
-    ([{"$match": {"a": {"$var": ["n", "dflt"]}}}], {"n": 3}, [{"$match": {"a": 3}}]),
-    ([{"$match": {"a": {"$var": ["n", None]}}}], {}, [{"$match": {"a": None}}]),
-    # dotted names: nested navigation, literal key wins
-    ([{"$match": {"a": {"$var": "o.p"}}}], {"o": {"p": 9}}, [{"$match": {"a": 9}}]),
-    ([{"$match": {"a": {"$var": "o.p"}}}], {"o.p": 1, "o": {"p": 9}}, [{"$match": {"a": 1}}]),
-    ([{"$match": {"a": {"$var": "l.1"}}}], {"l": [5, 6]}, [{"$match": {"a": 6}}]),
-    # injection attempts in query context
-    ([{"$match": {"a": {"$var": "x"}}}], {"x": "$fullDocument.secret"},
-     [{"$match": {"a": {"$eq": "$fullDocument.secret"}}}]),
-    ([{"$match": {"a": {"$var": "x"}}}], {"x": {"b": 1}}, [{"$match": {"a": {"$eq": {"b": 1}}}}]),
-    # operator arguments: as-is
-    ([{"$match": {"a": {"$in": {"$var": "l"}}}}], {"l": [1, "$x"]}, [{"$match": {"a": {"$in": [1, "$x"]}}}]),
-    ([{"$match": {"a": {"$nin": [{"$var": "x"}, 2]}}}], {"x": {"k": 1}},
-     [{"$match": {"a": {"$nin": [{"k": 1}, 2]}}}]),
-    ([{"$match": {"a": {"$gt": {"$var": "x"}}}}], {"x": 4}, [{"$match": {"a": {"$gt": 4}}}]),
-    ([{"$match": {"$or": [{"a": {"$var": "x"}}, {"b": 1}]}}], {"x": "$y"},
-     [{"$match": {"$or": [{"a": {"$eq": "$y"}}, {"b": 1}]}}]),
-    ([{"$match": {"items": {"$elemMatch": {"sku": {"$var": "s"}}}}}], {"s": "A1"},
-     [{"$match": {"items": {"$elemMatch": {"sku": "A1"}}}}]),
-    # expression context: $literal
-    ([{"$match": {"$expr": {"$eq": ["$a", {"$var": "x"}]}}}], {"x": "$b"},
-     [{"$match": {"$expr": {"$eq": ["$a", {"$literal": "$b"}]}}}]),
-    ([{"_$addFields": {"v": {"_$var": "x"}}}], {"x": "$fullDocument.secret"},
-     [{"$addFields": {"v": {"$literal": "$fullDocument.secret"}}}]),
-    ([{"$set": {"v": {"$concat": ["a", {"$var": "x"}]}}}], {"x": "b"},
-     [{"$set": {"v": {"$concat": ["a", {"$literal": "b"}]}}}]),
-    ([{"$project": {"v": {"$var": "x"}}}], {"x": 1}, [{"$project": {"v": {"$literal": 1}}}]),
-    ([{"$replaceWith": {"_id": "$_id", "v": {"$var": "x"}}}], {"x": {"y": 1}},
-     [{"$replaceWith": {"_id": "$_id", "v": {"$literal": {"y": 1}}}}]),
-    ([{"$redact": {"$cond": [{"$eq": ["$l", {"$var": "x"}]}, "$$PRUNE", "$$DESCEND"]}}], {"x": 2},
-     [{"$redact": {"$cond": [{"$eq": ["$l", {"$literal": 2}]}, "$$PRUNE", "$$DESCEND"]}}]),
-    # no variables: unchanged (but unescaped)
-    ([{"_$match": {"a": "_$b"}}], {}, [{"$match": {"a": "$b"}}]),
-])
+
+@pytest.mark.parametrize(
+    "stages, avars, expected",
+    [
+        # tutorial: escaped, query field-equality
+        (
+            [{"_$match": {"fullDocument::name": {"_$var": "n"}}}],
+            {"n": "uji"},
+            [{"$match": {"fullDocument.name": "uji"}}],
+        ),
+        # default used / overridden
+        ([{"$match": {"a": {"$var": ["n", "dflt"]}}}], {}, [{"$match": {"a": "dflt"}}]),
+        ([{"$match": {"a": {"$var": ["n", "dflt"]}}}], {"n": 3}, [{"$match": {"a": 3}}]),
+        ([{"$match": {"a": {"$var": ["n", None]}}}], {}, [{"$match": {"a": None}}]),
+        # dotted names: nested navigation, literal key wins
+        ([{"$match": {"a": {"$var": "o.p"}}}], {"o": {"p": 9}}, [{"$match": {"a": 9}}]),
+        ([{"$match": {"a": {"$var": "o.p"}}}], {"o.p": 1, "o": {"p": 9}}, [{"$match": {"a": 1}}]),
+        ([{"$match": {"a": {"$var": "l.1"}}}], {"l": [5, 6]}, [{"$match": {"a": 6}}]),
+        # injection attempts in query context
+        (
+            [{"$match": {"a": {"$var": "x"}}}],
+            {"x": "$fullDocument.secret"},
+            [{"$match": {"a": {"$eq": "$fullDocument.secret"}}}],
+        ),
+        ([{"$match": {"a": {"$var": "x"}}}], {"x": {"b": 1}}, [{"$match": {"a": {"$eq": {"b": 1}}}}]),
+        # operator arguments: as-is
+        (
+            [{"$match": {"a": {"$in": {"$var": "l"}}}}],
+            {"l": [1, "$x"]},
+            [{"$match": {"a": {"$in": [1, "$x"]}}}],
+        ),
+        (
+            [{"$match": {"a": {"$nin": [{"$var": "x"}, 2]}}}],
+            {"x": {"k": 1}},
+            [{"$match": {"a": {"$nin": [{"k": 1}, 2]}}}],
+        ),
+        ([{"$match": {"a": {"$gt": {"$var": "x"}}}}], {"x": 4}, [{"$match": {"a": {"$gt": 4}}}]),
+        (
+            [{"$match": {"$or": [{"a": {"$var": "x"}}, {"b": 1}]}}],
+            {"x": "$y"},
+            [{"$match": {"$or": [{"a": {"$eq": "$y"}}, {"b": 1}]}}],
+        ),
+        (
+            [{"$match": {"items": {"$elemMatch": {"sku": {"$var": "s"}}}}}],
+            {"s": "A1"},
+            [{"$match": {"items": {"$elemMatch": {"sku": "A1"}}}}],
+        ),
+        # expression context: $literal
+        (
+            [{"$match": {"$expr": {"$eq": ["$a", {"$var": "x"}]}}}],
+            {"x": "$b"},
+            [{"$match": {"$expr": {"$eq": ["$a", {"$literal": "$b"}]}}}],
+        ),
+        (
+            [{"_$addFields": {"v": {"_$var": "x"}}}],
+            {"x": "$fullDocument.secret"},
+            [{"$addFields": {"v": {"$literal": "$fullDocument.secret"}}}],
+        ),
+        (
+            [{"$set": {"v": {"$concat": ["a", {"$var": "x"}]}}}],
+            {"x": "b"},
+            [{"$set": {"v": {"$concat": ["a", {"$literal": "b"}]}}}],
+        ),
+        ([{"$project": {"v": {"$var": "x"}}}], {"x": 1}, [{"$project": {"v": {"$literal": 1}}}]),
+        (
+            [{"$replaceWith": {"_id": "$_id", "v": {"$var": "x"}}}],
+            {"x": {"y": 1}},
+            [{"$replaceWith": {"_id": "$_id", "v": {"$literal": {"y": 1}}}}],
+        ),
+        (
+            [{"$redact": {"$cond": [{"$eq": ["$l", {"$var": "x"}]}, "$$PRUNE", "$$DESCEND"]}}],
+            {"x": 2},
+            [{"$redact": {"$cond": [{"$eq": ["$l", {"$literal": 2}]}, "$$PRUNE", "$$DESCEND"]}}],
+        ),
+        # no variables: unchanged (but unescaped)
+        ([{"_$match": {"a": "_$b"}}], {}, [{"$match": {"a": "$b"}}]),
+    ],
+)
 def test_bind_variables(stages, avars, expected):
     before = copy.deepcopy(stages)
     assert bind_variables(stages, avars) == expected
     assert stages == before
 
 
-@pytest.mark.parametrize("stages, avars, fault", [
-    ([{"$match": {"a": {"$var": "n"}}}], {}, "variable n not bound"),
-    ([{"$match": {"a": {"$var": "o.q"}}}], {"o": {"p": 1}}, "variable o.q not bound"),
-    ([{"$set": {"a": {"$var": "n"}}}], {"m": 1}, "variable n not bound"),
-    ([{"$match": {"a": {"$var": 1}}}], {}, "wrong variable name"),
-    ([{"$match": {"$var": "q"}}], {"q": {"a": 1}}, "cannot be used as a query document"),
-    ([{"$match": {"$or": [{"$var": "q"}]}}], {"q": {"a": 1}}, "cannot be used as a query document"),
-])
+@pytest.mark.parametrize(
+    "stages, avars, fault",
+    [
+        ([{"$match": {"a": {"$var": "n"}}}], {}, "variable n not bound"),
+        ([{"$match": {"a": {"$var": "o.q"}}}], {"o": {"p": 1}}, "variable o.q not bound"),
+        ([{"$set": {"a": {"$var": "n"}}}], {"m": 1}, "variable n not bound"),
+        ([{"$match": {"a": {"$var": 1}}}], {}, "wrong variable name"),
+        ([{"$match": {"$var": "q"}}], {"q": {"a": 1}}, "cannot be used as a query document"),
+        ([{"$match": {"$or": [{"$var": "q"}]}}], {"q": {"a": 1}}, "cannot be used as a query document"),
+    ],
+)
 def test_bind_variables_errors(stages, avars, fault):
     with pytest.raises(VariableError) as info:
         bind_variables(stages, avars)
@@ -343,7 +475,9 @@ def test_injection_string_matches_only_literal_value():
     event["fullDocument"]["name"] = evil
     assert compile_pipeline(stages, {"n": evil}).apply(event) is not None
     # an object value is an exact-object equality, never an operator document
-    assert _matched([{"$match": {"fullDocument.owner": {"$var": "o"}}}], {"o": {"tier": "gold", "id": 42}}) == ["insert"]
+    assert _matched(
+        [{"$match": {"fullDocument.owner": {"$var": "o"}}}], {"o": {"tier": "gold", "id": 42}}
+    ) == ["insert"]
     assert _matched([{"$match": {"fullDocument.qty": {"$var": "o"}}}], {"o": {"x": 1}}) == []
 
 
@@ -354,8 +488,13 @@ def test_injection_in_expression_context_is_literal():
     assert out["v"] == {"k": "$fullDocument.secret"}
     out = _run([{"$project": {"v": {"$var": "x"}}}], INSERT, {"x": 0})
     assert out == {"_id": INSERT["_id"], "v": 0}  # a bound 0/1 is a value, not an exclusion/inclusion
-    assert _matched([{"$match": {"$expr": {"$eq": ["$fullDocument.name", {"$var": "x"}]}}}],
-                    {"x": "$fullDocument.name"}) == []
+    assert (
+        _matched(
+            [{"$match": {"$expr": {"$eq": ["$fullDocument.name", {"$var": "x"}]}}}],
+            {"x": "$fullDocument.name"},
+        )
+        == []
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,11 +550,22 @@ MATCH_TABLE = [
     ("ne-null", {"fullDocument.note": {"$ne": None}}, []),
     ("mod", {"fullDocument.qty": {"$mod": [2, 1]}}, ["insert", "update"]),
     ("expr-gt", {"$expr": {"$gt": ["$fullDocument.qty", 5]}}, ["insert"]),
-    ("expr-fields", {"$expr": {"$eq": ["$fullDocument._id", "$documentKey._id"]}}, ["insert", "update", "replace"]),
+    (
+        "expr-fields",
+        {"$expr": {"$eq": ["$fullDocument._id", "$documentKey._id"]}},
+        ["insert", "update", "replace"],
+    ),
     ("expr-missing-lt", {"$expr": {"$lt": ["$fullDocument.qty", 5]}}, ["update", "replace", "delete"]),
     ("expr-in", {"$expr": {"$in": ["$operationType", ["replace", "delete"]]}}, ["replace", "delete"]),
-    ("expr-and", {"$expr": {"$and": [{"$eq": ["$operationType", "update"]},
-                                     {"$gt": [{"$size": "$fullDocument.tags"}, 0]}]}}, ["update"]),
+    (
+        "expr-and",
+        {
+            "$expr": {
+                "$and": [{"$eq": ["$operationType", "update"]}, {"$gt": [{"$size": "$fullDocument.tags"}, 0]}]
+            }
+        },
+        ["update"],
+    ),
     ("timestamp-gt", {"clusterTime": {"$gt": Timestamp(1680529012, 3)}}, ["replace", "delete"]),
     ("timestamp-eq", {"clusterTime": Timestamp(1680529012, 3)}, ["update"]),
     ("timestamp-expr", {"$expr": {"$lte": ["$clusterTime", Timestamp(1680529012, 3)]}}, ["insert", "update"]),
@@ -427,8 +577,9 @@ MATCH_TABLE = [
 ]
 
 
-@pytest.mark.parametrize("spec, expected", [(s, e) for _, s, e in MATCH_TABLE],
-                         ids=[i for i, _, _ in MATCH_TABLE])
+@pytest.mark.parametrize(
+    "spec, expected", [(s, e) for _, s, e in MATCH_TABLE], ids=[i for i, _, _ in MATCH_TABLE]
+)
 def test_match_operators(spec, expected):
     pipeline = Pipeline([{"$match": spec}])
     assert pipeline.filters_only
@@ -436,8 +587,9 @@ def test_match_operators(spec, expected):
     assert sorted(got) == sorted(expected)
 
 
-@pytest.mark.parametrize("spec, expected", [(s, e) for _, s, e in MATCH_TABLE[:12]],
-                         ids=[i for i, _, _ in MATCH_TABLE[:12]])
+@pytest.mark.parametrize(
+    "spec, expected", [(s, e) for _, s, e in MATCH_TABLE[:12]], ids=[i for i, _, _ in MATCH_TABLE[:12]]
+)
 def test_match_after_reshaping_stage(spec, expected):
     # the same $match evaluated after a reshaping stage (non-fast path) gives the same answer
     pipeline = Pipeline([{"$addFields": {"x": 1}}, {"$match": spec}])
@@ -464,10 +616,16 @@ def test_filter_only_returns_equal_copy():
 # evaluation: reshaping stages
 # ---------------------------------------------------------------------------------------------
 
+
 def test_project_inclusion():
-    out = _run([{"$project": {"operationType": 1, "fullDocument.name": 1, "fullDocument.items.sku": 1}}], INSERT)
-    assert out == {"_id": INSERT["_id"], "operationType": "insert",
-                   "fullDocument": {"name": "uji", "items": [{"sku": "A1"}, {"sku": "B2"}]}}
+    out = _run(
+        [{"$project": {"operationType": 1, "fullDocument.name": 1, "fullDocument.items.sku": 1}}], INSERT
+    )
+    assert out == {
+        "_id": INSERT["_id"],
+        "operationType": "insert",
+        "fullDocument": {"name": "uji", "items": [{"sku": "A1"}, {"sku": "B2"}]},
+    }
 
 
 def test_project_exclusion():
@@ -478,16 +636,40 @@ def test_project_exclusion():
 
 
 def test_project_computed():
-    out = _run([{"_$project": {"_id": 1, "total": {"_$multiply": ["_$fullDocument.qty", "_$fullDocument.price"]},
-                               "op": "_$operationType", "k": {"_$literal": 1}}}], INSERT)
+    out = _run(
+        [
+            {
+                "_$project": {
+                    "_id": 1,
+                    "total": {"_$multiply": ["_$fullDocument.qty", "_$fullDocument.price"]},
+                    "op": "_$operationType",
+                    "k": {"_$literal": 1},
+                }
+            }
+        ],
+        INSERT,
+    )
     assert out == {"_id": INSERT["_id"], "total": 17.5, "op": "insert", "k": 1}
 
 
 def test_add_fields_and_set():
-    out = _run([{"$addFields": {"fullDocument.upper": {"$toUpper": "$fullDocument.name"},
-                                "isBig": {"$gt": ["$fullDocument.qty", 5]}}},
-                {"$set": {"label": {"$concat": ["$ns.db", "/", "$ns.coll"]},
-                          "lit": {"$literal": "$fullDocument.secret"}}}], INSERT)
+    out = _run(
+        [
+            {
+                "$addFields": {
+                    "fullDocument.upper": {"$toUpper": "$fullDocument.name"},
+                    "isBig": {"$gt": ["$fullDocument.qty", 5]},
+                }
+            },
+            {
+                "$set": {
+                    "label": {"$concat": ["$ns.db", "/", "$ns.coll"]},
+                    "lit": {"$literal": "$fullDocument.secret"},
+                }
+            },
+        ],
+        INSERT,
+    )
     assert out["fullDocument"]["upper"] == "UJI"
     assert out["isBig"] is True
     assert out["label"] == "restheart/messages"
@@ -497,7 +679,10 @@ def test_add_fields_and_set():
 
 
 def test_add_fields_missing_source_is_not_added():
-    out = _run([{"$set": {"copy": "$fullDocument.name", "cond": {"$ifNull": ["$fullDocument.name", "gone"]}}}], DELETE)
+    out = _run(
+        [{"$set": {"copy": "$fullDocument.name", "cond": {"$ifNull": ["$fullDocument.name", "gone"]}}}],
+        DELETE,
+    )
     assert "copy" not in out
     assert out["cond"] == "gone"
 
@@ -509,18 +694,24 @@ def test_unset():
 
 
 def test_replace_root_and_replace_with():
-    out = _run([{"$replaceRoot": {"newRoot": {"_id": "$_id", "op": "$operationType", "doc": "$fullDocument.name"}}}],
-               UPDATE)
+    out = _run(
+        [{"$replaceRoot": {"newRoot": {"_id": "$_id", "op": "$operationType", "doc": "$fullDocument.name"}}}],
+        UPDATE,
+    )
     assert out == {"_id": UPDATE["_id"], "op": "update", "doc": "Bob"}
-    out = _run([{"_$replaceWith": {"_id": "_$_id", "key": "_$documentKey._id", "ts": "_$clusterTime"}}], DELETE)
+    out = _run(
+        [{"_$replaceWith": {"_id": "_$_id", "key": "_$documentKey._id", "ts": "_$clusterTime"}}], DELETE
+    )
     assert out == {"_id": DELETE["_id"], "key": OID1, "ts": DELETE["clusterTime"]}
 
 
 def test_redact():
     event = copy.deepcopy(INSERT)
     event["fullDocument"]["sections"] = [
-        {"level": 1, "text": "public"}, {"level": 5, "text": "hidden"},
-        {"level": 1, "sub": {"level": 5, "text": "deep hidden"}}, 3,
+        {"level": 1, "text": "public"},
+        {"level": 5, "text": "hidden"},
+        {"level": 1, "sub": {"level": 5, "text": "deep hidden"}},
+        3,
     ]
     event["fullDocument"]["classified"] = {"level": 5, "x": 1}
     stages = [{"$redact": {"$cond": {"if": {"$eq": ["$level", 5]}, "then": "$$PRUNE", "else": "$$DESCEND"}}}]
@@ -530,7 +721,10 @@ def test_redact():
     assert out["_id"] == event["_id"]
     # $$KEEP at the top keeps everything; $$PRUNE at the top filters the event out
     assert _run([{"$redact": "$$KEEP"}], event) == event
-    assert _run([{"$redact": {"$cond": [{"$eq": ["$operationType", "insert"]}, "$$PRUNE", "$$KEEP"]}}], event) is None
+    assert (
+        _run([{"$redact": {"$cond": [{"$eq": ["$operationType", "insert"]}, "$$PRUNE", "$$KEEP"]}}], event)
+        is None
+    )
     # $$ROOT is the event, not the sub-document
     keep_if_insert = {"$cond": [{"$eq": ["$$ROOT.operationType", "insert"]}, "$$DESCEND", "$$PRUNE"]}
     assert _run([{"$redact": keep_if_insert}], event) == event
@@ -542,10 +736,12 @@ def test_redact_bad_result_is_event_error():
 
 
 def test_match_then_reshape_then_match():
-    stages = [{"$match": {"operationType": {"$in": ["insert", "update"]}}},
-              {"$addFields": {"big": {"$gt": ["$fullDocument.qty", 5]}}},
-              {"$match": {"big": True}},
-              {"$project": {"big": 1, "fullDocument.name": 1}}]
+    stages = [
+        {"$match": {"operationType": {"$in": ["insert", "update"]}}},
+        {"$addFields": {"big": {"$gt": ["$fullDocument.qty", 5]}}},
+        {"$match": {"big": True}},
+        {"$project": {"big": 1, "fullDocument.name": 1}},
+    ]
     pipeline = compile_pipeline(stages, {})
     assert not pipeline.filters_only
     assert pipeline.apply(UPDATE) is None
@@ -556,18 +752,24 @@ def test_match_then_reshape_then_match():
 # evaluation: errors and invariants
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("stages", [
-    [{"$addFields": {"x": {"$divide": ["$fullDocument.qty", "$fullDocument.name"]}}}],
-    [{"$addFields": {"x": {"$divide": ["$fullDocument.qty", 0]}}}],
-    [{"$addFields": {"x": {"$abs": "$fullDocument.name"}}}],
-])
+
+@pytest.mark.parametrize(
+    "stages",
+    [
+        [{"$addFields": {"x": {"$divide": ["$fullDocument.qty", "$fullDocument.name"]}}}],
+        [{"$addFields": {"x": {"$divide": ["$fullDocument.qty", 0]}}}],
+        [{"$addFields": {"x": {"$abs": "$fullDocument.name"}}}],
+    ],
+)
 def test_runtime_error_is_event_error(stages):
     with pytest.raises(EventError, match="PlanExecutor error during aggregation"):
         _run(stages, INSERT)
 
 
-ID_ERROR = ("Encountered an event whose _id field, which contains the resume token, was modified by the pipeline. "
-            "Modifying the _id field of an event makes it impossible to resume the stream from that point.")
+ID_ERROR = (
+    "Encountered an event whose _id field, which contains the resume token, was modified by the pipeline. "
+    "Modifying the _id field of an event makes it impossible to resume the stream from that point."
+)
 
 
 def test_id_removed_at_runtime_is_event_error():
@@ -594,15 +796,18 @@ def test_id_removed_by_redact_message():
         _run([{"$redact": {"$cond": [{"$ifNull": ["$_data", False]}, "$$PRUNE", "$$DESCEND"]}}], INSERT)
 
 
-@pytest.mark.parametrize("stages", [
-    [{"$group": {"_id": None}}],
-    [{"$project": {"_id": 0}}],
-    [{"$unset": "_id"}],
-    [{"$match": {"a": {"$var": "n"}}}],  # unbound placeholder passed straight to Pipeline
-    [{"$match": {"a": {"$bogus": 1}}}],  # unknown query operator found at compile time
-    [{"$match": {"a": {"$in": 5}}}],
-    [{"$match": {"$text": {"$search": "x"}}}],
-])
+@pytest.mark.parametrize(
+    "stages",
+    [
+        [{"$group": {"_id": None}}],
+        [{"$project": {"_id": 0}}],
+        [{"$unset": "_id"}],
+        [{"$match": {"a": {"$var": "n"}}}],  # unbound placeholder passed straight to Pipeline
+        [{"$match": {"a": {"$bogus": 1}}}],  # unknown query operator found at compile time
+        [{"$match": {"a": {"$in": 5}}}],
+        [{"$match": {"$text": {"$search": "x"}}}],
+    ],
+)
 def test_pipeline_constructor_rejects(stages):
     with pytest.raises(PipelineError):
         Pipeline(stages)
@@ -613,14 +818,20 @@ def test_compile_rejects_bound_values_that_break_rules():
         compile_pipeline([{"$match": {"a": {"$in": {"$var": "l"}}}}], {"l": "notalist"})
 
 
-@pytest.mark.parametrize("stages", [
-    [{"$match": {"fullDocument.name": "uji"}}],
-    [{"$addFields": {"fullDocument.owner.extra": 1, "fullDocument.items.0.n": 99}}],
-    [{"$set": {"fullDocument.owner.tier": "x"}}, {"$unset": ["fullDocument.items", "ns.db"]}],
-    [{"$project": {"fullDocument.owner": 0}}],
-    [{"$replaceRoot": {"newRoot": {"_id": "$_id", "o": "$fullDocument.owner"}}}, {"$set": {"o.tier": "z"}}],
-    [{"$redact": {"$cond": [{"$eq": ["$tier", "gold"]}, "$$PRUNE", "$$DESCEND"]}}],
-])
+@pytest.mark.parametrize(
+    "stages",
+    [
+        [{"$match": {"fullDocument.name": "uji"}}],
+        [{"$addFields": {"fullDocument.owner.extra": 1, "fullDocument.items.0.n": 99}}],
+        [{"$set": {"fullDocument.owner.tier": "x"}}, {"$unset": ["fullDocument.items", "ns.db"]}],
+        [{"$project": {"fullDocument.owner": 0}}],
+        [
+            {"$replaceRoot": {"newRoot": {"_id": "$_id", "o": "$fullDocument.owner"}}},
+            {"$set": {"o.tier": "z"}},
+        ],
+        [{"$redact": {"$cond": [{"$eq": ["$tier", "gold"]}, "$$PRUNE", "$$DESCEND"]}}],
+    ],
+)
 @pytest.mark.parametrize("event", [INSERT, UPDATE], ids=["insert", "update"])
 def test_input_not_mutated(stages, event):
     before = copy.deepcopy(event)
@@ -640,27 +851,41 @@ def test_outputs_are_independent():
 
 
 def test_compile_pipeline_end_to_end_with_avars():
-    stored = [{"_$match": {"_$and": [{"operationType": {"_$in": {"_$var": "ops"}}},
-                                     {"fullDocument::owner::tier": {"_$var": ["tier", "gold"]}}]}},
-              {"_$project": {"fullDocument::name": 1, "who": {"_$var": "who"}}}]
+    stored = [
+        {
+            "_$match": {
+                "_$and": [
+                    {"operationType": {"_$in": {"_$var": "ops"}}},
+                    {"fullDocument::owner::tier": {"_$var": ["tier", "gold"]}},
+                ]
+            }
+        },
+        {"_$project": {"fullDocument::name": 1, "who": {"_$var": "who"}}},
+    ]
     validate_streams([{"uri": "s", "stages": stored}])
     avars = parse_avars('{"ops": ["insert", "update"], "who": "$fullDocument.secret"}')
     pipeline = compile_pipeline(stored, avars)
-    assert pipeline.apply(INSERT) == {"_id": INSERT["_id"], "fullDocument": {"name": "uji"},
-                                      "who": "$fullDocument.secret"}
+    assert pipeline.apply(INSERT) == {
+        "_id": INSERT["_id"],
+        "fullDocument": {"name": "uji"},
+        "who": "$fullDocument.secret",
+    }
     assert pipeline.apply(UPDATE) is None
     assert compile_pipeline(stored, {"ops": ["update"], "tier": "basic", "who": 1}).apply(UPDATE)["who"] == 1
 
 
-@pytest.mark.parametrize("stage, operator", [
-    ({"$addFields": {"x": {"$getField": "a"}}}, "$getField"),
-    ({"$set": {"x": {"$concat": ["a", {"$dateAdd": {}}]}}}, "$dateAdd"),
-    ({"$project": {"x": {"$mergeObjects": ["$a", "$b"]}}}, "$mergeObjects"),
-    ({"$match": {"$or": [{"$expr": {"$bogus": 1}}]}}, "$bogus"),
-    ({"$redact": {"$switchh": {}}}, "$switchh"),
-])
+@pytest.mark.parametrize(
+    "stage, operator",
+    [
+        ({"$addFields": {"x": {"$getField": "a"}}}, "$getField"),
+        ({"$set": {"x": {"$concat": ["a", {"$dateAdd": {}}]}}}, "$dateAdd"),
+        ({"$project": {"x": {"$mergeObjects": ["$a", "$b"]}}}, "$mergeObjects"),
+        ({"$match": {"$or": [{"$expr": {"$bogus": 1}}]}}, "$bogus"),
+        ({"$redact": {"$switchh": {}}}, "$switchh"),
+    ],
+)
 def test_unknown_expression_operators_rejected(stage, operator):
-    with pytest.raises(PipelineError, match=r"stream 'e': stage 1 uses the expression operator \%s" % operator):
+    with pytest.raises(PipelineError, match=rf"stream 'e': stage 1 uses the expression operator \{operator}"):
         validate_streams([{"uri": "e", "stages": [stage]}])
     with pytest.raises(PipelineError):
         Pipeline([stage])

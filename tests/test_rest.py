@@ -334,7 +334,7 @@ def test_patch_each_operator(client, coll, before, update, after):
 
 def test_patch_current_date(client, app, coll):
     post(client, "things", {"_id": "x"})
-    before = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) - dt.timedelta(seconds=1)
+    before = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(seconds=1)
     assert client.patch("/things/x", json={"$currentDate": {"at": True}}).status_code == 200
     at = engine_of(app).get_document("things", "x")["at"]
     assert isinstance(at, dt.datetime)
@@ -423,7 +423,9 @@ def test_etag_in_body_is_ignored_and_restamped(client, coll):
 
 @pytest.fixture
 def numbers(client, coll):
-    client.post("/things", json=[{"_id": f"n{i}", "n": i, "even": i % 2 == 0, "extra": "x"} for i in range(1, 8)])
+    client.post(
+        "/things", json=[{"_id": f"n{i}", "n": i, "even": i % 2 == 0, "extra": "x"} for i in range(1, 8)]
+    )
     return coll
 
 
@@ -437,11 +439,17 @@ def test_list_default_sort_is_id_descending(client, numbers):
 
 
 def test_list_filter_sort_keys_page(client, numbers):
-    assert ids(client.get("/things?filter=" + q({"n": {"$gt": 4}}) + "&sort=" + q({"n": 1}))) == ["n5", "n6", "n7"]
+    assert ids(client.get("/things?filter=" + q({"n": {"$gt": 4}}) + "&sort=" + q({"n": 1}))) == [
+        "n5",
+        "n6",
+        "n7",
+    ]
     assert ids(client.get("/things?filter=" + q({"even": True}) + "&sort=n")) == ["n2", "n4", "n6"]
     assert ids(client.get("/things?sort=-even,n")) == ["n2", "n4", "n6", "n1", "n3", "n5", "n7"]
     # two filters are ANDed
-    assert ids(client.get("/things?filter=" + q({"n": {"$gt": 2}}) + "&filter=" + q({"n": {"$lt": 5}}) + "&sort=n")) == ["n3", "n4"]
+    assert ids(
+        client.get("/things?filter=" + q({"n": {"$gt": 2}}) + "&filter=" + q({"n": {"$lt": 5}}) + "&sort=n")
+    ) == ["n3", "n4"]
     r = client.get("/things?keys=" + q({"n": 1}) + "&sort=n&pagesize=2")
     assert r.get_json() == [{"_id": "n1", "n": 1}, {"_id": "n2", "n": 2}]
     r = client.get("/things?keys=" + q({"extra": 0, "_etag": 0, "even": 0}) + "&sort=n&pagesize=1")
@@ -561,8 +569,11 @@ def test_post_user_hashes_password_and_never_returns_it(client, anon, app):
         assert "password" not in r.get_data(as_text=True)
         assert "$2b$" not in r.get_data(as_text=True)
     # naming the password at all is refused, even for the admin: no oracle on the hash
-    for url in ["/users?keys=" + q({"password": 1}), "/users?filter=" + q({"password": {"$exists": True}}),
-                "/users?sort=password"]:
+    for url in [
+        "/users?keys=" + q({"password": 1}),
+        "/users?filter=" + q({"password": {"$exists": True}}),
+        "/users?sort=password",
+    ]:
         assert_error(client.get(url), 403)
 
     # bob authenticates (what he may then do is the ACL's business: not a 401)
@@ -636,8 +647,15 @@ def test_wrong_credentials_401(anon, headers):
 
 def test_every_endpoint_needs_auth(anon, client, coll):
     post(client, "things", {"_id": "x"})
-    for method, url in [("get", "/things"), ("get", "/things/x"), ("post", "/things"), ("put", "/things"),
-                        ("patch", "/things/x"), ("delete", "/things/x"), ("get", "/things/_meta")]:
+    for method, url in [
+        ("get", "/things"),
+        ("get", "/things/x"),
+        ("post", "/things"),
+        ("put", "/things"),
+        ("patch", "/things/x"),
+        ("delete", "/things/x"),
+        ("get", "/things/_meta"),
+    ]:
         r = getattr(anon, method)(url, json={})
         assert_error(r, 401)
     assert client.get("/things/x").status_code == 200
@@ -668,11 +686,32 @@ BAD_INPUT = [
     ("post-bad-oid", "post", "/things", {"json": {"_id": {"$oid": "zz"}}}, 400, None),
     ("post-bad-date", "post", "/things", {"json": {"d": {"$date": "yesterday"}}}, 400, None),
     ("post-bad-long", "post", "/things", {"json": {"d": {"$numberLong": "x"}}}, 400, None),
-    ("post-int-too-big", "post", "/things", {"data": '{"n": 123456789012345678901234567890}', "content_type": J}, 400, "64 bits"),
-    ("post-too-deep", "post", "/things", {"data": '{"a":' * 150 + "1" + "}" * 150, "content_type": J}, 400, "nested"),
+    (
+        "post-int-too-big",
+        "post",
+        "/things",
+        {"data": '{"n": 123456789012345678901234567890}', "content_type": J},
+        400,
+        "64 bits",
+    ),
+    (
+        "post-too-deep",
+        "post",
+        "/things",
+        {"data": '{"a":' * 150 + "1" + "}" * 150, "content_type": J},
+        400,
+        "nested",
+    ),
     ("post-very-deep", "post", "/things", {"data": "[" * 50000 + "]" * 50000, "content_type": J}, 400, None),
     ("post-array-id", "post", "/things", {"json": {"_id": [1, 2]}}, 400, "_id"),
-    ("post-text-plain", "post", "/things", {"data": "{}", "content_type": "text/plain"}, 415, "application/json"),
+    (
+        "post-text-plain",
+        "post",
+        "/things",
+        {"data": "{}", "content_type": "text/plain"},
+        415,
+        "application/json",
+    ),
     ("post-form", "post", "/things", {"data": {"a": "1"}}, 415, None),
     ("post-no-type", "post", "/things", {"data": "{}"}, 415, None),
     ("put-coll-array", "put", "/newcoll", {"json": [1]}, 400, "json object"),
@@ -691,10 +730,31 @@ BAD_INPUT = [
     ("patch-empty-path", "patch", "/things/x", {"json": {"$set": {"": 1}}}, 400, None),
     ("patch-positional", "patch", "/things/x", {"json": {"$set": {"a.$": 1}}}, 400, None),
     ("patch-deep-path", "patch", "/things/x", {"json": {"$set": {".".join(["a"] * 2000): 1}}}, 400, None),
-    ("patch-push-dollar-field", "patch", "/things/x", {"json": {"$push": {"arr": {"a": {"$bad": 1}}}}}, 400, "$bad"),
-    ("patch-push-each-dollar-field", "patch", "/things/x", {"json": {"$push": {"arr": {"$each": [{"$bad": 1}]}}}}, 400, "$bad"),
+    (
+        "patch-push-dollar-field",
+        "patch",
+        "/things/x",
+        {"json": {"$push": {"arr": {"a": {"$bad": 1}}}}},
+        400,
+        "$bad",
+    ),
+    (
+        "patch-push-each-dollar-field",
+        "patch",
+        "/things/x",
+        {"json": {"$push": {"arr": {"$each": [{"$bad": 1}]}}}},
+        400,
+        "$bad",
+    ),
     ("patch-max-dollar-field", "patch", "/things/x", {"json": {"$max": {"m": {"$bad": 1}}}}, 400, "$bad"),
-    ("patch-set-dollar-field", "patch", "/things/x", {"json": {"$set": {"m": {"k": {"$bad": 1}}}}}, 400, "$bad"),
+    (
+        "patch-set-dollar-field",
+        "patch",
+        "/things/x",
+        {"json": {"$set": {"m": {"k": {"$bad": 1}}}}},
+        400,
+        "$bad",
+    ),
     ("patch-set-nul-field", "patch", "/things/x", {"json": {"$set": {"m": {"a\u0000": 1}}}}, 400, "NUL"),
     ("patch-text", "patch", "/things/x", {"data": "{}", "content_type": "text/plain"}, 415, None),
     # a string _id may hold any character, NUL included: these name documents that do not exist
@@ -704,9 +764,30 @@ BAD_INPUT = [
     ("filter-not-json", "get", "/things?filter=" + q("{bad"), {}, 400, "filter"),
     ("filter-not-object", "get", "/things?filter=" + q([1]), {}, 400, "filter"),
     ("filter-where", "get", "/things?filter=" + q({"$where": "sleep(1000)"}), {}, 400, "$where"),
-    ("filter-where-nested", "get", "/things?filter=" + q({"$or": [{"a": 1}, {"$where": "x"}]}), {}, 400, "$where"),
-    ("filter-function", "get", "/things?filter=" + q({"$expr": {"$function": {"body": "x", "args": [], "lang": "js"}}}), {}, 400, "$function"),
-    ("filter-accumulator", "get", "/things?filter=" + q({"$expr": {"$gt": [{"$accumulator": {}}, 1]}}), {}, 400, "$accumulator"),
+    (
+        "filter-where-nested",
+        "get",
+        "/things?filter=" + q({"$or": [{"a": 1}, {"$where": "x"}]}),
+        {},
+        400,
+        "$where",
+    ),
+    (
+        "filter-function",
+        "get",
+        "/things?filter=" + q({"$expr": {"$function": {"body": "x", "args": [], "lang": "js"}}}),
+        {},
+        400,
+        "$function",
+    ),
+    (
+        "filter-accumulator",
+        "get",
+        "/things?filter=" + q({"$expr": {"$gt": [{"$accumulator": {}}, 1]}}),
+        {},
+        400,
+        "$accumulator",
+    ),
     ("filter-unknown-op", "get", "/things?filter=" + q({"a": {"$bogus": 1}}), {}, 400, "filter"),
     ("filter-bad-in", "get", "/things?filter=" + q({"a": {"$in": 5}}), {}, 400, None),
     ("filter-bad-or", "get", "/things?filter=" + q({"$or": 5}), {}, 400, None),
@@ -759,7 +840,9 @@ BAD_INPUT = [
 ]
 
 
-@pytest.mark.parametrize("name, method, url, kwargs, status, fragment", BAD_INPUT, ids=[b[0] for b in BAD_INPUT])
+@pytest.mark.parametrize(
+    "name, method, url, kwargs, status, fragment", BAD_INPUT, ids=[b[0] for b in BAD_INPUT]
+)
 def test_bad_input(client, app, coll, name, method, url, kwargs, status, fragment):
     post(client, "things", {"_id": "x", "s": "text", "a": 1})
     before_rows = change_rows(app)
@@ -784,8 +867,12 @@ def test_body_over_max_content_length_413(tmp_path):
         before = change_rows(small)
         assert c.post("/things", json={"pad": "x" * 900}).status_code == 201
         before = change_rows(small)
-        for method, url in [("post", "/things"), ("put", "/things/big?wm=upsert"), ("patch", "/things/big"),
-                            ("put", "/things")]:
+        for method, url in [
+            ("post", "/things"),
+            ("put", "/things/big?wm=upsert"),
+            ("patch", "/things/big"),
+            ("put", "/things"),
+        ]:
             r = getattr(c, method)(url, json={"pad": "x" * 2000})
             assert_error(r, 413, "MAX_CONTENT_LENGTH")
         assert change_rows(small) == before
@@ -807,8 +894,14 @@ def test_failed_update_leaves_document_and_log_untouched(client, app, coll):
 
 def test_no_500_on_odd_but_valid_documents(client, coll):
     """Values MongoDB stores are accepted and read back, never a 500."""
-    for doc in [{"a.b": 1}, {"": 1}, {"x": float("inf")}, {"_id": 7},
-                {"s": "\u0000 inside a value"}, {"deep": json.loads('{"a":' * 90 + "1" + "}" * 90)}]:
+    for doc in [
+        {"a.b": 1},
+        {"": 1},
+        {"x": float("inf")},
+        {"_id": 7},
+        {"s": "\u0000 inside a value"},
+        {"deep": json.loads('{"a":' * 90 + "1" + "}" * 90)},
+    ]:
         r = client.post("/things", json=doc)
         assert r.status_code == 201, (doc, r.get_data(as_text=True))
     # ids no URL could name are refused (400), never a 500 or an unreachable document

@@ -13,19 +13,24 @@ from urllib.parse import quote
 
 import jwt
 import pytest
-from bson import json_util
 
 ERROR_KEYS = ["http status code", "http status description", "message"]
 SSE = {"Accept": "text/event-stream"}
-WS = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-      "Sec-WebSocket-Key": base64.b64encode(b"0123456789abcdef").decode()}
+WS = {
+    "Upgrade": "websocket",
+    "Connection": "Upgrade",
+    "Sec-WebSocket-Version": "13",
+    "Sec-WebSocket-Key": base64.b64encode(b"0123456789abcdef").decode(),
+}
 STREAMS = {"streams": [{"uri": "all", "stages": []}, {"uri": "secret", "stages": []}]}
 CHALLENGE = 'Basic realm="changefeed"'
 NOT_NORMAL = "the request path is not in normal form (encoded '/', '..', '//' or control characters)"
-QUERY_TOKEN = ("access_token in the query string is accepted on stream URLs only; "
-               "send 'Authorization: Bearer <token>'")
-ANON_401 = ("authentication required: send credentials, or ask for an ACL rule for "
-            "$unauthenticated on this URL")
+QUERY_TOKEN = (
+    "access_token in the query string is accepted on stream URLs only; send 'Authorization: Bearer <token>'"
+)
+ANON_401 = (
+    "authentication required: send credentials, or ask for an ACL rule for $unauthenticated on this URL"
+)
 DESCRIPTIONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found"}
 
 
@@ -92,11 +97,18 @@ def messages(client):
     return "/messages"
 
 
-RULE = {"_id": "readerReads", "predicate": "path-prefix(/messages) and method(GET)", "priority": 1,
-        "roles": ["reader"]}
-TUTORIAL_RULE = {"_id": "unauthenticatedCanConnectToMessagesStream",
-                 "predicate": "path-prefix(/messages/_streams/all)", "priority": 0,
-                 "roles": ["$unauthenticated"]}
+RULE = {
+    "_id": "readerReads",
+    "predicate": "path-prefix(/messages) and method(GET)",
+    "priority": 1,
+    "roles": ["reader"],
+}
+TUTORIAL_RULE = {
+    "_id": "unauthenticatedCanConnectToMessagesStream",
+    "predicate": "path-prefix(/messages/_streams/all)",
+    "priority": 0,
+    "roles": ["$unauthenticated"],
+}
 
 
 # ----------------------------------------------------------------------------- ACL documents
@@ -119,13 +131,18 @@ BAD_ACL = [
     ({"_id": "a", "predicate": "path(/x)", "roles": [5]}, "roles: every role must be a non-empty string"),
     ({"_id": "a", "roles": ["r"]}, "predicate: missing"),
     ({"_id": "a", "predicate": 5, "roles": ["r"]}, "predicate: must be a string"),
-    ({"_id": "a", "predicate": "path-prefix(/a", "roles": ["r"]},
-     "predicate: unexpected end of input, expected ',' or ')' at 14"),
+    (
+        {"_id": "a", "predicate": "path-prefix(/a", "roles": ["r"]},
+        "predicate: unexpected end of input, expected ',' or ')' at 14",
+    ),
     ({"_id": "a", "predicate": "path(/x)", "roles": ["r"], "priority": "1"}, "priority: must be a number"),
     ({"_id": "a", "predicate": "path(/x)", "roles": ["r"], "priority": True}, "priority: must be a number"),
     ({"_id": "a", "predicate": "path(/x)", "roles": ["r"], "priority": None}, "priority: must be a number"),
-    ({"_id": "a", "predicate": "path(/x)", "roles": ["r"], "mongo": {"nope": 1}}, "mongo: unknown key 'nope'; the supported keys are allowManagementRequests, allowBulkPatch, "
-     "allowBulkDelete, allowWriteMode, readFilter, writeFilter, mergeRequest, projectResponse"),
+    (
+        {"_id": "a", "predicate": "path(/x)", "roles": ["r"], "mongo": {"nope": 1}},
+        "mongo: unknown key 'nope'; the supported keys are allowManagementRequests, allowBulkPatch, "
+        "allowBulkDelete, allowWriteMode, readFilter, writeFilter, mergeRequest, projectResponse",
+    ),
     ({"_id": "a", "predicate": "path(/x)", "roles": ["r"], "mongo": []}, "mongo: must be an object"),
 ]
 
@@ -136,14 +153,17 @@ def test_acl_post_invalid_is_400_naming_the_fault(client, doc, fault):
     assert acl_docs(client) == []
 
 
-@pytest.mark.parametrize("predicate,where", [
-    ("nosuchfn(/x)", "predicate: "),
-    ("path(/x) and", "predicate: "),
-    ("path(/x) or or path(/y)", "predicate: "),
-    ("(path(/x)", "predicate: "),
-    ("method(GET) path(/x)", "predicate: "),
-    ("", "predicate: "),
-])
+@pytest.mark.parametrize(
+    "predicate,where",
+    [
+        ("nosuchfn(/x)", "predicate: "),
+        ("path(/x) and", "predicate: "),
+        ("path(/x) or or path(/y)", "predicate: "),
+        ("(path(/x)", "predicate: "),
+        ("method(GET) path(/x)", "predicate: "),
+        ("", "predicate: "),
+    ],
+)
 def test_acl_unparsable_predicates_are_400(client, predicate, where):
     msg = assert_error(client.post("/acl", json={"_id": "p", "predicate": predicate, "roles": ["r"]}), 400)
     assert msg.startswith("invalid ACL document: " + where)
@@ -153,10 +173,16 @@ def test_acl_unparsable_predicates_are_400(client, predicate, where):
 def test_acl_put_patch_delete_validate_the_result(client):
     good = {"predicate": "path(/x)", "roles": ["r"], "priority": 1}
     # PUT, every write mode
-    assert_error(client.put("/acl/a", json={**good, "roles": []}), 400,
-                 "invalid ACL document: roles: must be a non-empty array of strings")
-    assert_error(client.put("/acl/a?wm=upsert", json={**good, "priority": "x"}), 400,
-                 "invalid ACL document: priority: must be a number")
+    assert_error(
+        client.put("/acl/a", json={**good, "roles": []}),
+        400,
+        "invalid ACL document: roles: must be a non-empty array of strings",
+    )
+    assert_error(
+        client.put("/acl/a?wm=upsert", json={**good, "priority": "x"}),
+        400,
+        "invalid ACL document: priority: must be a number",
+    )
     assert_error(client.put("/acl/a?wm=insert", json={**good, "predicate": "path(/x"}), 400)
     assert acl_docs(client) == []
     assert client.put("/acl/a?wm=upsert", json=good).status_code == 201
@@ -186,11 +212,17 @@ def test_acl_put_patch_delete_validate_the_result(client):
     stored = client.get("/acl/a").get_json()
     assert stored["roles"] == ["r", "s"] and stored["priority"] == 5
     # upsert by PATCH: the inserted document is validated too
-    assert_error(client.patch("/acl/b?wm=upsert", json={"predicate": "path(/y)"}), 400,
-                 "invalid ACL document: roles: missing (a non-empty array of role names is required)")
+    assert_error(
+        client.patch("/acl/b?wm=upsert", json={"predicate": "path(/y)"}),
+        400,
+        "invalid ACL document: roles: missing (a non-empty array of role names is required)",
+    )
     assert client.patch("/acl/b?wm=upsert", json={"predicate": "path(/y)", "roles": ["r"]}).status_code == 201
-    assert_error(client.patch("/acl/nope", json={"priority": 1}), 404,
-                 "Document 'nope' does not exist in collection 'acl'")
+    assert_error(
+        client.patch("/acl/nope", json={"priority": 1}),
+        404,
+        "Document 'nope' does not exist in collection 'acl'",
+    )
     # bulk POST: one bad document refuses the whole batch
     r = client.post("/acl", json=[{"_id": "c", **good}, {"_id": "d", **good, "roles": []}])
     assert_error(r, 400, "invalid ACL document: roles: must be a non-empty array of strings")
@@ -200,8 +232,11 @@ def test_acl_put_patch_delete_validate_the_result(client):
     assert acl_docs(client) == []
     # the collection itself cannot be dropped (rules would outlive it in the cache and streams)
     etag = client.get("/acl/_meta").headers["ETag"]
-    assert_error(client.delete("/acl", headers={"If-Match": etag}), 400,
-                 "the 'acl' collection holds security data and cannot be dropped")
+    assert_error(
+        client.delete("/acl", headers={"If-Match": etag}),
+        400,
+        "the 'acl' collection holds security data and cannot be dropped",
+    )
 
 
 # ----------------------------------------------------------------------------- the decision
@@ -235,9 +270,12 @@ def test_method_rule_lets_reader_get_but_not_write(client, anon, reader, message
     assert client.post("/acl", json=RULE).status_code == 201
     assert anon.get("/messages", headers=reader).status_code == 200
     assert anon.get("/messages/_meta", headers=reader).status_code == 200
-    assert_error(anon.post("/messages", json={"x": 1}, headers=reader), 403, forbidden("reader", "POST", "/messages"))
-    assert_error(anon.put("/messages/x", json={"x": 1}, headers=reader), 403,
-                 forbidden("reader", "PUT", "/messages/x"))
+    assert_error(
+        anon.post("/messages", json={"x": 1}, headers=reader), 403, forbidden("reader", "POST", "/messages")
+    )
+    assert_error(
+        anon.put("/messages/x", json={"x": 1}, headers=reader), 403, forbidden("reader", "PUT", "/messages/x")
+    )
     assert_error(anon.delete("/messages", headers=reader), 403, forbidden("reader", "DELETE", "/messages"))
     # segment-aware prefix: /messagesX is another collection
     assert_error(anon.get("/messagesX", headers=reader), 403, forbidden("reader", "GET", "/messagesX"))
@@ -268,11 +306,21 @@ def test_acl_changes_apply_to_the_next_request(client, anon, reader, messages):
 
 
 def test_wrong_credentials_401_even_where_anonymous_is_allowed(client, anon, messages):
-    assert client.post("/acl", json={"_id": "anonReads", "predicate": "path-prefix(/messages)",
-                                     "roles": ["$unauthenticated"]}).status_code == 201
+    assert (
+        client.post(
+            "/acl",
+            json={"_id": "anonReads", "predicate": "path-prefix(/messages)", "roles": ["$unauthenticated"]},
+        ).status_code
+        == 201
+    )
     assert anon.get("/messages").status_code == 200
-    for headers in (basic("admin", "wrong"), basic("ghost", "x"), bearer("not.a.token"),
-                    {"Authorization": "Basic !!!"}, {"Authorization": "Digest x"}):
+    for headers in (
+        basic("admin", "wrong"),
+        basic("ghost", "x"),
+        bearer("not.a.token"),
+        {"Authorization": "Basic !!!"},
+        {"Authorization": "Digest x"},
+    ):
         r = anon.get("/messages", headers=headers)
         assert r.status_code == 401, headers
         assert r.headers["WWW-Authenticate"] == CHALLENGE
@@ -282,8 +330,9 @@ def test_wrong_credentials_401_even_where_anonymous_is_allowed(client, anon, mes
         assert r.status_code == 401, headers
     # the anonymous rule is for anonymous callers: an authenticated user without it is 403
     client.post("/users", json={"_id": "norole", "password": "pw", "roles": []})
-    assert_error(anon.get("/messages", headers=basic("norole", "pw")), 403,
-                 forbidden("norole", "GET", "/messages"))
+    assert_error(
+        anon.get("/messages", headers=basic("norole", "pw")), 403, forbidden("norole", "GET", "/messages")
+    )
 
 
 def test_stream_handshakes_are_decided_before_the_stream(client, anon, reader, messages):
@@ -294,10 +343,16 @@ def test_stream_handshakes_are_decided_before_the_stream(client, anon, reader, m
         r = anon.get("/messages/_streams/all", headers={**extra, "No-Auth-Challenge": "1"})
         assert_error(r, 401)
         assert "WWW-Authenticate" not in r.headers
-        assert_error(anon.get("/messages/_streams/all", headers={**extra, **basic("reader", "bad")}), 401,
-                     "wrong username or password")
-        assert_error(anon.get("/messages/_streams/all", headers={**extra, **reader}), 403,
-                     forbidden("reader", "GET", "/messages/_streams/all"))
+        assert_error(
+            anon.get("/messages/_streams/all", headers={**extra, **basic("reader", "bad")}),
+            401,
+            "wrong username or password",
+        )
+        assert_error(
+            anon.get("/messages/_streams/all", headers={**extra, **reader}),
+            403,
+            forbidden("reader", "GET", "/messages/_streams/all"),
+        )
     # the reader's GET rule covers the stream: the WebSocket handshake gets past the ACL
     # (and only then fails: the test client cannot upgrade)
     client.post("/acl", json=RULE)
@@ -315,25 +370,46 @@ def test_options_preflight_passes_without_credentials(anon, messages):
 
 def test_tutorial_rule_opens_one_stream_only(client, anon, messages):
     assert client.post("/acl", json=TUTORIAL_RULE).status_code == 201
-    for path in ("/messages", "/messages/_streams/secret", "/messages/_streams", "/messages/_streams/allx",
-                 "/messages/_meta", "/acl", "/users"):
+    for path in (
+        "/messages",
+        "/messages/_streams/secret",
+        "/messages/_streams",
+        "/messages/_streams/allx",
+        "/messages/_meta",
+        "/acl",
+        "/users",
+    ):
         assert_error(anon.get(path, headers=SSE), 401, ANON_401)
     assert_error(anon.post("/messages", json={"x": 1}), 401)
     assert_error(anon.get("/messages/_streams/secret", headers=WS), 401)
     # '_streams%2fsecret' is the document '_streams/secret', which no rule opens
     assert_error(anon.get("/messages/_streams%2fsecret", headers=SSE), 401, ANON_401)
-    for path in ("/messages/_streams/all/../secret", "/messages//_streams/secret",
-                 "/messages/%2e%2e/acl", "/messages/_streams/all/%2e%2e/secret", "/messages/_streams/./secret"):
+    for path in (
+        "/messages/_streams/all/../secret",
+        "/messages//_streams/secret",
+        "/messages/%2e%2e/acl",
+        "/messages/_streams/all/%2e%2e/secret",
+        "/messages/_streams/./secret",
+    ):
         assert_error(anon.get(path, headers=SSE), 400, NOT_NORMAL)
     # the public stream itself is past the ACL: a plain GET gets the stream's own 400
-    assert_error(anon.get("/messages/_streams/all"), 400,
-                 "Change Stream requires WebSocket or SSE: send either 'Upgrade: websocket' "
-                 "or 'Accept: text/event-stream'")
+    assert_error(
+        anon.get("/messages/_streams/all"),
+        400,
+        "Change Stream requires WebSocket or SSE: send either 'Upgrade: websocket' "
+        "or 'Accept: text/event-stream'",
+    )
 
 
 def test_avars_cannot_bind_user_variables(client, anon, messages):
-    client.put("/messages", json={"streams": [{"uri": "mine", "stages": [
-        {"_$match": {"fullDocument::owner": {"_$var": "@user._id"}}}]}]})
+    client.put(
+        "/messages",
+        json={
+            "streams": [
+                {"uri": "mine", "stages": [{"_$match": {"fullDocument::owner": {"_$var": "@user._id"}}}]}
+            ]
+        },
+    )
     for avars in ({"@user._id": "admin"}, {"@user": {"_id": "admin"}}, {"@request": 1}):
         r = client.get("/messages/_streams/mine?avars=" + quote(json.dumps(avars)), headers=SSE)
         msg = assert_error(r, 400)
@@ -345,10 +421,24 @@ def test_avars_cannot_bind_user_variables(client, anon, messages):
 
 
 def test_read_filter_limits_rest_reads_to_own_documents(client, anon, reader, messages):
-    client.post("/acl", json={"_id": "own", "predicate": "path-prefix(/messages)", "roles": ["reader"],
-                              "mongo": {"readFilter": {"owner": "@user._id"}}})
-    client.post("/messages", json=[{"_id": "r1", "owner": "reader"}, {"_id": "a1", "owner": "admin"},
-                                   {"_id": "n1"}, {"_id": "r2", "owner": "reader"}])
+    client.post(
+        "/acl",
+        json={
+            "_id": "own",
+            "predicate": "path-prefix(/messages)",
+            "roles": ["reader"],
+            "mongo": {"readFilter": {"owner": "@user._id"}},
+        },
+    )
+    client.post(
+        "/messages",
+        json=[
+            {"_id": "r1", "owner": "reader"},
+            {"_id": "a1", "owner": "admin"},
+            {"_id": "n1"},
+            {"_id": "r2", "owner": "reader"},
+        ],
+    )
     r = anon.get("/messages", headers=reader)
     assert r.status_code == 200
     assert [d["_id"] for d in r.get_json()] == ["r2", "r1"]
@@ -359,8 +449,12 @@ def test_read_filter_limits_rest_reads_to_own_documents(client, anon, reader, me
         assert all(d["owner"] == "reader" for d in r.get_json())
     # a document the filter hides is not readable by its id either
     assert anon.get("/messages/r1", headers=reader).status_code == 200
-    assert_error(anon.get("/messages/a1", headers=reader), 404, "Document 'a1' does not exist in collection 'messages'")
-    assert_error(anon.get("/messages/n1", headers=reader), 404, "Document 'n1' does not exist in collection 'messages'")
+    assert_error(
+        anon.get("/messages/a1", headers=reader), 404, "Document 'a1' does not exist in collection 'messages'"
+    )
+    assert_error(
+        anon.get("/messages/n1", headers=reader), 404, "Document 'n1' does not exist in collection 'messages'"
+    )
     assert client.get("/messages/a1").status_code == 200
     assert [d["_id"] for d in client.get("/messages").get_json()] == ["r2", "r1", "n1", "a1"]
 
@@ -404,8 +498,11 @@ def test_query_token_only_on_stream_urls(client, anon, messages):
     # even with valid Basic credentials alongside: the token must not sit in URLs
     assert_error(client.get(f"/messages?access_token={token}"), 400, QUERY_TOKEN)
     # on a stream URL it is a credential: past the ACL, to the stream's own checks
-    assert_error(anon.get(f"/messages/_streams/all?access_token={token}", headers=WS), 400,
-                 "this server cannot upgrade to WebSocket here (run it with gunicorn.conf.py)")
+    assert_error(
+        anon.get(f"/messages/_streams/all?access_token={token}", headers=WS),
+        400,
+        "this server cannot upgrade to WebSocket here (run it with gunicorn.conf.py)",
+    )
     assert_error(anon.get("/messages/_streams/all?access_token=garbage", headers=SSE), 401)
     assert_error(anon.get("/messages/_streams/all?access_token=", headers=SSE), 401)
 
@@ -423,8 +520,11 @@ def test_cookie_is_httponly_samesite_and_for_streams_only(app, anon, messages):
     assert "Max-Age=900" in attrs
     # the test client now holds the cookie: a stream accepts it, a REST URL does not
     assert anon.get_cookie("changefeed_token").value == value
-    assert_error(anon.get("/messages/_streams/all", headers=WS), 400,
-                 "this server cannot upgrade to WebSocket here (run it with gunicorn.conf.py)")
+    assert_error(
+        anon.get("/messages/_streams/all", headers=WS),
+        400,
+        "this server cannot upgrade to WebSocket here (run it with gunicorn.conf.py)",
+    )
     r = anon.get("/messages")
     assert_error(r, 401, ANON_401)
     assert_error(anon.post("/messages", json={"x": 1}), 401)
@@ -458,16 +558,26 @@ def test_forged_expired_malformed_and_none_tokens_401(app, anon, messages):
         "the token's user no longer exists": _sign({**good, "sub": "ghost"}, key),
     }
     for message, token in cases.items():
-        for path, extra in (("/messages", {}), ("/messages/_streams/all", SSE), ("/messages/_streams/all", WS)):
+        for path, extra in (
+            ("/messages", {}),
+            ("/messages/_streams/all", SSE),
+            ("/messages/_streams/all", WS),
+        ):
             r = anon.get(path, headers={**extra, **bearer(token)})
             assert_error(r, 401, message)
             assert r.headers["WWW-Authenticate"] == CHALLENGE
         assert_error(anon.get(f"/messages/_streams/all?access_token={token}", headers=SSE), 401, message)
-    for token in (f"{header}.{payload}.", f"{header}.{payload}", "abc", "a.b.c", "....",
-                  _sign({k: v for k, v in good.items() if k != "pwf"}, key),
-                  _sign({k: v for k, v in good.items() if k != "exp"}, key),
-                  _sign({**good, "sub": 5}, key),
-                  _sign(good, key, "HS512")):
+    for token in (
+        f"{header}.{payload}.",
+        f"{header}.{payload}",
+        "abc",
+        "a.b.c",
+        "....",
+        _sign({k: v for k, v in good.items() if k != "pwf"}, key),
+        _sign({k: v for k, v in good.items() if k != "exp"}, key),
+        _sign({**good, "sub": 5}, key),
+        _sign(good, key, "HS512"),
+    ):
         msg = assert_error(anon.get("/messages", headers=bearer(token)), 401)
         assert msg.startswith("the token is not valid") or msg == "the token's signature is not valid", msg
         assert_error(anon.get(f"/messages/_streams/all?access_token={token}", headers=SSE), 401)
@@ -481,7 +591,9 @@ def test_token_dies_with_password_change_or_user_deletion(client, anon, messages
     assert client.patch("/users/eve", json={"tag": 1}).status_code == 200
     assert anon.get("/messages", headers=bearer(token)).status_code == 200
     assert client.patch("/users/eve", json={"password": "two"}).status_code == 200
-    assert_error(anon.get("/messages", headers=bearer(token)), 401, "the token was revoked by a password change")
+    assert_error(
+        anon.get("/messages", headers=bearer(token)), 401, "the token was revoked by a password change"
+    )
     assert_error(anon.get(f"/messages/_streams/all?access_token={token}", headers=SSE), 401)
     # changing it back to the same text gives a new hash: the old token stays dead
     assert client.patch("/users/eve", json={"password": "one"}).status_code == 200
@@ -498,8 +610,10 @@ def test_token_dies_with_password_change_or_user_deletion(client, anon, messages
 def test_jwt_secret_setting_is_the_signing_key(tmp_path):
     from app import create_app
 
-    apps = [create_app({"DATA_DIR": str(tmp_path / name), "JWT_SECRET": "shared-secret-for-tests-0123456789"})
-            for name in ("a", "b")]
+    apps = [
+        create_app({"DATA_DIR": str(tmp_path / name), "JWT_SECRET": "shared-secret-for-tests-0123456789"})
+        for name in ("a", "b")
+    ]
     try:
         token = get_token(apps[0].test_client())
         assert jwt.decode(token, "shared-secret-for-tests-0123456789", algorithms=["HS256"])["sub"] == "admin"
@@ -547,7 +661,10 @@ def cors_app(tmp_path):
 
 def test_cors_preflight_and_headers_for_listed_origin_only(cors_app):
     c = cors_app.test_client()
-    pre = {"Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "last-event-id, authorization"}
+    pre = {
+        "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "last-event-id, authorization",
+    }
     r = c.open("/messages/_streams/all", method="OPTIONS", headers={**pre, "Origin": "http://app.example"})
     assert r.status_code == 204
     assert r.headers["Access-Control-Allow-Origin"] == "http://app.example"
@@ -560,8 +677,11 @@ def test_cors_preflight_and_headers_for_listed_origin_only(cors_app):
     for other in ("http://evil.example", "http://app.example.evil.com", "https://app.example", "null"):
         r = c.open("/messages/_streams/all", method="OPTIONS", headers={**pre, "Origin": other})
         assert r.status_code == 204
-        for h in ("Access-Control-Allow-Origin", "Access-Control-Allow-Credentials",
-                  "Access-Control-Allow-Headers"):
+        for h in (
+            "Access-Control-Allow-Origin",
+            "Access-Control-Allow-Credentials",
+            "Access-Control-Allow-Headers",
+        ):
             assert h not in r.headers, (other, h)
 
     # actual responses (the 401 of an SSE request included) carry the headers for the listed origin
@@ -580,8 +700,11 @@ def test_cors_preflight_and_headers_for_listed_origin_only(cors_app):
 
 
 def test_cors_default_is_no_origin(app, anon):
-    r = anon.open("/messages", method="OPTIONS", headers={"Origin": "http://app.example",
-                                                         "Access-Control-Request-Method": "GET"})
+    r = anon.open(
+        "/messages",
+        method="OPTIONS",
+        headers={"Origin": "http://app.example", "Access-Control-Request-Method": "GET"},
+    )
     assert r.status_code == 204
     assert "Access-Control-Allow-Origin" not in r.headers
 
@@ -592,8 +715,11 @@ def test_cors_star_never_grants_credentials(tmp_path):
     app = create_app({"DATA_DIR": str(tmp_path / "star"), "CORS_ORIGINS": "*"})
     try:
         c = app.test_client()
-        r = c.open("/messages", method="OPTIONS", headers={"Origin": "http://any.example",
-                                                          "Access-Control-Request-Method": "GET"})
+        r = c.open(
+            "/messages",
+            method="OPTIONS",
+            headers={"Origin": "http://any.example", "Access-Control-Request-Method": "GET"},
+        )
         assert r.headers["Access-Control-Allow-Origin"] == "*"
         assert "Access-Control-Allow-Credentials" not in r.headers
     finally:
@@ -607,8 +733,9 @@ def test_websocket_origin_check(cors_app):
     c.put("/messages", json=STREAMS, headers=admin)
     for origin in ("http://evil.example", "http://localhost.evil.example", "null"):
         r = c.get("/messages/_streams/all", headers={**WS, **admin, "Origin": origin})
-        assert_error(r, 403, f"WebSocket connections from origin '{origin}' are not allowed; "
-                             "list it in CORS_ORIGINS")
+        assert_error(
+            r, 403, f"WebSocket connections from origin '{origin}' are not allowed; list it in CORS_ORIGINS"
+        )
     # listed and same-origin handshakes get past the check (the test client cannot upgrade)
     for origin in ("http://app.example", "http://localhost"):
         r = c.get("/messages/_streams/all", headers={**WS, **admin, "Origin": origin})
@@ -619,11 +746,19 @@ def test_roles_that_are_not_an_array_of_strings_grant_nothing(client, anon, mess
     client.post("/users", json={"_id": "mallory", "password": "pw", "roles": []})
     # every write path validates roles, PATCH included
     for roles in ({"admin": 1}, "admin", [["admin"]], {"0": "admin"}):
-        assert_error(client.patch("/users/mallory", json={"roles": roles}), 400,
-                     "a user's roles must be an array of non-empty strings")
+        assert_error(
+            client.patch("/users/mallory", json={"roles": roles}),
+            400,
+            "a user's roles must be an array of non-empty strings",
+        )
         assert_error(client.patch("/users/mallory", json={"$set": {"roles.0": {"a": 1}}}), 400)
-        assert_error(anon.get("/messages", headers=basic("mallory", "pw")), 403,
-                     forbidden("mallory", "GET", "/messages"))
+        assert_error(
+            anon.get("/messages", headers=basic("mallory", "pw")),
+            403,
+            forbidden("mallory", "GET", "/messages"),
+        )
     # and a document that got a bad shape some other way (an older store) still grants nothing
     app.extensions["changefeed.engine"].update_document("users", "mallory", {"$set": {"roles": {"admin": 1}}})
-    assert_error(anon.get("/messages", headers=basic("mallory", "pw")), 403, forbidden("mallory", "GET", "/messages"))
+    assert_error(
+        anon.get("/messages", headers=basic("mallory", "pw")), 403, forbidden("mallory", "GET", "/messages")
+    )

@@ -9,25 +9,43 @@ SSE = {"Accept": "text/event-stream"}
 
 @pytest.fixture
 def streams(client):
-    r = client.put("/m", json={"streams": [{"uri": "all", "stages": []},
-                                          {"uri": "mine", "stages": [{"$match": {"fullDocument.n": {"$var": "n"}}}]}]})
+    r = client.put(
+        "/m",
+        json={
+            "streams": [
+                {"uri": "all", "stages": []},
+                {"uri": "mine", "stages": [{"$match": {"fullDocument.n": {"$var": "n"}}}]},
+            ]
+        },
+    )
     assert r.status_code == 201
     return client
 
 
-@pytest.mark.parametrize("raw, fragment", [
-    ("[" * 50_000 + "]" * 50_000, "too long"),
-    ('{"_data":"' + "A" * 5000 + '"}', "too long"),
-    ("[" * 500 + "]" * 500, "not a valid resume token"),
-])
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        ("[" * 50_000 + "]" * 50_000, "too long"),
+        ('{"_data":"' + "A" * 5000 + '"}', "too long"),
+        ("[" * 500 + "]" * 500, "not a valid resume token"),
+    ],
+)
 def test_last_event_id_that_cannot_be_a_token_is_400(streams, raw, fragment):
     r = streams.get("/m/_streams/all", headers={**SSE, "Last-Event-ID": raw})
     assert r.status_code == 400
     assert fragment in r.json["message"] and len(r.json["message"]) < 400
 
 
-@pytest.mark.parametrize("raw", ['{"n": NaN}', '{"n": Infinity}', '{"n": ' + "9" * 40 + "}",
-                                 '{"n":' * 200 + "1" + "}" * 200, '{"a":' * 5000 + "1" + "}" * 5000])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"n": NaN}',
+        '{"n": Infinity}',
+        '{"n": ' + "9" * 40 + "}",
+        '{"n":' * 200 + "1" + "}" * 200,
+        '{"a":' * 5000 + "1" + "}" * 5000,
+    ],
+)
 def test_avars_beyond_json_and_bson_are_400(streams, raw):
     r = streams.get("/m/_streams/mine", headers=SSE, query_string={"avars": raw})
     assert r.status_code == 400

@@ -32,7 +32,7 @@ def hub(engine):
 
 
 def change(n: int) -> Message:
-    return Message("change", json.dumps({"n": n}), n, '{"_data":"%032X"}' % n)
+    return Message("change", json.dumps({"n": n}), n, f'{{"_data":"{n:032X}"}}')
 
 
 def ws_frames(data: bytes) -> list[tuple[int, bytes]]:
@@ -42,13 +42,13 @@ def ws_frames(data: bytes) -> list[tuple[int, bytes]]:
         opcode, n = data[i] & 0x0F, data[i + 1] & 0x7F
         i += 2
         if n == 126:
-            n = struct.unpack("!H", data[i:i + 2])[0]
+            n = struct.unpack("!H", data[i : i + 2])[0]
             i += 2
         elif n == 127:
-            n = struct.unpack("!Q", data[i:i + 8])[0]
+            n = struct.unpack("!Q", data[i : i + 8])[0]
             i += 8
         assert i + n <= len(data), "a partial frame"
-        out.append((opcode, data[i:i + n]))
+        out.append((opcode, data[i : i + n]))
         i += n
     return out
 
@@ -69,7 +69,7 @@ def read_all(sock: socket.socket, until: bytes | None = None, timeout: float = 5
     while time.monotonic() < deadline:
         try:
             part = sock.recv(1 << 20)
-        except socket.timeout:
+        except TimeoutError:
             if until is None:
                 break
             continue
@@ -93,8 +93,10 @@ def test_each_wire_form_of_a_change_and_of_the_end():
     assert encode(message, SSE_PLAIN) is encode(message, SSE_PLAIN)  # encoded once, then cached
 
     removed = end_message("removed", "stream 'all' of 'c' was removed or redefined")
-    assert encode(removed, SSE_PLAIN) == (b'event:end\ndata:{"reason": "removed", "message": '
-                                          b'"stream \'all\' of \'c\' was removed or redefined"}\n\n')
+    assert encode(removed, SSE_PLAIN) == (
+        b'event:end\ndata:{"reason": "removed", "message": '
+        b"\"stream 'all' of 'c' was removed or redefined\"}\n\n"
+    )
     [(opcode, body)] = ws_frames(encode(removed, WEBSOCKET))
     assert opcode == 0x8 and struct.unpack("!H", body[:2])[0] == 4404 and b"redefined" in body
     # the reasons a client must act on are their own SSE events
@@ -103,7 +105,7 @@ def test_each_wire_form_of_a_change_and_of_the_end():
     for reason, code in transports.CLOSE_CODES.items():
         assert ws_frames(encode(end_message(reason), WEBSOCKET))[0][1][:2] == struct.pack("!H", code)
 
-    reset = reset_message("history lost", {"_data": "%032X" % 9})
+    reset = reset_message("history lost", {"_data": f"{9:032X}"})
     assert encode(reset, SSE_PLAIN).startswith(b'id:{"_data":"%032X"}\nevent:reset\n' % 9)
 
 
@@ -131,8 +133,10 @@ def test_live_changes_are_written_directly_and_the_end_closes(hub, engine):
     sink, greenlet, ours, peer = serve(sub)
     wait_for(lambda: sub.sink is sink)  # idle: attached
     engine.insert(1, 2, 3)
-    got = read_all(peer, until=b'data:{"operationType": "insert", "fullDocument": {"n": 3}, '
-                                 b'"documentKey": {"_id": 3}}\n\n')
+    got = read_all(
+        peer,
+        until=b'data:{"operationType": "insert", "fullDocument": {"n": 3}, "documentKey": {"_id": 3}}\n\n',
+    )
     assert [json.loads(e["data"])["fullDocument"]["n"] for e in sse_events(got)] == [1, 2, 3]
     sub.end("removed")
     greenlet.join(timeout=5)
@@ -162,8 +166,8 @@ def test_a_peer_that_stops_reading_gets_everything_in_order_once_it_reads(hub, e
     while i < len(got):
         end = got.index(b"\r\n", i)
         n = int(got[i:end], 16)
-        bodies.append(got[end + 2:end + 2 + n])
-        assert got[end + 2 + n:end + 4 + n] == b"\r\n"
+        bodies.append(got[end + 2 : end + 2 + n])
+        assert got[end + 2 + n : end + 4 + n] == b"\r\n"
         i = end + 4 + n
     numbers = [json.loads(e["data"])["fullDocument"]["n"] for e in sse_events(b"".join(bodies))]
     assert numbers == list(range(40))
@@ -249,10 +253,27 @@ def test_gunicorn_refuses_tls_with_one_clear_line(tmp_path):
     from tests.conftest import ROOT, free_port
 
     env = {**os.environ, "PORT": str(free_port()), "DATA_DIR": str(tmp_path / "d")}
-    done = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--certfile",
-                           str(tmp_path / "cert.pem"), "--keyfile", str(tmp_path / "key.pem")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            "gunicorn.conf.py",
+            "--certfile",
+            str(tmp_path / "cert.pem"),
+            "--keyfile",
+            str(tmp_path / "key.pem"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.startswith("changefeed:")]
-    assert lines == ["changefeed: refusing to start with certfile/keyfile: it does not terminate TLS; "
-                     "put a TLS proxy (nginx, Caddy, a load balancer) in front of it"]
+    assert lines == [
+        "changefeed: refusing to start with certfile/keyfile: it does not terminate TLS; "
+        "put a TLS proxy (nginx, Caddy, a load balancer) in front of it"
+    ]

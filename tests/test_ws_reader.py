@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import os
 import struct
 import time
@@ -52,8 +53,9 @@ def apply_mask(payload: bytes, mask: bytes) -> bytes:
     return bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
-def client_frame(opcode: int, payload: bytes = b"", fin: bool = True, mask: bytes | None = MASK,
-                 rsv: int = 0) -> bytes:
+def client_frame(
+    opcode: int, payload: bytes = b"", fin: bool = True, mask: bytes | None = MASK, rsv: int = 0
+) -> bytes:
     """One frame as a client sends it; `mask=None` leaves it unmasked, `rsv` is 0..7 (RSV1..3)."""
     first = (0x80 if fin else 0) | (rsv << 4) | opcode
     n = len(payload)
@@ -103,7 +105,7 @@ def socket_events(data: bytes, max_message_bytes: int = MIB, piece: int = 7) -> 
     def writer():
         try:
             for i in range(0, len(data), piece):
-                a.sendall(data[i:i + piece])
+                a.sendall(data[i : i + piece])
                 gevent.sleep(0)
         finally:
             a.close()
@@ -149,12 +151,15 @@ def test_exceptions_carry_code_and_reason():
 # ----------------------------------------------------------------------------- control frames
 
 
-@pytest.mark.parametrize("mask", [b"\x00\x00\x00\x00", b"\xff\xff\xff\xff", b"\x01\x02\x03\x04", MASK,
-                                  os.urandom(4)])
+@pytest.mark.parametrize(
+    "mask", [b"\x00\x00\x00\x00", b"\xff\xff\xff\xff", b"\x01\x02\x03\x04", MASK, os.urandom(4)]
+)
 def test_ping_and_pong_payloads_are_unmasked(mask):
     payloads = [os.urandom(n) for n in range(126)]
-    data = b"".join(client_frame(OPCODE_PING, p, mask=mask) + client_frame(OPCODE_PONG, p[::-1], mask=mask)
-                    for p in payloads)
+    data = b"".join(
+        client_frame(OPCODE_PING, p, mask=mask) + client_frame(OPCODE_PONG, p[::-1], mask=mask)
+        for p in payloads
+    )
     expected = [e for p in payloads for e in (Ping(p), Pong(p[::-1]))]
     assert events(data) == expected
     assert socket_events(data, piece=997) == expected
@@ -199,10 +204,18 @@ def test_the_reader_stops_after_a_close():
 
 
 def test_text_and_binary_messages():
-    data = (client_frame(OPCODE_TEXT, "h\u00e9llo".encode()) + client_frame(OPCODE_BINARY, bytes(range(256)))
-            + client_frame(OPCODE_TEXT) + client_frame(OPCODE_BINARY, b"\x00"))
-    expected = [Message(OPCODE_TEXT, 6), Message(OPCODE_BINARY, 256), Message(OPCODE_TEXT, 0),
-                Message(OPCODE_BINARY, 1)]
+    data = (
+        client_frame(OPCODE_TEXT, "h\u00e9llo".encode())
+        + client_frame(OPCODE_BINARY, bytes(range(256)))
+        + client_frame(OPCODE_TEXT)
+        + client_frame(OPCODE_BINARY, b"\x00")
+    )
+    expected = [
+        Message(OPCODE_TEXT, 6),
+        Message(OPCODE_BINARY, 256),
+        Message(OPCODE_TEXT, 0),
+        Message(OPCODE_BINARY, 1),
+    ]
     assert events(data) == expected
     assert socket_events(data) == expected
 
@@ -212,19 +225,28 @@ def test_text_payloads_are_not_decoded():
 
 
 def test_fragmented_messages_sum_their_fragments():
-    data = (client_frame(OPCODE_TEXT, b"abc", fin=False) + client_frame(OPCODE_CONTINUATION, b"de", fin=False)
-            + client_frame(OPCODE_CONTINUATION, b"", fin=False) + client_frame(OPCODE_CONTINUATION, b"f")
-            + client_frame(OPCODE_BINARY, b"x" * 300, fin=False)
-            + client_frame(OPCODE_CONTINUATION, b"y" * 70000))
+    data = (
+        client_frame(OPCODE_TEXT, b"abc", fin=False)
+        + client_frame(OPCODE_CONTINUATION, b"de", fin=False)
+        + client_frame(OPCODE_CONTINUATION, b"", fin=False)
+        + client_frame(OPCODE_CONTINUATION, b"f")
+        + client_frame(OPCODE_BINARY, b"x" * 300, fin=False)
+        + client_frame(OPCODE_CONTINUATION, b"y" * 70000)
+    )
     expected = [Message(OPCODE_TEXT, 6), Message(OPCODE_BINARY, 70300)]
     assert events(data) == expected
     assert socket_events(data, piece=4093) == expected
 
 
 def test_control_frames_between_fragments():
-    data = (client_frame(OPCODE_TEXT, b"abc", fin=False) + client_frame(OPCODE_PING, b"p" * 125)
-            + client_frame(OPCODE_CONTINUATION, b"de", fin=False) + client_frame(OPCODE_PONG)
-            + client_frame(OPCODE_CONTINUATION, b"f") + client_frame(OPCODE_PING, b"after"))
+    data = (
+        client_frame(OPCODE_TEXT, b"abc", fin=False)
+        + client_frame(OPCODE_PING, b"p" * 125)
+        + client_frame(OPCODE_CONTINUATION, b"de", fin=False)
+        + client_frame(OPCODE_PONG)
+        + client_frame(OPCODE_CONTINUATION, b"f")
+        + client_frame(OPCODE_PING, b"after")
+    )
     expected = [Ping(b"p" * 125), Pong(b""), Message(OPCODE_TEXT, 6), Ping(b"after")]
     assert events(data, max_message_bytes=6) == expected  # control payloads do not count
     assert socket_events(data, max_message_bytes=6) == expected
@@ -242,7 +264,10 @@ def test_extended_lengths(size):
     assert len(frame) == header + size
     assert events(frame) == [Message(OPCODE_BINARY, size)]
     assert events(client_frame(OPCODE_PING) + frame + client_frame(OPCODE_PING, b"z")) == [
-        Ping(b""), Message(OPCODE_BINARY, size), Ping(b"z")]
+        Ping(b""),
+        Message(OPCODE_BINARY, size),
+        Ping(b"z"),
+    ]
 
 
 def test_payloads_are_read_in_chunks_with_a_yield_after_each(monkeypatch):
@@ -256,14 +281,22 @@ def test_payloads_are_read_in_chunks_with_a_yield_after_each(monkeypatch):
     monkeypatch.setattr(gevent, "sleep", lambda seconds=0: trace.append(("sleep", seconds)))
     assert list(read_client_frames(read, MIB, chunk=1000)) == [Message(OPCODE_BINARY, 5000), Ping(b"hi")]
     pieces = [("read", 1000), ("sleep", 0)] * 5
-    assert trace == ([("read", 2), ("read", 2), ("read", 4)] + pieces + [("sleep", 0)]
-                     + [("read", 2), ("read", 4), ("read", 2), ("sleep", 0)] + [("read", 2)])
+    assert trace == (
+        [("read", 2), ("read", 2), ("read", 4)]
+        + pieces
+        + [("sleep", 0)]
+        + [("read", 2), ("read", 4), ("read", 2), ("sleep", 0)]
+        + [("read", 2)]
+    )
 
 
 def test_short_reads_are_read_again():
-    data = (client_frame(OPCODE_PING, b"ping me") + client_frame(OPCODE_TEXT, b"t" * 300, fin=False)
-            + client_frame(OPCODE_CONTINUATION, b"u" * 70000)
-            + client_frame(OPCODE_CLOSE, close_body(1000, b"ok")))
+    data = (
+        client_frame(OPCODE_PING, b"ping me")
+        + client_frame(OPCODE_TEXT, b"t" * 300, fin=False)
+        + client_frame(OPCODE_CONTINUATION, b"u" * 70000)
+        + client_frame(OPCODE_CLOSE, close_body(1000, b"ok"))
+    )
     expected = [Ping(b"ping me"), Message(OPCODE_TEXT, 70300), Close(1000, "ok")]
     for piece in (1, 3, 4096):
         reader = CountingReader(data, max_piece=piece)
@@ -277,7 +310,8 @@ def test_short_reads_are_read_again():
 @pytest.mark.parametrize("limit", [0, 10, 125, 126, 65535, 65536, 70000])
 def test_a_message_of_exactly_the_limit_is_fine(limit):
     assert events(client_frame(OPCODE_BINARY, b"x" * limit), max_message_bytes=limit) == [
-        Message(OPCODE_BINARY, limit)]
+        Message(OPCODE_BINARY, limit)
+    ]
 
 
 @pytest.mark.parametrize("limit", [0, 10, 125, 126, 65535, 65536, 70000])
@@ -295,11 +329,13 @@ def test_one_byte_over_the_limit_raises_before_the_payload(limit):
 
 
 def test_a_fragmented_message_raises_at_the_crossing_fragment():
-    fragments = [client_frame(OPCODE_BINARY, b"a" * 40, fin=False),
-                 client_frame(OPCODE_PING, b"mid"),
-                 client_frame(OPCODE_CONTINUATION, b"b" * 60, fin=False),  # 100: exactly the limit so far
-                 client_frame(OPCODE_CONTINUATION, b"", fin=False)]        # still 100
-    crossing = client_frame(OPCODE_CONTINUATION, b"c", fin=True)           # 101
+    fragments = [
+        client_frame(OPCODE_BINARY, b"a" * 40, fin=False),
+        client_frame(OPCODE_PING, b"mid"),
+        client_frame(OPCODE_CONTINUATION, b"b" * 60, fin=False),  # 100: exactly the limit so far
+        client_frame(OPCODE_CONTINUATION, b"", fin=False),
+    ]  # still 100
+    crossing = client_frame(OPCODE_CONTINUATION, b"c", fin=True)  # 101
     reader = CountingReader(b"".join(fragments) + crossing)
     seen = []
     with pytest.raises(MessageTooBig):
@@ -344,13 +380,18 @@ PROTOCOL_ERRORS = {
     "continuation after a message": client_frame(OPCODE_TEXT, b"x") + client_frame(OPCODE_CONTINUATION, b"y"),
     "text inside a message": client_frame(OPCODE_TEXT, b"x", fin=False) + client_frame(OPCODE_TEXT, b"y"),
     "binary inside a message": client_frame(OPCODE_TEXT, b"x", fin=False) + client_frame(OPCODE_BINARY, b"y"),
-    "text after ping inside": (client_frame(OPCODE_BINARY, b"x", fin=False) + client_frame(OPCODE_PING)
-                               + client_frame(OPCODE_TEXT, b"y", fin=False)),
+    "text after ping inside": (
+        client_frame(OPCODE_BINARY, b"x", fin=False)
+        + client_frame(OPCODE_PING)
+        + client_frame(OPCODE_TEXT, b"y", fin=False)
+    ),
     "64-bit top bit": struct.pack("!BBQ", 0x82, 0x80 | 127, 1 << 63) + MASK,
     "64-bit all ones": struct.pack("!BBQ", 0x81, 0x80 | 127, (1 << 64) - 1) + MASK,
     "close of 1 byte": client_frame(OPCODE_CLOSE, b"\x03"),
-    **{f"close code {code}": client_frame(OPCODE_CLOSE, close_body(code))
-       for code in (0, 999, 1004, 1005, 1006, 1012, 1013, 1014, 1015, 1016, 1100, 2000, 2999, 5000, 65535)},
+    **{
+        f"close code {code}": client_frame(OPCODE_CLOSE, close_body(code))
+        for code in (0, 999, 1004, 1005, 1006, 1012, 1013, 1014, 1015, 1016, 1100, 2000, 2999, 5000, 65535)
+    },
 }
 
 
@@ -391,8 +432,9 @@ EOF_FRAMES = {
     "text": client_frame(OPCODE_TEXT, b"0123456789"),
     "binary 126": client_frame(OPCODE_BINARY, b"b" * 300),
     "binary 127": client_frame(OPCODE_BINARY, b"c" * 70000),
-    "fragmented": (client_frame(OPCODE_TEXT, b"abc", fin=False)
-                   + client_frame(OPCODE_CONTINUATION, b"d" * 200)),
+    "fragmented": (
+        client_frame(OPCODE_TEXT, b"abc", fin=False) + client_frame(OPCODE_CONTINUATION, b"d" * 200)
+    ),
 }
 
 
@@ -439,9 +481,12 @@ def with_ticker(work):
         gevent.sleep(0.003)
         tick.kill()
     inside = [t for t in stamps if start < t < end]
-    edges = [max([t for t in stamps if t <= start], default=start), *inside,
-             min([t for t in stamps if t >= end], default=end)]
-    gap = max(b - a for a, b in zip(edges, edges[1:]))
+    edges = [
+        max([t for t in stamps if t <= start], default=start),
+        *inside,
+        min([t for t in stamps if t >= end], default=end),
+    ]
+    gap = max(b - a for a, b in itertools.pairwise(edges))
     return result, gap, end - start, len(inside)
 
 
@@ -501,8 +546,10 @@ def test_liveness_60_mib_in_messages_just_under_the_limit(capsys):
     assert result.count(Message(OPCODE_BINARY, size)) == count >= 960
     assert result.count(Ping(b"still here")) == count // 100
     with capsys.disabled():
-        print(f"\n[ws_reader] 60 MiB in {count} messages of {size} B: {elapsed:.3f} s, largest ticker gap "
-              f"{gap * 1000:.2f} ms, {ticks} ticks")
+        print(
+            f"\n[ws_reader] 60 MiB in {count} messages of {size} B: {elapsed:.3f} s, largest ticker gap "
+            f"{gap * 1000:.2f} ms, {ticks} ticks"
+        )
 
 
 class AlwaysReady:
@@ -524,7 +571,7 @@ class AlwaysReady:
                 return b""
             self.frames += 1
             self.pos = 0
-        piece = self.frame[self.pos:self.pos + n]
+        piece = self.frame[self.pos : self.pos + n]
         self.pos += len(piece)
         return bytes(piece)
 
@@ -536,8 +583,10 @@ def test_liveness_a_client_that_keeps_the_buffer_full(capsys):
     assert result == [Message(OPCODE_TEXT, limit - 1)] * source.frames
     mib = source.frames * (limit - 1) / MIB
     with capsys.disabled():
-        print(f"\n[ws_reader] never-blocking read for {elapsed:.3f} s: {mib:.0f} MiB in {source.frames} "
-              f"messages, largest ticker gap {gap * 1000:.2f} ms, {ticks} ticks")
+        print(
+            f"\n[ws_reader] never-blocking read for {elapsed:.3f} s: {mib:.0f} MiB in {source.frames} "
+            f"messages, largest ticker gap {gap * 1000:.2f} ms, {ticks} ticks"
+        )
     assert mib >= 60
     assert ticks >= 1  # read() never blocks here: only the reader's own yields let the ticker run
 
@@ -554,8 +603,10 @@ def test_liveness_60_mib_in_1_mib_continuation_frames(capsys):
     result, gap, elapsed, ticks = with_ticker(lambda: stream_through_socketpair(frames(), 64 * MIB))
     assert result == [Message(OPCODE_BINARY, 60 * MIB + 4)]
     with capsys.disabled():
-        print(f"\n[ws_reader] 60 MiB in 60 x 1 MiB continuation frames: {elapsed:.3f} s, largest ticker gap "
-              f"{gap * 1000:.2f} ms, {ticks} ticks")
+        print(
+            f"\n[ws_reader] 60 MiB in 60 x 1 MiB continuation frames: {elapsed:.3f} s, largest ticker gap "
+            f"{gap * 1000:.2f} ms, {ticks} ticks"
+        )
 
 
 def test_liveness_one_60_mib_message_declared_up_front(capsys):
@@ -569,6 +620,8 @@ def test_liveness_one_60_mib_message_declared_up_front(capsys):
     result, gap, elapsed, ticks = with_ticker(lambda: stream_through_socketpair(frames(), 64 * 1024))
     assert isinstance(result, MessageTooBig)
     with capsys.disabled():
-        print(f"\n[ws_reader] one 60 MiB message declared: refused in {elapsed * 1000:.2f} ms, "
-              f"largest ticker gap {gap * 1000:.2f} ms")
+        print(
+            f"\n[ws_reader] one 60 MiB message declared: refused in {elapsed * 1000:.2f} ms, "
+            f"largest ticker gap {gap * 1000:.2f} ms"
+        )
     assert elapsed < 0.5

@@ -98,10 +98,10 @@ class Engine(ABC):
 
     name = "engine"
 
-    def start(self) -> None:
+    def start(self) -> None:  # noqa: B027 - optional hook: most engines need nothing here
         """Start per-process background work (change-log tailing). Called once per worker."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook
         """Stop background work and release connections."""
 
     # -- collections -------------------------------------------------------------------
@@ -164,23 +164,36 @@ class Engine(ABC):
 
     @abstractmethod
     def replace_document(
-        self, coll: str, doc_id: Any, doc: dict, upsert: bool, if_match: str | None = None,
+        self,
+        coll: str,
+        doc_id: Any,
+        doc: dict,
+        upsert: bool,
+        if_match: str | None = None,
         guard: WriteGuard | None = None,
     ) -> tuple[bool, dict]:
         """Replace (or, with upsert, create) a document; return (created, stored document)."""
 
     @abstractmethod
     def update_document(
-        self, coll: str, doc_id: Any, spec: dict, if_match: str | None = None, upsert: bool = False,
+        self,
+        coll: str,
+        doc_id: Any,
+        spec: dict,
+        if_match: str | None = None,
+        upsert: bool = False,
         guard: WriteGuard | None = None,
     ) -> tuple[bool, dict]:
         """Apply an operator update (see services.updates); return (created, stored document)."""
 
     @abstractmethod
-    def delete_document(self, coll: str, doc_id: Any, if_match: str | None = None,
-                        guard: WriteGuard | None = None) -> None: ...
+    def delete_document(
+        self, coll: str, doc_id: Any, if_match: str | None = None, guard: WriteGuard | None = None
+    ) -> None: ...
 
-    def update_many(self, coll: str, filter: dict, spec: dict, guard: WriteGuard | None = None) -> tuple[int, int]:
+    def update_many(
+        self, coll: str, filter: dict, spec: dict, guard: WriteGuard | None = None
+    ) -> tuple[int, int]:
         """Apply an operator update to every document matching `filter`; return (matched, modified).
 
         Each document is updated atomically with its guard (the embedded engine does all of
@@ -237,7 +250,7 @@ class Engine(ABC):
     def current_token(self) -> dict:
         """A token for "now": resuming after it yields only later changes."""
 
-    def tail_once(self) -> None:
+    def tail_once(self) -> None:  # noqa: B027 - optional hook
         """Make every change already committed, by any process, visible to this process's
         streams now. Engines whose streams read the database directly need do nothing."""
 

@@ -20,8 +20,8 @@ stalls the other greenlets for ~14 ms instead of ~1 s (docs/stack-notes.md, sect
 from __future__ import annotations
 
 import bisect
-import json
 import datetime as dt
+import json
 import logging
 import os
 import secrets
@@ -98,7 +98,7 @@ def _key(doc_id: Any) -> str:
 
 def now_utc() -> dt.datetime:
     """Naive UTC at millisecond precision, as BSON dates (and PyMongo) have them."""
-    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
@@ -109,7 +109,7 @@ class _Row:
 
     def __init__(self, seq: int, coll: str, kind: str, text: str):
         self.seq, self.coll, self.kind, self.text = seq, coll, kind, text
-        self._event = None
+        self._event: dict | None = None
 
     def event(self) -> dict:
         if self._event is None:
@@ -165,7 +165,9 @@ class _Txn:
         self.wrote = True
         return self.seq
 
-    def emit(self, coll: str, op: str, doc_id: Any = None, full: dict | None = None, desc: dict | None = None) -> None:
+    def emit(
+        self, coll: str, op: str, doc_id: Any = None, full: dict | None = None, desc: dict | None = None
+    ) -> None:
         seq = self._next_seq()
         event: dict[str, Any] = {
             "operationType": op,
@@ -209,7 +211,9 @@ class _Txn:
         key = _key(doc["_id"])
         if new:
             try:
-                self.conn.execute("INSERT INTO documents (coll, key, doc) VALUES (?, ?, ?)", (coll, key, encode(doc)))
+                self.conn.execute(
+                    "INSERT INTO documents (coll, key, doc) VALUES (?, ?, ?)", (coll, key, encode(doc))
+                )
             except sqlite3.IntegrityError:
                 raise DuplicateKey(coll, json_util.dumps(doc["_id"])) from None
         else:
@@ -234,8 +238,14 @@ class EmbeddedEngine(Engine):
 
     name = "embedded"
 
-    def __init__(self, data_dir: str, db_name: str = "restheart", retention_days: float = 7.0,
-                 max_events: int = 1_000_000, poll_seconds: float = 0.02):
+    def __init__(
+        self,
+        data_dir: str,
+        db_name: str = "restheart",
+        retention_days: float = 7.0,
+        max_events: int = 1_000_000,
+        poll_seconds: float = 0.02,
+    ):
         super().__init__()
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, "changefeed.sqlite3")
@@ -263,7 +273,7 @@ class EmbeddedEngine(Engine):
         conn.execute("PRAGMA busy_timeout=30000")
         return conn
 
-    def _run(self, fn: Callable[[sqlite3.Connection], Any], *args: Any) -> Any:
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(conn, *args)` on a pooled connection, in the threadpool under gevent."""
         # At most _POOL_MAX connections ever exist: SQLite keeps the file descriptor of a
         # closed connection open while others hold locks on the file, so extra connections
@@ -277,6 +287,7 @@ class EmbeddedEngine(Engine):
             except BaseException:
                 self._pool_slots.release()
                 raise
+
         def guarded() -> tuple[bool, Any]:
             # Errors travel back as values: an exception raised in a threadpool thread is
             # printed with a traceback by gevent (every 404/409 would spam the log).
@@ -403,8 +414,8 @@ class EmbeddedEngine(Engine):
                     self._call(listener, MetaChange(row.kind, row.coll))
             elif self._doc_listeners and row.coll in ("users", "acl"):
                 key = row.event().get("documentKey", {}).get("_id")
-                for listener in self._doc_listeners:
-                    self._call(listener, row.coll, key)
+                for doc_listener in self._doc_listeners:
+                    self._call(doc_listener, row.coll, key)
 
     @staticmethod
     def _call(listener: Callable, *args: Any) -> None:
@@ -416,7 +427,8 @@ class EmbeddedEngine(Engine):
     @staticmethod
     def _fetch_after(conn: sqlite3.Connection, seq: int) -> list[_Row]:
         cur = conn.execute(
-            "SELECT seq, coll, kind, event FROM changes WHERE seq > ? ORDER BY seq LIMIT ?", (seq, _TAIL_BATCH)
+            "SELECT seq, coll, kind, event FROM changes WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, _TAIL_BATCH),
         )
         return [_Row(*r) for r in cur.fetchall()]
 
@@ -443,7 +455,9 @@ class EmbeddedEngine(Engine):
             stored = {"_id": "_meta", **{k: v for k, v in props.items() if k not in ("_id", "_etag")}}
             stored["_etag"] = _new_etag()
             if old is None:
-                txn.conn.execute("INSERT INTO collections VALUES (?, ?, ?)", (coll, json.dumps(stored), txn.ts))
+                txn.conn.execute(
+                    "INSERT INTO collections VALUES (?, ?, ?)", (coll, json.dumps(stored), txn.ts)
+                )
             else:
                 txn.conn.execute("UPDATE collections SET props=? WHERE name=?", (json.dumps(stored), coll))
             txn.meta("props", coll)
@@ -499,7 +513,9 @@ class EmbeddedEngine(Engine):
     def get_document(self, coll: str, doc_id: Any) -> dict:
         def run(conn: sqlite3.Connection) -> tuple[bool, str | None]:
             exists = conn.execute("SELECT 1 FROM collections WHERE name=?", (coll,)).fetchone()
-            row = conn.execute("SELECT doc FROM documents WHERE coll=? AND key=?", (coll, _key(doc_id))).fetchone()
+            row = conn.execute(
+                "SELECT doc FROM documents WHERE coll=? AND key=?", (coll, _key(doc_id))
+            ).fetchone()
             return exists is not None, row[0] if row else None
 
         exists, text = self._run(run)
@@ -549,13 +565,23 @@ class EmbeddedEngine(Engine):
     def update_document(self, coll, doc_id, spec, if_match=None, upsert=False, guard=None):
         def run(txn: _Txn) -> tuple[bool, dict]:
             txn.collection(coll)
-            return self._update_in(txn, coll, doc_id, txn.document(coll, doc_id), spec, if_match, upsert, guard)
+            return self._update_in(
+                txn, coll, doc_id, txn.document(coll, doc_id), spec, if_match, upsert, guard
+            )
 
         return self._write(run)
 
     @staticmethod
-    def _update_in(txn: _Txn, coll: str, doc_id: Any, old: dict | None, spec: dict, if_match: str | None,
-                   upsert: bool, guard: WriteGuard | None) -> tuple[bool, dict]:
+    def _update_in(
+        txn: _Txn,
+        coll: str,
+        doc_id: Any,
+        old: dict | None,
+        spec: dict,
+        if_match: str | None,
+        upsert: bool,
+        guard: WriteGuard | None,
+    ) -> tuple[bool, dict]:
         """One operator update inside `txn`, `old` being the document as stored now."""
         if old is None:
             if not upsert:
@@ -583,8 +609,9 @@ class EmbeddedEngine(Engine):
         txn.emit(coll, "update", doc_id, full=new, desc=desc)
         return False, new
 
-    def delete_document(self, coll: str, doc_id: Any, if_match: str | None = None,
-                        guard: WriteGuard | None = None) -> None:
+    def delete_document(
+        self, coll: str, doc_id: Any, if_match: str | None = None, guard: WriteGuard | None = None
+    ) -> None:
         def run(txn: _Txn) -> None:
             txn.collection(coll)
             old = txn.document(coll, doc_id)
@@ -641,7 +668,9 @@ class EmbeddedEngine(Engine):
         def run(txn: _Txn) -> None:
             if txn.conn.execute("SELECT 1 FROM collections WHERE name=?", (coll,)).fetchone() is None:
                 stored = {"_id": "_meta", "_etag": _new_etag()}
-                txn.conn.execute("INSERT INTO collections VALUES (?, ?, ?)", (coll, json.dumps(stored), txn.ts))
+                txn.conn.execute(
+                    "INSERT INTO collections VALUES (?, ?, ?)", (coll, json.dumps(stored), txn.ts)
+                )
                 txn.meta("props", coll)
 
         self._write(run)
@@ -783,8 +812,11 @@ def without_passwords(event: dict) -> dict:
     desc = event.get("updateDescription")
     if isinstance(desc, dict):
         desc = dict(desc)
-        desc["updatedFields"] = {k: v for k, v in (desc.get("updatedFields") or {}).items()
-                                 if k != "password" and not k.startswith("password.")}
+        desc["updatedFields"] = {
+            k: v
+            for k, v in (desc.get("updatedFields") or {}).items()
+            if k != "password" and not k.startswith("password.")
+        }
         desc["removedFields"] = [f for f in desc.get("removedFields") or [] if f != "password"]
         event["updateDescription"] = desc
     return event

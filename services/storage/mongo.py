@@ -87,7 +87,6 @@ from pymongo.errors import (
     ConnectionFailure,
     CursorNotFound,
     DuplicateKeyError,
-    InvalidOperation,
     OperationFailure,
     PyMongoError,
 )
@@ -128,36 +127,55 @@ RS_GHOST_HELP = (
 _HISTORY_CODES = (286, 280, 260)
 # Pre-4.4 servers put no labels on errors; these codes are the ones the drivers' change-streams
 # specification names as resumable for them (43, CursorNotFound, is resumable on any server).
-_TRANSIENT_CODES = frozenset({6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436,
-                              63, 150, 13388, 234, 133, 43})
+_TRANSIENT_CODES = frozenset(
+    {6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436, 63, 150, 13388, 234, 133, 43}
+)
 _META_PIPELINE = [
-    {"$match": {"$or": [
-        {"ns.coll": {"$in": [PROPERTIES, *SECURITY_COLLECTIONS]}},
-        {"operationType": {"$in": ["drop", "rename", "dropDatabase"]}},
-    ]}},
+    {
+        "$match": {
+            "$or": [
+                {"ns.coll": {"$in": [PROPERTIES, *SECURITY_COLLECTIONS]}},
+                {"operationType": {"$in": ["drop", "rename", "dropDatabase"]}},
+            ]
+        }
+    },
     {"$project": {"operationType": 1, "ns": 1, "documentKey": 1, "to": 1}},
 ]
 # Prepended to every stream of `users`: password hashes never reach a stage or a client.
 _USERS_GUARD = [
     {"$unset": ["fullDocument.password"]},
-    {"$set": {"updateDescription": {"$cond": [
-        {"$eq": [{"$type": "$updateDescription"}, "object"]},
-        {
-            "updatedFields": {"$arrayToObject": {"$filter": {
-                "input": {"$objectToArray": "$updateDescription.updatedFields"},
-                "cond": {"$and": [
-                    {"$ne": ["$$this.k", "password"]},
-                    {"$ne": [{"$indexOfBytes": ["$$this.k", "password."]}, 0]},
-                ]},
-            }}},
-            "removedFields": {"$filter": {
-                "input": "$updateDescription.removedFields",
-                "cond": {"$ne": ["$$this", "password"]},
-            }},
-            "truncatedArrays": "$updateDescription.truncatedArrays",
-        },
-        "$$REMOVE",
-    ]}}},
+    {
+        "$set": {
+            "updateDescription": {
+                "$cond": [
+                    {"$eq": [{"$type": "$updateDescription"}, "object"]},
+                    {
+                        "updatedFields": {
+                            "$arrayToObject": {
+                                "$filter": {
+                                    "input": {"$objectToArray": "$updateDescription.updatedFields"},
+                                    "cond": {
+                                        "$and": [
+                                            {"$ne": ["$$this.k", "password"]},
+                                            {"$ne": [{"$indexOfBytes": ["$$this.k", "password."]}, 0]},
+                                        ]
+                                    },
+                                }
+                            }
+                        },
+                        "removedFields": {
+                            "$filter": {
+                                "input": "$updateDescription.removedFields",
+                                "cond": {"$ne": ["$$this", "password"]},
+                            }
+                        },
+                        "truncatedArrays": "$updateDescription.truncatedArrays",
+                    },
+                    "$$REMOVE",
+                ]
+            }
+        }
+    },
 ]
 
 
@@ -187,8 +205,9 @@ def _json_token(token: Any) -> dict:
     """A token as the hub and clients see it: plain JSON (`_typeBits` as Extended JSON)."""
     out: dict = {"_data": token["_data"]}
     if "_typeBits" in token:
-        out["_typeBits"] = {"$binary": {"base64": base64.b64encode(bytes(token["_typeBits"])).decode(),
-                                        "subType": "00"}}
+        out["_typeBits"] = {
+            "$binary": {"base64": base64.b64encode(bytes(token["_typeBits"])).decode(), "subType": "00"}
+        }
     return out
 
 
@@ -232,7 +251,7 @@ def classify(exc: PyMongoError) -> Fault:
 
 
 def _now() -> dt.datetime:
-    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
@@ -278,8 +297,15 @@ class MongoEngine(Engine):
 
     name = "mongo"
 
-    def __init__(self, uri: str, db_name: str = "restheart", *, server_selection_timeout_ms: int = 5000,
-                 max_await_ms: int = 1000, client_options: dict | None = None):
+    def __init__(
+        self,
+        uri: str,
+        db_name: str = "restheart",
+        *,
+        server_selection_timeout_ms: int = 5000,
+        max_await_ms: int = 1000,
+        client_options: dict | None = None,
+    ):
         super().__init__()
         self.uri = uri
         self.db_name = db_name
@@ -433,6 +459,8 @@ class MongoEngine(Engine):
         coll = (doc.get("ns") or {}).get("coll")
         key = (doc.get("documentKey") or {}).get("_id")
         if coll == PROPERTIES:
+            if not isinstance(key, str):
+                return  # not one of ours: properties documents are keyed by collection name
             if op in ("insert", "update", "replace"):
                 self._notify_meta(MetaChange("props", key))
             elif op == "delete":
@@ -497,8 +525,11 @@ class MongoEngine(Engine):
             if old is not None:
                 _check_etag(ObjectId(old["etag"]), if_match, f"collection '{coll}'")
             etag = ObjectId()
-            stored = {"_id": "_meta", **{k: v for k, v in props.items() if k not in ("_id", "_etag")},
-                      "_etag": {"$oid": str(etag)}}
+            stored = {
+                "_id": "_meta",
+                **{k: v for k, v in props.items() if k not in ("_id", "_etag")},
+                "_etag": {"$oid": str(etag)},
+            }
             record = {"props": json.dumps(stored), "etag": str(etag)}
             if old is None:
                 self._create_mongo_collection(coll)
@@ -508,7 +539,9 @@ class MongoEngine(Engine):
                     continue  # created meanwhile by another node: replace it
                 self._bump(coll)
                 return True, stored
-            result = self._call(self.db[PROPERTIES].update_one, {"_id": coll, "etag": old["etag"]}, {"$set": record})
+            result = self._call(
+                self.db[PROPERTIES].update_one, {"_id": coll, "etag": old["etag"]}, {"$set": record}
+            )
             if result.matched_count:
                 self._bump(coll)
                 return False, stored
@@ -521,10 +554,15 @@ class MongoEngine(Engine):
                 raise CollectionNotFound(coll)
             _check_etag(ObjectId(old["etag"]), if_match, f"collection '{coll}'")
             etag = ObjectId()
-            stored = {**json.loads(old["props"]), **{k: v for k, v in props.items() if k not in ("_id", "_etag")}}
+            stored = {
+                **json.loads(old["props"]),
+                **{k: v for k, v in props.items() if k not in ("_id", "_etag")},
+            }
             stored["_etag"] = {"$oid": str(etag)}
             record = {"props": json.dumps(stored), "etag": str(etag)}
-            result = self._call(self.db[PROPERTIES].update_one, {"_id": coll, "etag": old["etag"]}, {"$set": record})
+            result = self._call(
+                self.db[PROPERTIES].update_one, {"_id": coll, "etag": old["etag"]}, {"$set": record}
+            )
             if result.matched_count:
                 self._bump(coll)
                 return stored
@@ -555,8 +593,9 @@ class MongoEngine(Engine):
         etag = ObjectId()
         stored = {"_id": "_meta", "_etag": {"$oid": str(etag)}}
         try:
-            self._call(self.db[PROPERTIES].insert_one,
-                       {"_id": coll, "props": json.dumps(stored), "etag": str(etag)})
+            self._call(
+                self.db[PROPERTIES].insert_one, {"_id": coll, "props": json.dumps(stored), "etag": str(etag)}
+            )
         except DuplicateKeyError:
             pass  # another worker or node created it first
 
@@ -565,8 +604,9 @@ class MongoEngine(Engine):
     def find(self, coll, filter, sort, projection, skip, limit):
         self._require(coll)
         try:
-            cursor = self.db[coll].find(filter or {}, projection, skip=skip, limit=limit,
-                                        sort=sort or [("_id", -1)])
+            cursor = self.db[coll].find(
+                filter or {}, projection, skip=skip, limit=limit, sort=sort or [("_id", -1)]
+            )
             return self._call(list, cursor)
         except OperationFailure as exc:
             raise BadRequest(f"cannot run the query: {_errmsg(exc)}") from None
@@ -605,6 +645,7 @@ class MongoEngine(Engine):
             if len(stored) == 1:
                 self._call(self.db[coll].insert_one, stored[0])
             else:  # all or nothing, like the embedded engine: one transaction
+
                 def insert(session):
                     self.db[coll].insert_many(stored, ordered=True, session=session)
 
@@ -622,7 +663,11 @@ class MongoEngine(Engine):
 
     def replace_document(self, coll, doc_id, doc, upsert, if_match=None, guard=None):
         self._require(coll)
-        new = {"_id": doc_id, **{k: v for k, v in doc.items() if k not in ("_id", "_etag")}, "_etag": ObjectId()}
+        new = {
+            "_id": doc_id,
+            **{k: v for k, v in doc.items() if k not in ("_id", "_etag")},
+            "_etag": ObjectId(),
+        }
         if guard is not None:
             return self._guarded_replace(coll, doc_id, new, upsert, if_match, guard)
         flt: dict = {"_id": doc_id}
@@ -645,8 +690,9 @@ class MongoEngine(Engine):
         self._bump(coll)
         return False, new
 
-    def _guarded_replace(self, coll: str, doc_id: Any, new: dict, upsert: bool, if_match: str | None,
-                         guard: WriteGuard) -> tuple[bool, dict]:
+    def _guarded_replace(
+        self, coll: str, doc_id: Any, new: dict, upsert: bool, if_match: str | None, guard: WriteGuard
+    ) -> tuple[bool, dict]:
         """Read, check the guard, then write only if the document is still the one checked."""
         target = self.db[coll]
         for _ in range(10):
@@ -687,12 +733,20 @@ class MongoEngine(Engine):
                     if guard is not None:
                         insert_spec = dict(spec)
                         if "$setOnInsert" in insert_spec:
-                            insert_spec["$set"] = {**insert_spec.get("$set", {}), **insert_spec.pop("$setOnInsert")}
+                            insert_spec["$set"] = {
+                                **insert_spec.get("$set", {}),
+                                **insert_spec.pop("$setOnInsert"),
+                            }
                         guard(None, updates.apply_update({"_id": doc_id}, insert_spec, _now())[0])
                     # Inserts only: an existing document (with an _etag) makes the upsert's
                     # insert fail with 11000 and we go round again.
-                    new = self._call(target.find_one_and_update, {"_id": doc_id, "_etag": {"$exists": False}},
-                                     _with_etag(spec), upsert=True, return_document=ReturnDocument.AFTER)
+                    new = self._call(
+                        target.find_one_and_update,
+                        {"_id": doc_id, "_etag": {"$exists": False}},
+                        _with_etag(spec),
+                        upsert=True,
+                        return_document=ReturnDocument.AFTER,
+                    )
                     self._bump(coll)
                     return True, new
                 if guard is not None:
@@ -704,8 +758,12 @@ class MongoEngine(Engine):
                 if guard is not None:
                     guard(old, after)  # the write below is conditional on the ETag checked here
                 # The write is conditional on the ETag just checked: check and write are atomic.
-                new = self._call(target.find_one_and_update, {"_id": doc_id, "_etag": old.get("_etag")},
-                                 _with_etag(spec), return_document=ReturnDocument.AFTER)
+                new = self._call(
+                    target.find_one_and_update,
+                    {"_id": doc_id, "_etag": old.get("_etag")},
+                    _with_etag(spec),
+                    return_document=ReturnDocument.AFTER,
+                )
             except DuplicateKeyError:
                 continue
             except OperationFailure as exc:
@@ -716,8 +774,9 @@ class MongoEngine(Engine):
             # changed (or deleted) between the read and the write: read again
         raise Conflict(f"document '{doc_id}' kept changing; retry")
 
-    def delete_document(self, coll: str, doc_id: Any, if_match: str | None = None,
-                        guard: WriteGuard | None = None) -> None:
+    def delete_document(
+        self, coll: str, doc_id: Any, if_match: str | None = None, guard: WriteGuard | None = None
+    ) -> None:
         self._require(coll)
         if guard is not None:
             for _ in range(10):
@@ -726,7 +785,9 @@ class MongoEngine(Engine):
                     raise DocumentNotFound(coll, str(doc_id))
                 guard(old, None)
                 _check_etag(old.get("_etag"), if_match, f"document '{doc_id}'")
-                if self._call(self.db[coll].delete_one, {"_id": doc_id, "_etag": old.get("_etag")}).deleted_count:
+                if self._call(
+                    self.db[coll].delete_one, {"_id": doc_id, "_etag": old.get("_etag")}
+                ).deleted_count:
                     self._bump(coll)
                     return
             raise Conflict(f"document '{doc_id}' kept changing; retry")
@@ -759,8 +820,12 @@ class MongoEngine(Engine):
         if not isinstance(token, dict) or "_data" not in token or not set(token) <= {"_data", "_typeBits"}:
             raise BadRequest('resume token must be a JSON object {"_data": "<hex>"}')
         data = token["_data"]
-        if not isinstance(data, str) or not data or len(data) % 2 or any(
-                c not in "0123456789ABCDEFabcdef" for c in data):
+        if (
+            not isinstance(data, str)
+            or not data
+            or len(data) % 2
+            or any(c not in "0123456789ABCDEFabcdef" for c in data)
+        ):
             raise BadRequest("resume token _data must be a non-empty string of hexadecimal digit pairs")
         if "_typeBits" in token:
             try:
@@ -860,9 +925,9 @@ class _MongoStream(ChangeStream):
                 try:
                     self._open()
                 except PyMongoError as exc:
-                    change = self._fault(exc)
-                    if change is not None:
-                        return change
+                    reported = self._fault(exc)
+                    if reported is not None:
+                        return reported
                     continue
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             self._set_await(max(1, min(remaining_ms, self.engine.max_await_ms)))
@@ -870,9 +935,9 @@ class _MongoStream(ChangeStream):
                 doc = self._cs.try_next()
             except PyMongoError as exc:
                 self._drop_cursor()
-                change = self._fault(exc)
-                if change is not None:
-                    return change
+                reported = self._fault(exc)
+                if reported is not None:
+                    return reported
                 continue
             self._backoff.reset()
             if doc is None:
@@ -925,7 +990,9 @@ class _MongoStream(ChangeStream):
                 raise
         if not self._pos:
             token = self._cs.resume_token
-            self._pos = _position_of(token) if token is not None else _position_of(self.engine.current_token())
+            self._pos = (
+                _position_of(token) if token is not None else _position_of(self.engine.current_token())
+            )
 
     def _set_await(self, ms: int) -> None:
         # PyMongo fixes maxAwaitTimeMS per stream; the getMore reads it from the cursor.
