@@ -491,7 +491,7 @@ def main() -> int:
         "(needs `pip install uvicorn sse-starlette flask-sse redis` and Debian's redis-server)",
     )
     ap.add_argument("--peer-max", type=int, default=5000, help="largest N for the peers")
-    ap.add_argument("--only", choices=["churn"], help="run one scenario and print it (no report)")
+    ap.add_argument("--only", choices=["churn", "fanout"], help="run one scenario and print it (no report)")
     ap.add_argument(
         "--compare",
         metavar="DIR",
@@ -513,29 +513,68 @@ def main() -> int:
         print(json.dumps(results, indent=1))
         shutil.rmtree(data_root, ignore_errors=True)
         return 0
-    try:
-        results["latency_100"] = scenario_latency(data_root, 10 if args.smoke else 100, n_bursts * 2)
-        results["fanout"] = []
+    if args.only == "fanout":  # SSE fan-out alone, alternating with --compare's checkout
+        runs = []
         for n in sizes:
-            if args.compare:
-                Server.root = os.path.abspath(args.compare)
-                base = scenario_fanout(data_root, n, ["sse"], n_bursts)
-                base["kinds"] = ["sse"]
-                base["label"] = "compare: " + os.path.basename(os.path.abspath(args.compare))
-                results["fanout"].append(base)
+            for root in ([os.path.abspath(args.compare)] if args.compare else []) + [ROOT]:
+                Server.root = root
+                run = scenario_fanout(data_root, n, ["sse"], n_bursts)
+                runs.append({"root": root, "n": n, "single": run["single"], "batch10": run["batch10"]})
+        Server.root = ROOT
+        for run in runs:
+            one = run["single"]
+            print(
+                f"{run['root']} N={run['n']}: 1 event p50/p99 {one['from_send']['p50']}/{one['from_send']['p99']} ms, "
+                f"CPU {one['cpu_us_per_delivery']} µs/delivery; 10-event bursts "
+                f"CPU {run['batch10']['cpu_us_per_delivery']} µs/delivery"
+            )
+        shutil.rmtree(data_root, ignore_errors=True)
+        return 0
+    baseline: dict = {}
+
+    def both(name: str, fn, *fn_args):
+        """Run a scenario on this checkout; with --compare, on the other one first."""
+        if args.compare:
+            Server.root = os.path.abspath(args.compare)
+            try:
+                baseline[name] = fn(*fn_args)
+            finally:
                 Server.root = ROOT
-            results["fanout"].append(scenario_fanout(data_root, n, ["sse"], n_bursts))
+        return fn(*fn_args)
+
+    try:
+        results["latency_100"] = both(
+            "latency_100", scenario_latency, data_root, 10 if args.smoke else 100, n_bursts * 2
+        )
+        results["fanout"] = [
+            both(f"fanout_{n}", scenario_fanout, data_root, n, ["sse"], n_bursts) for n in sizes
+        ]
         mixed_n = sizes[0] if args.smoke else max(sizes)
-        results["mixed"] = scenario_fanout(data_root, mixed_n, ["sse", "ws"], n_bursts)
-        results["ws_only"] = scenario_fanout(data_root, mixed_n, ["ws"], n_bursts)
-        results["catch_up"] = scenario_catch_up(data_root, missed)
-        results["many_streams"] = scenario_many_streams(
-            data_root, 20 if args.smoke else 1000, 2 if args.smoke else 10, n_bursts
+        results["mixed"] = both("mixed", scenario_fanout, data_root, mixed_n, ["sse", "ws"], n_bursts)
+        results["ws_only"] = both("ws_only", scenario_fanout, data_root, mixed_n, ["ws"], n_bursts)
+        results["catch_up"] = both("catch_up", scenario_catch_up, data_root, missed)
+        results["many_streams"] = both(
+            "many_streams",
+            scenario_many_streams,
+            data_root,
+            20 if args.smoke else 1000,
+            2 if args.smoke else 10,
+            n_bursts,
         )
-        results["churn"] = scenario_churn(
-            data_root, 100 if args.smoke else 10000, 50 if args.smoke else 500, 2 if args.smoke else 60
+        results["churn"] = both(
+            "churn",
+            scenario_churn,
+            data_root,
+            100 if args.smoke else 10000,
+            50 if args.smoke else 500,
+            2 if args.smoke else 60,
         )
-        results["multi_worker"] = scenario_multi_worker(data_root, 20 if args.smoke else 100, n_bursts * 2)
+        results["multi_worker"] = both(
+            "multi_worker", scenario_multi_worker, data_root, 20 if args.smoke else 100, n_bursts * 2
+        )
+        if args.compare:
+            baseline["fanout"] = [baseline.pop(f"fanout_{n}") for n in sizes]
+            results["baseline"] = {"dir": os.path.basename(os.path.abspath(args.compare)), **baseline}
         if args.peers:
             peer_sizes = [n for n in sizes if n <= args.peer_max] or sizes[:1]
             results["peers"] = [
@@ -550,6 +589,62 @@ def main() -> int:
         with open(args.out, "a") as f:
             f.write(report(results))
     return 0
+
+
+def _metrics(r: dict) -> list[tuple[str, float | None, bool]]:
+    """(figure, value, higher is better) for every figure the side-by-side table covers."""
+    lat = r["latency_100"]
+    out = [
+        ("insert→client p50 ms (from POST response), N=100", lat["from_response"]["p50"], False),
+        ("insert→client p99 ms (from POST response), N=100", lat["from_response"]["p99"], False),
+        ("insert→client CPU µs/delivery, N=100", lat["cpu_us_per_delivery"], False),
+    ]
+    named = [(f"fan-out SSE N={f['n']}", f) for f in r["fanout"]]
+    named += [(f"fan-out half SSE / half WS N={r['mixed']['n']}", r["mixed"])]
+    named += [(f"fan-out WebSocket N={r['ws_only']['n']}", r["ws_only"])]
+    for name, f in named:
+        one, ten = f["single"], f["batch10"]
+        out += [
+            (f"{name}, 1 event p50 ms", one["from_send"]["p50"], False),
+            (f"{name}, 1 event p99 ms", one["from_send"]["p99"], False),
+            (f"{name}, 1 event last client p50 ms", one["last_client_ms"]["p50"], False),
+            (f"{name}, 1 event CPU µs/delivery", one["cpu_us_per_delivery"], False),
+            (f"{name}, 10-event bursts p99 ms", ten["from_send"]["p99"], False),
+            (f"{name}, 10-event bursts CPU µs/delivery", ten["cpu_us_per_delivery"], False),
+            (f"{name}, deliveries/s", f["deliveries_per_s"], True),
+            (f"{name}, RSS KB per connection", f["rss_per_conn_kb"], False),
+        ]
+    m, ch, w = r["many_streams"], r["churn"], r["multi_worker"]
+    out += [
+        (f"catch-up of {r['catch_up']['missed']} missed events, s", r["catch_up"]["seconds_to_last"], False),
+        (f"many streams ({m['keys']} keys x {m['per_key']}), p99 ms", m["latency"]["p99"], False),
+        ("many streams, CPU ms/event", m["cpu_ms_per_event"], False),
+        ("many streams, RSS KB per connection", m["rss_per_conn_kb"], False),
+        (f"churn of {ch['connections']} connections, s", ch["seconds"], False),
+        ("churn, RSS after, MB", ch["rss_after_mb"], False),
+        ("4 workers, insert→client p99 ms (from send)", w["from_send"]["p99"], False),
+    ]
+    return out
+
+
+def side_by_side(r: dict) -> list[str]:
+    """Every figure of this run next to the baseline's (--compare), with the ratio."""
+    base = r["baseline"]
+    lines = [
+        "",
+        f"Side by side with `{base['dir']}`: each scenario ran on it first, then on this checkout, "
+        "in this run.",
+        "",
+        "| figure | baseline | this checkout | this / baseline | worse by > 5 % |",
+        "|---|---|---|---|---|",
+    ]
+    for (name, mine, higher), (_, theirs, _) in zip(_metrics(r), _metrics(base), strict=True):
+        ratio = round(mine / theirs, 2) if mine and theirs else None
+        worse = ratio is not None and (ratio < 0.95 if higher else ratio > 1.05)
+        lines.append(
+            f"| {name} | {theirs} | {mine} | {'' if ratio is None else ratio} | {'yes' if worse else ''} |"
+        )
+    return lines
 
 
 def report(r: dict) -> str:
@@ -626,6 +721,8 @@ def report(r: dict) -> str:
         )
     )
     lines.append(f"- 4 workers: clients spread over {w['workers_seen']} worker processes.")
+    if r.get("baseline"):
+        lines += side_by_side(r)
     if r.get("peers"):
         lines += [
             "",
