@@ -524,7 +524,8 @@ def main() -> int:
         for run in runs:
             one = run["single"]
             print(
-                f"{run['root']} N={run['n']}: 1 event p50/p99 {one['from_send']['p50']}/{one['from_send']['p99']} ms, "
+                f"{run['root']} N={run['n']}: 1 event p50/p99 "
+                f"{one['from_send']['p50']}/{one['from_send']['p99']} ms, "
                 f"CPU {one['cpu_us_per_delivery']} µs/delivery; 10-event bursts "
                 f"CPU {run['batch10']['cpu_us_per_delivery']} µs/delivery"
             )
