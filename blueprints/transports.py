@@ -120,12 +120,11 @@ def encode_all(items: list[Message], form: str) -> bytes:
 def encode_batch(batch: Batch, form: str) -> bytes:
     """A batch's messages joined in one wire form, cached on the batch (every subscriber of
     a watcher gets the same batch)."""
-    items = batch.items
-    if len(items) == 1:
-        return encode(items[0], form)
     data = batch.wire.get(form)
     if data is None:
-        data = batch.wire[form] = encode_all(items, form)
+        items = batch.items
+        data = encode(items[0], form) if len(items) == 1 else encode_all(items, form)
+        batch.wire[form] = data
     return data
 
 
@@ -148,7 +147,19 @@ class SocketSink:
     # -- the hub's side: never blocks, never yields --
 
     def write_now(self, batch: Batch) -> None:
-        self._send_now(encode_batch(batch, self.form))
+        # The hot path of a fan-out: one dict lookup and one send per subscriber.
+        data = batch.wire.get(self.form) or encode_batch(batch, self.form)
+        try:
+            sent = self.raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.sub.detach()
+            self.sub.end("gone")
+            return
+        if sent < len(data):
+            self.tail.append(memoryview(data)[sent:])
+            self.sub.detach()
 
     def send_control(self, frame: bytes) -> None:
         """A frame of the transport's own (a pong) in the same ordered stream: never in the

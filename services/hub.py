@@ -112,13 +112,15 @@ class Message:
 
 class Batch:
     """Messages dispatched together to every subscriber of a watcher (`wire`: their joined
-    encodings, per wire form, cached by the transports like a message's)."""
+    encodings, per wire form, cached by the transports like a message's; `position`: of its
+    last change, None if it has none)."""
 
-    __slots__ = ("items", "wire")
+    __slots__ = ("items", "wire", "position")
 
     def __init__(self, items: list[Message]):
         self.items = items
         self.wire: dict[str, bytes] = {}
+        self.position = next((m.position for m in reversed(items) if m.position is not None), None)
 
 
 class Sink(Protocol):
@@ -247,9 +249,8 @@ class Subscriber:
             self.skip_through = None  # changes come in order: every later one is new too
             if len(kept) < len(batch.items):
                 batch = Batch(kept)
-        last = batch.items[-1].position
-        if last is not None:
-            self.position = last
+        if batch.position is not None:
+            self.position = batch.position
         sink = self.sink
         if sink is not None:
             sink.write_now(batch)
