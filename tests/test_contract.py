@@ -71,8 +71,7 @@ def drain(stream, expect: int, timeout: float = 10.0) -> list[dict]:
 
 def watch(engine, coll="c", resume_after=None):
     """Open a stream at the end of the feed (the embedded engine first pulls in its own writes)."""
-    if hasattr(engine, "tail_once"):
-        engine.tail_once()
+    engine.tail_once()
     return engine.watch(coll, None, resume_after=resume_after)
 
 
@@ -144,8 +143,7 @@ def test_resume_after_a_token_yields_exactly_the_later_events(engine):
 
 def test_current_token_is_now(engine):
     engine.insert_documents("c", [{"_id": 1}])
-    if hasattr(engine, "tail_once"):
-        engine.tail_once()
+    engine.tail_once()
     stream = watch(engine, resume_after=engine.current_token())
     drain(stream, 0, timeout=0.5)
     engine.insert_documents("c", [{"_id": 2}])
@@ -169,7 +167,6 @@ def test_meta_changes_reach_the_listeners(engine):
     engine.put_collection("d", {"streams": []})
     deadline = time.monotonic() + 10
     while not any(m.coll == "d" and m.kind == "props" for m in seen) and time.monotonic() < deadline:
-        if hasattr(engine, "tail_once"):
-            engine.tail_once()
+        engine.tail_once()
         time.sleep(0.05)
     assert any(m.coll == "d" and m.kind == "props" for m in seen)

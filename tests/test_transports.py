@@ -9,26 +9,11 @@ import struct
 import time
 
 import gevent
-import pytest
 
 from blueprints import transports
 from blueprints.transports import SSE_CHUNKED, SSE_PLAIN, WEBSOCKET, SocketSink, encode, encode_batch
-from services.hub import Batch, Hub, Message, end_message, reset_message
-from tests.test_hub import CONFIG, FakeEngine, wait_for
-
-
-@pytest.fixture
-def engine():
-    return FakeEngine()
-
-
-@pytest.fixture
-def hub(engine):
-    hub = Hub(engine, CONFIG)
-    yield hub
-    hub.close_all()
-    for watcher in list(hub.watchers.values()):
-        watcher.stop()
+from services.hub import Batch, Message, end_message, reset_message
+from tests.test_hub import engine, hub, wait_for  # noqa: F401 - the fixtures
 
 
 def change(n: int) -> Message:
