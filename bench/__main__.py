@@ -492,6 +492,8 @@ def main() -> int:
     )
     ap.add_argument("--peer-max", type=int, default=5000, help="largest N for the peers")
     ap.add_argument("--only", choices=["churn", "fanout"], help="run one scenario and print it (no report)")
+    ap.add_argument("--kinds", default="sse", help="with --only fanout: sse, ws or sse,ws (half each)")
+    ap.add_argument("--repeat", type=int, default=1, help="with --only fanout: alternate this many times")
     ap.add_argument(
         "--compare",
         metavar="DIR",
@@ -515,10 +517,10 @@ def main() -> int:
         return 0
     if args.only == "fanout":  # SSE fan-out alone, alternating with --compare's checkout
         runs = []
-        for n in sizes:
+        for n in [n for n in sizes for _ in range(args.repeat)]:
             for root in ([os.path.abspath(args.compare)] if args.compare else []) + [ROOT]:
                 Server.root = root
-                run = scenario_fanout(data_root, n, ["sse"], n_bursts)
+                run = scenario_fanout(data_root, n, args.kinds.split(","), n_bursts)
                 runs.append({"root": root, "n": n, "single": run["single"], "batch10": run["batch10"]})
         Server.root = ROOT
         for run in runs:

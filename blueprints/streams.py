@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 
 from flask import Blueprint, Response, current_app, g, request
 
@@ -137,8 +138,8 @@ def stream(coll: str, uri: str):
         expires_at=g.auth_expires,
     )
     sock = environ.get("gunicorn.sock")
-    if sock is None:
-        sub.close()
+    if sock is None or _is_tls(sock):
+        sub.close()  # (a raw write would bypass TLS; gunicorn.conf.py refuses certificates)
         raise Unavailable(
             "streams are written to the socket by changefeed's worker: run the server "
             "with gunicorn -c gunicorn.conf.py (make run)"
@@ -178,3 +179,9 @@ def _draining_sse_response() -> Response:
         end_message("shutdown"), transports.SSE_PLAIN
     )
     return Response(body, status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
+
+
+def _is_tls(sock) -> bool:
+    """gunicorn's certfile mode wraps sockets in gevent's SSLSocket (not a subclass of the
+    standard library's): both are TLS."""
+    return isinstance(sock, ssl.SSLSocket) or "SSL" in type(sock).__name__

@@ -148,18 +148,7 @@ class SocketSink:
 
     def write_now(self, batch: Batch) -> None:
         # The hot path of a fan-out: one dict lookup and one send per subscriber.
-        data = batch.wire.get(self.form) or encode_batch(batch, self.form)
-        try:
-            sent = self.raw.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.sub.detach()
-            self.sub.end("gone")
-            return
-        if sent < len(data):
-            self.tail.append(memoryview(data)[sent:])
-            self.sub.detach()
+        self._send_now(batch.wire.get(self.form) or encode_batch(batch, self.form))
 
     def send_control(self, frame: bytes) -> None:
         """A frame of the transport's own (a pong) in the same ordered stream: never in the
@@ -189,10 +178,12 @@ class SocketSink:
             self.sub.detach()
 
     def _on_end(self, reason: str) -> None:
-        """A client that fell behind may not be reading at all: `serve` can be stuck in a
-        write that never completes. After OVERFLOW_GRACE_SECONDS its socket is shut down,
-        which ends that write, so the connection and its greenlet go away."""
-        if reason == "overflow" and self._grace is None:
+        """An ended client may not be reading at all (it fell behind, or it stopped reading
+        a quiet stream before being revoked or drained): `serve` can be stuck in a write
+        that never completes. After OVERFLOW_GRACE_SECONDS its socket is shut down, which
+        ends that write, so the connection and its greenlet go away. `serve` cancels this
+        when it finishes in time."""
+        if self._grace is None:
             self._grace = gevent.spawn_later(OVERFLOW_GRACE_SECONDS, _shut_down, self.raw)
 
     # -- the transport's side: the request's greenlet --
@@ -226,6 +217,7 @@ class SocketSink:
                     self._send_now(self.heartbeat)
         finally:
             sub.sink = None
+            sub.on_end = None
             if self._grace is not None:
                 self._grace.kill(block=False)
 

@@ -84,6 +84,7 @@ from typing import Any, NoReturn
 
 import re2
 
+from . import updates
 from .errors import BadRequest
 from .linear_regex import compile_re2
 from .paths import normalize_path
@@ -368,25 +369,7 @@ def _any_true(results) -> bool | None:
 
 # --------------------------------------------------------------------------- request bodies
 
-UPDATE_OPERATORS = frozenset(
-    {
-        "$set",
-        "$unset",
-        "$inc",
-        "$mul",
-        "$push",
-        "$pull",
-        "$addToSet",
-        "$rename",
-        "$min",
-        "$max",
-        "$currentDate",
-        "$pop",
-        "$pullAll",
-        "$setOnInsert",
-        "$bit",
-    }
-)
+UPDATE_OPERATORS = updates.OPERATORS
 # the writers whose argument value is what ends up at the path (None: a plain field)
 _VALUE_WRITERS = (None, "$set", "$setOnInsert")
 _AMBIGUOUS = object()  # writers disagree about the value at a path

@@ -246,7 +246,8 @@ class Subscriber:
             kept = [m for m in batch.items if m.kind != "change" or m.position > self.skip_through]
             if not kept:
                 return
-            self.skip_through = None  # changes come in order: every later one is new too
+            if any(m.kind == "change" for m in kept):
+                self.skip_through = None  # changes come in order: every later one is new too
             if len(kept) < len(batch.items):
                 batch = Batch(kept)
         if batch.position is not None:
@@ -299,27 +300,33 @@ class Subscriber:
             return
         watcher, hub, upto = self.watcher, self.hub, self.catch_up_upto
         try:
-            stream = hub.engine.watch(watcher.coll, watcher.pipeline, token)
+            with hub.engine.watch(watcher.coll, watcher.pipeline, token) as stream:
+                yield from self._replay(stream, upto)
         except HistoryLost as exc:
             yield [reset_message(exc.message, hub.engine.token(upto))]
-            return
-        with stream:
-            try:
-                yield from self._replay(stream, upto)
-            except HistoryLost as exc:
-                yield [reset_message(exc.message, hub.engine.token(upto))]
+        except Exception as exc:
+            # The history cannot be read now (the database is away): say so and end; the
+            # client reconnects with its last id and loses nothing.
+            log.warning("catch-up of %s/%s failed: %s", watcher.coll, watcher.uri, exc)
+            yield [error_message(f"the stream's history cannot be read now: {exc}")]
+            self.end("error", "could not read the stream's history; reconnect to resume")
 
     def _replay(self, stream: ChangeStream, upto: Any) -> Iterator[list[Message]]:
         visibility = self.watcher.visibility
         while stream.position < upto and self.ended is None:
             batch: list[Message] = []
             size = 0
+            lost: HistoryLost | None = None
             # Reading and encoding take turns among subscribers (CATCH_UP_CONCURRENCY at a
             # time, one batch each): many resuming from far back cannot each hold a batch's
             # memory at once, nor the loop; sending is not under the lock.
             with self.hub.catch_ups:
                 while len(batch) < CATCH_UP_BATCH_EVENTS and size < CATCH_UP_BATCH_BYTES:
-                    change = stream.try_next(timeout=0)
+                    try:
+                        change = stream.try_next(timeout=0)
+                    except HistoryLost as exc:
+                        lost = exc  # what was read before it goes out first
+                        break
                     if change is None or change.position > upto:
                         break
                     message = change_message(change, visibility)
@@ -333,7 +340,9 @@ class Subscriber:
             if batch:
                 yield batch
                 gevent.sleep(0)  # a resume from far back must not hold the other subscribers
-            elif stream.position < upto:
+            if lost is not None:
+                raise lost
+            if not batch and stream.position < upto:
                 change = stream.try_next(timeout=1.0)  # rows not yet in this process's feed
                 if change is not None and change.position <= upto:
                     message = change_message(change, visibility)
@@ -383,6 +392,18 @@ class Watcher:
         return self.stream.position
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except gevent.GreenletExit:
+            raise
+        except Exception:
+            # A fault of the hub itself (not of the stream, which _recover handles): the
+            # subscribers must not be left with heartbeats and nothing else.
+            log.exception("watcher %s/%s failed; ending its subscribers", self.coll, self.uri)
+            self.end_subscribers("error", "the stream failed; reconnect to resume")
+            self.stop()
+
+    def _loop(self) -> None:
         backoff = Backoff(0.1, 10.0)
         while not self.stopped:
             changes, fault = self._read()
@@ -560,19 +581,9 @@ class Hub:
         streams this one counts against (STREAM_MAX_PER_USER / STREAM_MAX_PER_ADDRESS, per
         worker). `expires_at` (a time.time() value) ends it with `expired`.
         """
-        if self.closing:
-            raise Unavailable("server is shutting down; reconnect shortly")
-        if owner is not None:
-            limit = self.max_per_user if owner[0] == "user" else self.max_per_address
-            if self.open_by_owner.get(owner, 0) >= limit:
-                who = f"user '{owner[1]}'" if owner[0] == "user" else "this address"
-                setting = "STREAM_MAX_PER_USER" if owner[0] == "user" else "STREAM_MAX_PER_ADDRESS"
-                raise TooManyRequests(
-                    f"{who} already has {limit} open streams on this server ({setting}); close one first"
-                )
-        key, definition, compiled = self.prepare(coll, uri, avars_raw, grant)
+        self._refuse_if_full(owner)
+        key, definition, compiled = self.prepare(coll, uri, avars_raw, grant)  # may yield
         resume_pos = self.engine.position(resume) if resume is not None else None
-        # From here to the registration nothing may yield, so no event slips between.
         watcher = self.watchers.get(key)
         if watcher is None or watcher.stopped:
             if len(self.watchers) >= self.max_watchers:
@@ -580,10 +591,16 @@ class Hub:
                     f"this server already serves {self.max_watchers} distinct streams "
                     "(STREAM_MAX_WATCHERS); try again later"
                 )
-            watcher = Watcher(
-                self, key, coll, uri, definition, compiled, grant.visibility if grant is not None else None
-            )
-            self.watchers[key] = watcher
+            visibility = grant.visibility if grant is not None else None
+            new = Watcher(self, key, coll, uri, definition, compiled, visibility)  # may yield
+            watcher = self.watchers.get(key)
+            if watcher is None or watcher.stopped:
+                watcher = self.watchers[key] = new
+            else:  # another subscriber opened the key meanwhile: one watcher per key
+                new.stop()
+        # Checked again after the yields above; from here to the registration nothing may
+        # yield, so no event slips between the join and the registration.
+        self._refuse_if_full(owner)
         sub = Subscriber(self, watcher, transport, user, owner, access_check)
         live_from = watcher.position
         if resume is not None:
@@ -591,6 +608,8 @@ class Hub:
                 sub.skip_through = resume_pos
             elif self.replay_size and resume_pos >= watcher.buffer_from:
                 sub.pending.extend(m for m in watcher.buffer if m.position > resume_pos)
+                # changes the watcher has read but not yet dispatched come live: skip those seen
+                sub.skip_through = resume_pos
             else:
                 sub.catch_up_from = resume
                 sub.catch_up_upto = live_from
@@ -603,6 +622,18 @@ class Hub:
                 max(0.0, expires_at - time.time()), sub.end, "expired", "the token expired"
             )
         return sub
+
+    def _refuse_if_full(self, owner: Any) -> None:
+        if self.closing:
+            raise Unavailable("server is shutting down; reconnect shortly")
+        if owner is not None:
+            limit = self.max_per_user if owner[0] == "user" else self.max_per_address
+            if self.open_by_owner.get(owner, 0) >= limit:
+                who = f"user '{owner[1]}'" if owner[0] == "user" else "this address"
+                setting = "STREAM_MAX_PER_USER" if owner[0] == "user" else "STREAM_MAX_PER_ADDRESS"
+                raise TooManyRequests(
+                    f"{who} already has {limit} open streams on this server ({setting}); close one first"
+                )
 
     def unsubscribe(self, sub: Subscriber) -> None:
         watcher = sub.watcher

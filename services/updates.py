@@ -70,7 +70,7 @@ class UpdateError(BadRequest):
     """Bad update input; the message names the fault for the client (HTTP 400)."""
 
 
-_OPERATORS = frozenset(
+OPERATORS = frozenset(
     {
         "$set",
         "$unset",
@@ -616,7 +616,7 @@ def _check_spec(spec: Any) -> list[tuple[str, Path, Any, Path | None]]:
     items = []
     conflicts = _ConflictTracker()
     for op, fields in spec.items():
-        if op not in _OPERATORS:
+        if op not in OPERATORS:
             raise UpdateError(f"unknown update operator {op}")
         if not isinstance(fields, dict):
             raise UpdateError(
@@ -670,7 +670,7 @@ def normalize_patch(body: dict) -> dict:
                 raise UpdateError(f"Updating the path '{key}' would create a conflict at '{key}'")
             merged[key] = value
             continue
-        if key not in _OPERATORS:
+        if key not in OPERATORS:
             raise UpdateError(f"unknown update operator {key}")
         if not isinstance(value, dict):
             _check_spec({key: value})  # raises the "Modifiers operate on fields" error

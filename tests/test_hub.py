@@ -581,3 +581,99 @@ def test_embedded_history_lost_in_a_coalesced_batch_ends_in_reset_then_live(data
         for watcher in list(hub.watchers.values()):
             watcher.stop()
         engine.close()
+
+
+# ----------------------------------------------------------------------------- review findings
+
+
+def test_a_control_message_does_not_end_the_skip_of_a_resumed_subscriber(hub, engine):
+    """A client resumed ahead of this worker's watcher: an error in between must not let the
+    changes it already saw through."""
+    from services.hub import Message, error_message
+
+    sub = hub.subscribe("c", "all", None, engine.token(5), "sse")
+    assert sub.skip_through == 5
+    sub.push(Batch([error_message("pipeline error")]))
+    sub.push(Batch([Message("change", "{}", 3, "3")]))
+    sub.push(Batch([Message("change", "{}", 6, "6")]))
+    assert [(m.kind, m.position) for m in sub.take()] == [("error", None), ("change", 6)]
+
+
+def test_a_resume_from_the_buffer_skips_what_it_saw_when_it_comes_live(hub, engine):
+    from services.hub import Message
+
+    _, sink = subscribe(hub)
+    engine.insert(1, 2, 3, 4)
+    wait_for(lambda: len(sink.messages) == 4)
+    sub = hub.subscribe("c", "all", None, engine.token(3), "sse")
+    assert numbers(sub.take()) == [4]
+    # a change the watcher had read but not yet dispatched when the client joined
+    sub.push(Batch([Message("change", "{}", 3, "3"), Message("change", "{}", 5, "5")]))
+    assert [m.position for m in sub.take()] == [5]
+
+
+def test_subscribers_racing_to_open_a_key_share_one_watcher(hub, engine, monkeypatch):
+    real_watch = engine.watch
+
+    def slow_watch(*args):
+        gevent.sleep(0.05)  # MongoDB's watch is a network round trip
+        return real_watch(*args)
+
+    monkeypatch.setattr(engine, "watch", slow_watch)
+    subs = [gevent.spawn(hub.subscribe, "c", "all", None, None, "sse") for _ in range(3)]
+    gevent.joinall(subs, timeout=5)
+    watchers = {g.value.watcher for g in subs}
+    assert len(watchers) == 1 and list(hub.watchers.values()) == list(watchers)
+    assert len(next(iter(watchers)).subscribers) == 3
+
+
+def test_a_subscribe_in_flight_when_the_drain_starts_is_refused(hub, engine, monkeypatch):
+    real_watch = engine.watch
+
+    def slow_watch(*args):
+        gevent.sleep(0.05)
+        return real_watch(*args)
+
+    monkeypatch.setattr(engine, "watch", slow_watch)
+    pending = gevent.spawn(hub.subscribe, "c", "all", None, None, "sse", owner=("user", "u"))
+    gevent.sleep(0.01)
+    hub.close_all()
+    pending.join(timeout=5)
+    assert "shutting down" in str(pending.exception)
+    assert hub.status()["clients"] == 0 and hub.open_by_owner == {}
+
+
+def test_a_fault_of_the_hub_itself_ends_the_subscribers_instead_of_silence(hub, engine, monkeypatch):
+    import services.hub as hub_module
+
+    sub, _ = subscribe(hub)
+
+    def broken(change, visibility=None):
+        raise RuntimeError("a bug in encoding")
+
+    monkeypatch.setattr(hub_module, "change_message", broken)
+    engine.insert(1)
+    wait_for(lambda: sub.ended is not None)
+    assert sub.ended.reason == "error" and hub.watchers == {}
+
+
+def test_history_lost_during_catch_up_sends_what_was_read_then_a_reset(hub, engine):
+    _, sink = subscribe(hub)
+    engine.insert(*range(1, 13))
+    wait_for(lambda: len(sink.messages) == 12)
+    settle()
+    sub = hub.subscribe("c", "all", None, engine.token(2), "sse")
+    engine.faults[engine.reads + 4] = HistoryLost("the stream fell behind")  # the catch-up's 4th read
+    replayed = [m for batch in sub.catch_up() for m in batch]
+    assert numbers(replayed) == [3, 4, 5, "reset"]
+
+
+def test_a_catch_up_the_engine_cannot_open_is_told_and_ended(hub, engine):
+    _, sink = subscribe(hub)
+    engine.insert(*range(1, 13))
+    wait_for(lambda: len(sink.messages) == 12)
+    sub = hub.subscribe("c", "all", None, engine.token(2), "sse")
+    engine.watch_faults = [RuntimeError("database unreachable")]
+    replayed = [m for batch in sub.catch_up() for m in batch]
+    assert [m.kind for m in replayed] == ["error"] and "unreachable" in replayed[0].data
+    assert sub.ended is not None and sub.ended.reason == "error"

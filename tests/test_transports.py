@@ -262,3 +262,22 @@ def test_gunicorn_refuses_tls_with_one_clear_line(tmp_path):
         "changefeed: refusing to start with certfile/keyfile: it does not terminate TLS; "
         "put a TLS proxy (nginx, Caddy, a load balancer) in front of it"
     ]
+
+
+def test_a_revoked_client_that_stopped_reading_is_cut_off_after_the_grace(hub, engine, monkeypatch):
+    """Not only overflow: any end must reach a client stuck in a write, or it holds its socket."""
+    monkeypatch.setattr(transports, "OVERFLOW_GRACE_SECONDS", 0.2)
+    sub = hub.subscribe("c", "all", None, None, "websocket")
+    ours, peer = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sink = SocketSink(sub, ours, WEBSOCKET, b"", 30.0)
+    greenlet = gevent.spawn(sink.serve)
+    wait_for(lambda: sub.sink is sink)
+    sub.push(Batch([Message("change", json.dumps({"pad": "x" * 100_000}), 1, "1")]))
+    gevent.sleep(0.05)  # serve is stuck sending the tail; the stream then goes quiet
+    sub.end("revoked")
+    greenlet.join(timeout=5)
+    assert greenlet.dead and sub.on_end is None
+    ours.close()
+    peer.close()
