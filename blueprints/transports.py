@@ -57,6 +57,7 @@ CLOSE_CODES = {
     "closed": 1000,
     "too_big": 1009,
     "protocol": 1002,
+    "invalid_data": 1007,
 }
 # The SSE event name of each end reason: `end` when the client should reconnect (or stop,
 # for a removed stream), the reason itself when the client must act on it first.
@@ -299,7 +300,7 @@ def serve_websocket(sub: Subscriber, ws: Any, sock: Any, max_message: int, ping_
         except MessageTooBig:
             sub.end("too_big", f"message larger than {max_message} bytes")
         except WebSocketReadError as exc:
-            sub.end("protocol", exc.reason)
+            sub.end("invalid_data" if exc.code == 1007 else "protocol", exc.reason)
         except OSError:
             pass  # the peer is gone, as at the end of its data
         finally:

@@ -75,6 +75,7 @@ END_REASONS = {
     "closed": "",  # the client sent a WebSocket close frame: the end is the reply
     "too_big": "message too big",
     "protocol": "protocol error",
+    "invalid_data": "invalid frame payload data",
 }
 
 

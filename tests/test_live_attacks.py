@@ -183,6 +183,10 @@ def test_websocket_protocol_errors_get_1002_and_pings_get_pongs(live):
     s.sendall(bytes([0x81, 0x05]) + b"plain")  # not masked: a protocol error for a client
     assert close_code(s) == 1002
     s.close()
+    s = ws_handshake(live.port, "/messages/_streams/all")
+    s.sendall(client_frame(0x8, struct.pack("!H", 1000) + b"\xff\xfe"))  # a close reason that is not UTF-8
+    assert close_code(s) == 1007
+    s.close()
 
 
 def test_anonymous_connections_per_address_are_bounded(live_factory):
