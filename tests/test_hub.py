@@ -612,14 +612,19 @@ def test_a_resume_from_the_buffer_skips_what_it_saw_when_it_comes_live(hub, engi
     assert [m.position for m in sub.take()] == [5]
 
 
-def test_subscribers_racing_to_open_a_key_share_one_watcher(hub, engine, monkeypatch):
+def slow_watches(engine, monkeypatch) -> None:
+    """Opening a stream yields, as MongoDB's watch does (a network round trip)."""
     real_watch = engine.watch
 
     def slow_watch(*args):
-        gevent.sleep(0.05)  # MongoDB's watch is a network round trip
+        gevent.sleep(0.05)
         return real_watch(*args)
 
     monkeypatch.setattr(engine, "watch", slow_watch)
+
+
+def test_subscribers_racing_to_open_a_key_share_one_watcher(hub, engine, monkeypatch):
+    slow_watches(engine, monkeypatch)
     subs = [gevent.spawn(hub.subscribe, "c", "all", None, None, "sse") for _ in range(3)]
     gevent.joinall(subs, timeout=5)
     watchers = {g.value.watcher for g in subs}
@@ -628,13 +633,7 @@ def test_subscribers_racing_to_open_a_key_share_one_watcher(hub, engine, monkeyp
 
 
 def test_a_subscribe_in_flight_when_the_drain_starts_is_refused(hub, engine, monkeypatch):
-    real_watch = engine.watch
-
-    def slow_watch(*args):
-        gevent.sleep(0.05)
-        return real_watch(*args)
-
-    monkeypatch.setattr(engine, "watch", slow_watch)
+    slow_watches(engine, monkeypatch)
     pending = gevent.spawn(hub.subscribe, "c", "all", None, None, "sse", owner=("user", "u"))
     gevent.sleep(0.01)
     hub.close_all()

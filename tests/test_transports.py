@@ -209,17 +209,23 @@ def test_an_idle_stream_gets_heartbeats(hub):
     peer.close()
 
 
-def test_an_overflowed_client_that_never_reads_is_cut_off_after_the_grace(hub, engine, monkeypatch):
+def stuck_in_a_write(hub, monkeypatch, form):
+    """A subscriber whose transport is stuck sending to a peer that never reads (grace 0.2 s)."""
     monkeypatch.setattr(transports, "OVERFLOW_GRACE_SECONDS", 0.2)
-    sub = hub.subscribe("c", "all", None, None, "sse")
+    sub = hub.subscribe("c", "all", None, None, "sse" if form == SSE_PLAIN else "websocket")
     ours, peer = socket.socketpair()
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sink = SocketSink(sub, ours, SSE_PLAIN, b"", 30.0)
+    sink = SocketSink(sub, ours, form, b"", 30.0)
     greenlet = gevent.spawn(sink.serve)
     wait_for(lambda: sub.sink is sink)
     sub.push(Batch([Message("change", json.dumps({"pad": "x" * 100_000}), 1, "1")]))
-    gevent.sleep(0.05)  # serve is now stuck sending the tail to a peer that never reads
+    gevent.sleep(0.05)  # serve is now stuck sending the tail
+    return sub, greenlet, ours, peer
+
+
+def test_an_overflowed_client_that_never_reads_is_cut_off_after_the_grace(hub, engine, monkeypatch):
+    sub, greenlet, ours, peer = stuck_in_a_write(hub, monkeypatch, SSE_PLAIN)
     for n in range(2, 60):
         sub.push(Batch([change(n)]))
     assert sub.ended is not None and sub.ended.reason == "overflow"
@@ -266,16 +272,7 @@ def test_gunicorn_refuses_tls_with_one_clear_line(tmp_path):
 
 def test_a_revoked_client_that_stopped_reading_is_cut_off_after_the_grace(hub, engine, monkeypatch):
     """Not only overflow: any end must reach a client stuck in a write, or it holds its socket."""
-    monkeypatch.setattr(transports, "OVERFLOW_GRACE_SECONDS", 0.2)
-    sub = hub.subscribe("c", "all", None, None, "websocket")
-    ours, peer = socket.socketpair()
-    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sink = SocketSink(sub, ours, WEBSOCKET, b"", 30.0)
-    greenlet = gevent.spawn(sink.serve)
-    wait_for(lambda: sub.sink is sink)
-    sub.push(Batch([Message("change", json.dumps({"pad": "x" * 100_000}), 1, "1")]))
-    gevent.sleep(0.05)  # serve is stuck sending the tail; the stream then goes quiet
+    sub, greenlet, ours, peer = stuck_in_a_write(hub, monkeypatch, WEBSOCKET)  # then the stream goes quiet
     sub.end("revoked")
     greenlet.join(timeout=5)
     assert greenlet.dead and sub.on_end is None
