@@ -488,3 +488,30 @@ def test_a_stream_request_to_a_draining_worker_ends_cleanly_not_500(live_factory
     kept.close()
     sse.close()
     assert server.proc.wait(15) == 0
+
+
+def test_an_http_1_0_client_gets_plain_sse_bytes_until_the_stream_ends(live):
+    """The SSE plain wire form on the wire: no chunk framing, the change, then `end` and EOF."""
+    put_streams(live.url)
+    s = socket.create_connection(("127.0.0.1", live.port), timeout=10)
+    s.sendall(
+        b"GET /messages/_streams/all HTTP/1.0\r\nAccept: text/event-stream\r\n"
+        b"Authorization: " + ADMIN_HEADER.encode() + b"\r\n\r\n"
+    )
+    got = b""
+    while b": connected\n\n" not in got:
+        got += s.recv(65536)
+    assert got.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in got.lower()
+    assert post(live.url, {"n": 1}).status_code == 201
+    while b"event:change" not in got:
+        got += s.recv(65536)
+    put_streams(live.url, body={"streams": [{"uri": "all", "stages": [{"$match": {"x": 1}}]}]})
+    while True:  # redefined: `end`, then the server closes the connection
+        part = s.recv(65536)
+        if not part:
+            break
+        got += part
+    body = got.split(b"\r\n\r\n", 1)[1]
+    assert body.startswith(b"retry:3000\n: connected\n\n") and b"\r\n" not in body  # no chunk framing
+    assert b'"n": 1' in body and body.endswith(b"\n\n") and b"event:end\n" in body
+    s.close()
