@@ -349,18 +349,36 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _with_braces_curl_dropped(raw: str) -> str:
+    """`raw` in braces when that makes a JSON object of a value that is not one (see parse_avars)."""
+    if raw.lstrip().startswith("{"):
+        return raw
+    candidate = "{" + raw + "}"
+    try:
+        return candidate if isinstance(json.loads(candidate, parse_constant=_refuse_constant), dict) else raw
+    except (ValueError, RecursionError):
+        return raw
+
+
 def parse_avars(raw: str | None) -> dict:
     """Parse the ``?avars=`` query value into a dict of variables (``None`` -> ``{}``).
 
     Raises ``AvarsError`` if it is not JSON, not a JSON object, contains a key starting with
-    ``$`` at any depth, or a top-level key starting with ``@`` (reserved names).
+    ``$`` at any depth, or a top-level key starting with ``@`` (reserved names). Messages
+    quote the value as sent.
+
+    The form curl sends for the tutorial's ``?avars={"n":"uji"}`` is accepted too: curl's URL
+    globbing takes ``{...}`` for a set of alternatives and drops the braces, so the server
+    gets ``"n":"uji"``. When a value that does not start with ``{`` parses as a JSON object
+    once wrapped in braces, it is read as that object (``curl -g`` is the other fix).
     """
     if raw is None:
         return {}
     if not raw.strip():
         raise AvarsError("illegal avars parameter, it is empty; expected a json object")
+    text = _with_braces_curl_dropped(raw)
     try:
-        plain = json.loads(raw, parse_constant=_refuse_constant)
+        plain = json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
         raise AvarsError(f"illegal avars parameter, it is not a json object: {shown(raw)}") from None
     if not isinstance(plain, dict):
@@ -383,7 +401,7 @@ def parse_avars(raw: str | None) -> dict:
             "illegal avars parameter: " + exc.message.replace("the avars parameter ", "it ")
         ) from None
     try:
-        return json_util.loads(raw)
+        return json_util.loads(text)
     except Exception:  # noqa: BLE001 - plain JSON without '$' keys; only a decoder fault lands here
         raise AvarsError(f"illegal avars parameter, it is not a json object: {shown(raw)}") from None
 

@@ -515,3 +515,26 @@ def test_an_http_1_0_client_gets_plain_sse_bytes_until_the_stream_ends(live):
     assert body.startswith(b"retry:3000\n: connected\n\n") and b"\r\n" not in body  # no chunk framing
     assert b'"n": 1' in body and body.endswith(b"\n\n") and b"event:end\n" in body
     s.close()
+
+
+def test_tutorial_step_7_works_with_curl_exactly_as_printed(live):
+    """curl's URL globbing sends `avars="n":"uji"` for the tutorial's `avars={"n":"uji"}`."""
+    import shutil
+    import subprocess
+
+    if shutil.which("curl") is None:
+        pytest.skip("the curl binary is not installed")
+    put_streams(live.url)
+    command = [
+        "curl", "-N", "--max-time", "6",
+        "-H", "Accept: text/event-stream",
+        "-H", "Authorization: Basic YWRtaW46c2VjcmV0",
+        f'http://127.0.0.1:{live.port}/messages/_streams/mine?avars={{"n":"uji"}}',
+    ]  # fmt: skip
+    curl = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert wait_for(lambda: live.status()["clients"] == 1)
+    for name in ("other", "uji", "someone"):
+        assert post(live.url, {"message": "Hello SSE!", "name": name}).status_code == 201
+    out, _ = curl.communicate(timeout=15)
+    events = [json.loads(line[5:]) for line in out.decode().splitlines() if line.startswith("data:")]
+    assert [e["fullDocument"]["name"] for e in events] == ["uji"]

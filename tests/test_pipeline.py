@@ -328,6 +328,9 @@ def test_validate_streams_rejects(streams, uri, fault):
         ('{"a.b": 1}', {"a.b": 1}),
         ('{"x": "$fullDocument.secret"}', {"x": "$fullDocument.secret"}),  # $ in values is fine
         ('{"x@y": 1, "y": {"@nested": 2}}', {"x@y": 1, "y": {"@nested": 2}}),  # only top-level @ is reserved
+        # what curl sends for ?avars={"n":"uji"}: its URL globbing drops the braces
+        ('"n":"uji"', {"n": "uji"}),
+        ('"n": {"a": [1]}, "m": 2', {"n": {"a": [1]}, "m": 2}),
     ],
 )
 def test_parse_avars_ok(raw, expected):
@@ -338,6 +341,9 @@ def test_parse_avars_ok(raw, expected):
     "raw, fault",
     [
         ("{n: 1}", "illegal avars parameter, it is not a json object: {n: 1}"),
+        ('"n":', 'illegal avars parameter, it is not a json object: "n":'),  # quoted as sent
+        ('"@user": {"_id": "admin"}', "variable names starting with '@' are reserved"),  # braces or not
+        ('"x": {"$gt": 1}', "cannot include operators"),
         ("{'n': 'uji'}", "illegal avars parameter, it is not a json object: {'n': 'uji'}"),
         ("not json", "illegal avars parameter, it is not a json object: not json"),
         ('{"a": 1', "it is not a json object"),
