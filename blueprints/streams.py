@@ -15,6 +15,7 @@ import ssl
 
 from flask import Blueprint, Response, current_app, g, request
 
+from services import pipeline as pipelines
 from services import sse
 from services.errors import BadRequest, Unavailable
 from services.hub import end_message, find_stream
@@ -113,10 +114,11 @@ def stream(coll: str, uri: str):
     else:
         token = _resume_token(request.headers.get("Last-Event-ID") or request.args.get("lastEventId"))
     grant = security.grant(coll)
+    query_vars = pipelines.query_variables(request.args.items(multi=True))
     if request.method == "HEAD":
         # The headers a GET would get, after the same checks, and nothing subscribed: the
         # server sends no body for HEAD, so a subscription would never be served or ended.
-        hub().prepare(coll, uri, request.args.get("avars"), grant)
+        hub().prepare(coll, uri, request.args.get("avars"), grant, query_vars)
         return Response(iter(()), status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
     if not websocket and hub().closing:
         # A draining worker still reads requests on kept-alive sockets (and for up to 1 s on
@@ -136,6 +138,7 @@ def stream(coll: str, uri: str):
         owner=owner,
         access_check=still_allowed,
         expires_at=g.auth_expires,
+        query_vars=query_vars,
     )
     sock = environ.get("gunicorn.sock")
     if sock is None or _is_tls(sock):

@@ -544,16 +544,22 @@ class Hub:
     # -- opening --
 
     def prepare(
-        self, coll: str, uri: str, avars_raw: str | None, grant: Grant | None = None
+        self,
+        coll: str,
+        uri: str,
+        avars_raw: str | None,
+        grant: Grant | None = None,
+        query_vars: dict | None = None,
     ) -> tuple[tuple, str, pipelines.Pipeline]:
         """Find the stream definition and bind its variables; 404/400/403 before any response.
 
         `grant` is the caller's permission (None: nothing restricted): its readFilter and
         projectResponse shape the stream (Grant.stream_stages) and what its events show.
+        `query_vars` (pipeline.query_variables) are bound too; `avars` wins over them.
         """
         definition = find_stream(self.engine.get_collection(coll), uri)
         stages = list(definition.get("stages", []))
-        avars = pipelines.parse_avars(avars_raw)
+        avars = {**(query_vars or {}), **pipelines.parse_avars(avars_raw)}
         if grant is not None:
             stages = grant.stream_stages(stages, avars)
         compiled = pipelines.compile_pipeline(stages, avars)
@@ -574,6 +580,7 @@ class Hub:
         owner: Any = None,
         access_check: Callable[[dict], bool] | None = None,
         expires_at: float | None = None,
+        query_vars: dict | None = None,
     ) -> Subscriber:
         """Register a subscriber on its stream key, resuming after `resume` when given.
 
@@ -583,7 +590,7 @@ class Hub:
         worker). `expires_at` (a time.time() value) ends it with `expired`.
         """
         self._refuse_if_full(owner)
-        key, definition, compiled = self.prepare(coll, uri, avars_raw, grant)  # may yield
+        key, definition, compiled = self.prepare(coll, uri, avars_raw, grant, query_vars)  # may yield
         resume_pos = self.engine.position(resume) if resume is not None else None
         watcher = self.watchers.get(key)
         if watcher is None or watcher.stopped:

@@ -54,7 +54,7 @@ from __future__ import annotations
 import json
 import numbers
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -347,6 +347,43 @@ def bind_variables(stages: list, avars: dict) -> list:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+# Query parameters a stream URL uses itself: never variables.
+SERVER_PARAMETERS = frozenset({"avars", "access_token", "lastEventId", "noauthchallenge", "page", "pagesize"})
+
+
+def query_variables(params: Iterable[tuple[str, str]]) -> dict:
+    """Variables from a stream URL's own query parameters (RESTHeart 9.9): ``?n=uji`` binds
+    ``n``. A value that parses as JSON is that JSON (``?v=5`` is the number 5), anything else
+    the string. The server's own parameters (SERVER_PARAMETERS) are skipped; an ``@`` name
+    (server-side variables) or a ``$`` key in a value is a 400, as in ``avars``, and so is a
+    name given twice. ``avars`` wins over a parameter of the same name (the caller merges).
+    """
+    out: dict = {}
+    for name, value in params:
+        if name in SERVER_PARAMETERS:
+            continue
+        if name.startswith("@"):
+            raise AvarsError(
+                f"illegal query parameter {name!r}: variable names starting with '@' are reserved "
+                "for server-side variables"
+            )
+        if name in out:
+            raise AvarsError(f"illegal query parameter {name!r}: a variable may be given once")
+        try:
+            out[name] = json.loads(value, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError):
+            out[name] = value
+    if has_dollar_key(out):
+        raise AvarsError("illegal query parameter: variables cannot include operators ('$' keys)")
+    try:
+        check_bson_limits(out, "the query parameters")
+    except BadRequest as exc:
+        raise AvarsError(
+            "illegal query parameters: " + exc.message.replace("the query parameters ", "they ")
+        ) from None
+    return out
 
 
 def _with_braces_curl_dropped(raw: str) -> str:

@@ -538,3 +538,22 @@ def test_tutorial_step_7_works_with_curl_exactly_as_printed(live):
     out, _ = curl.communicate(timeout=15)
     events = [json.loads(line[5:]) for line in out.decode().splitlines() if line.startswith("data:")]
     assert [e["fullDocument"]["name"] for e in events] == ["uji"]
+
+
+def test_query_parameters_are_variables_and_avars_wins(live):
+    """RESTHeart 9.9: `mine?n=uji` binds n; over SSE and WebSocket; avars wins."""
+    put_streams(live.url)
+    by_query = open_sse(live.url, "/messages/_streams/mine?n=uji")
+    ws = open_ws(live.url, "/messages/_streams/mine?n=uji")
+    overridden = open_sse(live.url, '/messages/_streams/mine?n=uji&avars={"n":"bob"}')
+    assert wait_for(lambda: live.status()["clients"] == 3)
+    for name in ("bob", "uji"):
+        assert post(live.url, {"name": name}).status_code == 201
+    assert by_query.next_event().json()["fullDocument"]["name"] == "uji"
+    assert json.loads(ws.recv())["fullDocument"]["name"] == "uji"
+    assert overridden.next_event().json()["fullDocument"]["name"] == "bob"
+    spoof = SSEClient(live.url + "/messages/_streams/mine?n=uji&@user=x", headers=AUTH)
+    assert spoof.status == 400 and "reserved for server-side variables" in json.loads(spoof.body())["message"]
+    for client in (by_query, overridden, spoof):
+        client.close()
+    ws.close()

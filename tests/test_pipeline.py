@@ -903,3 +903,59 @@ def test_validate_streams_deep_nesting():
         deep = {"$and": [deep]}
     with pytest.raises(PipelineError, match="stream 'deep': 'stages' is nested too deeply"):
         validate_streams([{"uri": "deep", "stages": [{"$match": deep}]}])
+
+
+# ----------------------------------------------------------------------------- query-parameter variables
+
+
+def test_query_parameters_bind_variables_as_json_or_strings():
+    from services.pipeline import query_variables
+
+    params = [("n", "uji"), ("v", "5"), ("o", '{"a": [1]}'), ("t", "true"), ("s", '"quoted"'), ("x", "{oops")]
+    assert query_variables(params) == {
+        "n": "uji",
+        "v": 5,
+        "o": {"a": [1]},
+        "t": True,
+        "s": "quoted",
+        "x": "{oops",
+    }
+    # the server's own parameters are never variables
+    server = [
+        (name, "1")
+        for name in ("avars", "access_token", "lastEventId", "noauthchallenge", "page", "pagesize")
+    ]
+    assert query_variables(server) == {}
+
+
+@pytest.mark.parametrize(
+    "params, fault",
+    [
+        ([("@user", "x")], "variable names starting with '@' are reserved"),
+        ([("@user._id", '"admin"')], "variable names starting with '@' are reserved"),
+        ([("n", "1"), ("n", "2")], "a variable may be given once"),
+        ([("x", '{"$gt": 1}')], "cannot include operators"),
+        ([("x", '[{"$ne": null}]')], "cannot include operators"),
+        ([("x", "NaN")], None),  # not JSON here (constants are refused): the string "NaN"
+    ],
+)
+def test_query_parameter_variables_refuse_what_avars_refuses(params, fault):
+    from services.pipeline import query_variables
+
+    if fault is None:
+        assert query_variables(params) == {"x": "NaN"}
+        return
+    with pytest.raises(AvarsError, match=re.escape(fault)):
+        query_variables(params)
+
+
+def test_avars_win_over_query_parameters_and_values_stay_literals():
+    from services.pipeline import query_variables
+
+    stages = [{"_$match": {"fullDocument::name": {"_$var": "n"}}}]
+    merged = {**query_variables([("n", "from-query")]), **parse_avars('{"n": "from-avars"}')}
+    pipeline = compile_pipeline(stages, merged)
+    assert pipeline.stages == [{"$match": {"fullDocument.name": "from-avars"}}]
+    # an object from a parameter is a value to compare with, never a query
+    tricky = compile_pipeline(stages, query_variables([("n", '{"a": 1}')]))
+    assert tricky.stages == [{"$match": {"fullDocument.name": {"$eq": {"a": 1}}}}]
