@@ -29,7 +29,10 @@ Deliberate departures from RESTHeart / MongoDB:
    change ``_id`` are refused up front, as are aggregation-expression operators the embedded
    engine cannot evaluate (``$getField``, ``$mergeObjects``, ``$dateAdd`` ...). ``uri`` must
    be URL-safe (``[A-Za-z0-9._~-]``, <= 100 chars) and unique (RESTHeart: first match wins).
-2. ``$ifvar`` and ``$changeStreamSplitLargeEvent`` are not supported (refused as stages).
+2. ``$ifvar`` is a whole stage, RESTHeart's form: ``{"$ifvar": ["n", <stage>]}`` or
+   ``{"$ifvar": [["a", "b"], <stage>, <else stage>]}``: the stage applies when every named
+   variable is bound, else the else stage, else nothing. Both stages are validated when the
+   stream is written, like every stage. ``$changeStreamSplitLargeEvent`` is refused.
 3. ``$var`` placement is stricter: a variable may only supply a *value*. It cannot stand for
    a whole stage argument, a whole query document or ``$unset`` field names. A bound value is
    wrapped in ``{"$eq": v}`` (query field-equality position, when it is an object or a
@@ -315,11 +318,42 @@ def _bind_stage(name: str, arg: Any, resolver: _Resolver) -> Any:
     return _bind_expr(arg, resolver)  # $project, $addFields, $set, $replaceRoot {newRoot: ...}
 
 
+def _ifvar_parts(arg: Any, where: str) -> tuple[list[str], dict, dict | None]:
+    """The (variable names, stage, else stage) of a ``$ifvar`` argument, or PipelineError."""
+    if not isinstance(arg, list) or len(arg) not in (2, 3):
+        raise PipelineError(
+            f"{where}: $ifvar needs [variable names, stage] or [variable names, stage, else stage]"
+        )
+    names = [arg[0]] if isinstance(arg[0], str) else arg[0]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise PipelineError(
+            f"{where}: $ifvar's first element must be a variable name or a non-empty array of them"
+        )
+    if any("$" in n for n in names):
+        raise PipelineError(f"{where}: $ifvar's variable names cannot contain '$'")
+    for branch in arg[1:]:
+        if not isinstance(branch, dict) or len(branch) != 1:
+            raise PipelineError(
+                f"{where}: $ifvar's stages must each be one stage object, found {_show(branch)}"
+            )
+    return names, arg[1], arg[2] if len(arg) == 3 else None
+
+
+def _is_bound(name: str, resolver: _Resolver) -> bool:
+    return resolver(name, True, _MISSING) is not _MISSING
+
+
 def _bind_stages(stages: list, resolver: _Resolver) -> list:
     out = []
     for stage in stages:
         if isinstance(stage, dict) and len(stage) == 1:
             ((name, arg),) = stage.items()
+            if name == "$ifvar":
+                names, then, otherwise = _ifvar_parts(arg, "$ifvar")
+                chosen = then if all(_is_bound(n, resolver) for n in names) else otherwise
+                if chosen is not None:
+                    out.extend(_bind_stages([chosen], resolver))
+                continue
             out.append({name: _bind_stage(name, arg, resolver)})
         else:
             out.append(stage)
@@ -609,6 +643,10 @@ def _check_stages(stages: Any, label: str) -> None:
                 f"{where} must be an object with exactly one key (the stage name), found {_show(stage)}"
             )
         ((name, arg),) = stage.items()
+        if name == "$ifvar":
+            _, then, otherwise = _ifvar_parts(arg, where)
+            _check_stages([then] if otherwise is None else [then, otherwise], f"{where} ($ifvar)")
+            continue
         if name not in ALLOWED_STAGES:
             raise PipelineError(
                 "{} uses {}, allowed stages are {}".format(where, name, ", ".join(ALLOWED_STAGES))
@@ -622,8 +660,13 @@ def _check_stages(stages: Any, label: str) -> None:
 def _check_stage_vars(stages: list, label: str) -> None:
     """Dry-run the binder: rejects malformed and misplaced ``$var`` placeholders."""
     for index, stage in enumerate(stages, start=1):
+        branches = [stage]
+        if isinstance(stage, dict) and "$ifvar" in stage:  # both of its stages, whatever is bound
+            _, then, otherwise = _ifvar_parts(stage["$ifvar"], f"{label}: stage {index}")
+            branches = [then] if otherwise is None else [then, otherwise]
         try:
-            _bind_stages([stage], lambda name, has_default, default: default)
+            for branch in branches:
+                _bind_stages([branch], lambda name, has_default, default: default)
         except VariableError as exc:
             raise PipelineError(f"{label}: stage {index}: {exc}") from None
 

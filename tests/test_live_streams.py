@@ -557,3 +557,24 @@ def test_query_parameters_are_variables_and_avars_wins(live):
     for client in (by_query, overridden, spoof):
         client.close()
     ws.close()
+
+
+def test_an_ifvar_stage_filters_only_when_its_variable_is_bound(live):
+    body = {
+        "streams": [
+            {
+                "uri": "opt",
+                "stages": [{"_$ifvar": ["n", {"_$match": {"fullDocument::name": {"_$var": "n"}}}]}],
+            }
+        ]
+    }
+    assert put_streams(live.url, body=body) == 201
+    everything = open_sse(live.url, "/messages/_streams/opt")
+    only_uji = open_sse(live.url, "/messages/_streams/opt?n=uji")
+    assert wait_for(lambda: live.status()["clients"] == 2 and live.status()["watchers"] == 2)
+    for name in ("bob", "uji"):
+        assert post(live.url, {"name": name}).status_code == 201
+    assert [everything.next_event().json()["fullDocument"]["name"] for _ in range(2)] == ["bob", "uji"]
+    assert only_uji.next_event().json()["fullDocument"]["name"] == "uji"
+    everything.close()
+    only_uji.close()

@@ -219,7 +219,18 @@ def test_validate_streams_accepts(streams):
             "stage 2 uses $group, allowed stages are " + ", ".join(ALLOWED_STAGES),
         ),
         ([{"uri": "s", "stages": [{"_$lookup": {"from": "users"}}]}], "'s'", "uses $lookup"),
-        ([{"uri": "s", "stages": [{"$ifvar": ["n", {"$match": {}}]}]}], "'s'", "uses $ifvar"),
+        ([{"uri": "s", "stages": [{"$ifvar": ["n"]}]}], "'s'", "$ifvar needs [variable names, stage]"),
+        ([{"uri": "s", "stages": [{"$ifvar": [[], {"$match": {}}]}]}], "'s'", "a non-empty array of them"),
+        (
+            [{"uri": "s", "stages": [{"$ifvar": ["n", {"$group": {"_id": 1}}]}]}],
+            "'s'",
+            "($ifvar): stage 1 uses $group",
+        ),
+        (
+            [{"uri": "s", "stages": [{"$ifvar": ["n", {"$match": {}}, {"$match": {"$where": "1"}}]}]}],
+            "'s'",
+            "($ifvar): stage 2 uses the forbidden operator $where",
+        ),
         ([{"uri": "s", "stages": [{"$match": {"$where": "true"}}]}], "'s'", "forbidden operator $where"),
         (
             [{"uri": "s", "stages": [{"_$match": {"_$expr": {"_$function": {"body": "f"}}}}]}],
@@ -959,3 +970,33 @@ def test_avars_win_over_query_parameters_and_values_stay_literals():
     # an object from a parameter is a value to compare with, never a query
     tricky = compile_pipeline(stages, query_variables([("n", '{"a": 1}')]))
     assert tricky.stages == [{"$match": {"fullDocument.name": {"$eq": {"a": 1}}}}]
+
+
+# ----------------------------------------------------------------------------- $ifvar
+
+
+IFVAR = [
+    {"_$ifvar": ["n", {"_$match": {"fullDocument::name": {"_$var": "n"}}}]},
+    {"_$ifvar": [["a", "b"], {"_$set": {"both": True}}, {"_$set": {"both": False}}]},
+]
+
+
+@pytest.mark.parametrize(
+    "avars, stages",
+    [
+        ({}, [{"$set": {"both": False}}]),
+        ({"n": "uji"}, [{"$match": {"fullDocument.name": "uji"}}, {"$set": {"both": False}}]),
+        ({"a": 1}, [{"$set": {"both": False}}]),
+        ({"a": 1, "b": None}, [{"$set": {"both": True}}]),  # bound to null is bound
+        ({"n": "x", "a": 1, "b": 2}, [{"$match": {"fullDocument.name": "x"}}, {"$set": {"both": True}}]),
+    ],
+)
+def test_ifvar_applies_its_stage_when_every_variable_is_bound_else_the_else_stage(avars, stages):
+    assert validate_streams([{"uri": "s", "stages": IFVAR}])
+    assert compile_pipeline(IFVAR, avars).stages == stages
+
+
+def test_ifvar_stages_are_checked_for_variables_on_both_branches_when_written():
+    bad_else = [{"_$ifvar": ["n", {"_$match": {}}, {"_$match": {"a": {"_$var": 1}}}]}]
+    with pytest.raises(PipelineError, match="wrong variable name"):
+        validate_streams([{"uri": "s", "stages": bad_else}])
