@@ -249,13 +249,15 @@ def grant(coll: str | None) -> Grant:
     )
 
 
-def access_checker(app: Flask):
+def access_checker(app: Flask, account_bound: bool = False):
     """A callable that tells, later and outside this request, whether access still holds.
 
     Streams call it when users or the ACL change: a deleted user, a changed password (for
     token sessions), a lost role or a removed rule ends the stream (event:revoked / 1008),
     and so does a permission whose readFilter or projectResponse now says something else
-    (the stream was opened with the old ones).
+    (the stream was opened with the old ones). With `account_bound` (the stream's stages
+    read `@user`), any change to the account ends it too, so that the client reconnects
+    under the new binding.
     """
     user = g.user
     kind = g.auth_kind
@@ -263,9 +265,11 @@ def access_checker(app: Flask):
     user_id = user["_id"] if user else None
     opened = _stream_terms(g.get("permission"), user)
     fingerprint = None
+    account = None
     if user_id is not None:
         stored = app.extensions["changefeed.engine"].get_document("users", user_id)
         fingerprint = password_fingerprint(stored)
+        account = {k: v for k, v in stored.items() if k not in ("password", "_etag")}
 
     def still_allowed(users_read: dict | None = None) -> bool:
         """`users_read` caches user documents across one re-check of many clients."""
@@ -284,6 +288,8 @@ def access_checker(app: Flask):
                 if password_fingerprint(stored) != fingerprint and kind != "anonymous":
                     return False
                 current = {k: v for k, v in stored.items() if k != "password"}
+                if account_bound and {k: v for k, v in current.items() if k != "_etag"} != account:
+                    return False
             fresh = acl.RequestInfo(method=info.method, path=info.path, query=info.query, user=current)
             decision = decide(current, fresh)
             if not decision.allowed:

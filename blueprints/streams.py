@@ -17,7 +17,7 @@ from flask import Blueprint, Response, current_app, g, request
 
 from services import pipeline as pipelines
 from services import sse
-from services.errors import BadRequest, Unavailable
+from services.errors import BadRequest, Unauthorized, Unavailable
 from services.hub import end_message, find_stream
 from services.query import shown
 
@@ -115,31 +115,40 @@ def stream(coll: str, uri: str):
         token = _resume_token(request.headers.get("Last-Event-ID") or request.args.get("lastEventId"))
     grant = security.grant(coll)
     query_vars = pipelines.query_variables(request.args.items(multi=True))
+    server_vars = pipelines.server_variables(g.user, grant.read_filter)
     if request.method == "HEAD":
         # The headers a GET would get, after the same checks, and nothing subscribed: the
         # server sends no body for HEAD, so a subscription would never be served or ended.
-        hub().prepare(coll, uri, request.args.get("avars"), grant, query_vars)
+        _prepare(coll, uri, grant, query_vars, server_vars)
         return Response(iter(()), status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
     if not websocket and hub().closing:
         # A draining worker still reads requests on kept-alive sockets (and for up to 1 s on
         # new ones). Any non-200 would close an EventSource for good, so it gets `end` and
         # retries after `retry:` with its Last-Event-ID, by then on the next server.
         return _draining_sse_response()
-    still_allowed = security.access_checker(current_app._get_current_object())
+    # A stream bound to the account (@user) ends with `revoked` when the account changes,
+    # so that the client reconnects under the new binding.
+    stages = find_stream(engine().get_collection(coll), uri).get("stages", [])
+    account_bound = g.user is not None and pipelines.account_variables(stages)[0]
+    still_allowed = security.access_checker(current_app._get_current_object(), account_bound=account_bound)
     owner = ("user", g.user["_id"]) if g.user is not None else ("address", security.client_address())
-    sub = hub().subscribe(
-        coll,
-        uri,
-        request.args.get("avars"),
-        token,
-        "websocket" if websocket else "sse",
-        g.user,
-        grant=grant,
-        owner=owner,
-        access_check=still_allowed,
-        expires_at=g.auth_expires,
-        query_vars=query_vars,
-    )
+    try:
+        sub = hub().subscribe(
+            coll,
+            uri,
+            request.args.get("avars"),
+            token,
+            "websocket" if websocket else "sse",
+            g.user,
+            grant=grant,
+            owner=owner,
+            access_check=still_allowed,
+            expires_at=g.auth_expires,
+            query_vars=query_vars,
+            server_vars=server_vars,
+        )
+    except Unauthorized as exc:  # a stream scoped to @user, for an anonymous caller
+        raise security.unauthorized(exc.message) from None
     sock = environ.get("gunicorn.sock")
     if sock is None or _is_tls(sock):
         sub.close()  # (a raw write would bypass TLS; gunicorn.conf.py refuses certificates)
@@ -171,6 +180,14 @@ def stream(coll: str, uri: str):
         sub.close()
         raise
     return response
+
+
+def _prepare(coll: str, uri: str, grant, query_vars: dict, server_vars: dict):
+    """hub().prepare, with the challenge headers on its 401 (a stream scoped to @user)."""
+    try:
+        return hub().prepare(coll, uri, request.args.get("avars"), grant, query_vars, server_vars)
+    except Unauthorized as exc:
+        raise security.unauthorized(exc.message) from None
 
 
 bp.add_url_rule("/<coll>/_streams/<uri>", "stream", stream, methods=["GET"])

@@ -46,7 +46,7 @@ from bson import json_util
 from . import extjson
 from . import pipeline as pipelines
 from .backoff import Backoff
-from .errors import HistoryLost, NotFound, TooManyRequests, Unavailable
+from .errors import HistoryLost, NotFound, TooManyRequests, Unauthorized, Unavailable
 from .hidden import Visibility
 from .permissions import Grant
 from .storage import Change, ChangeStream, Engine, MetaChange
@@ -550,16 +550,21 @@ class Hub:
         avars_raw: str | None,
         grant: Grant | None = None,
         query_vars: dict | None = None,
+        server_vars: dict | None = None,
     ) -> tuple[tuple, str, pipelines.Pipeline]:
         """Find the stream definition and bind its variables; 404/400/403 before any response.
 
         `grant` is the caller's permission (None: nothing restricted): its readFilter and
         projectResponse shape the stream (Grant.stream_stages) and what its events show.
         `query_vars` (pipeline.query_variables) are bound too; `avars` wins over them.
+        `server_vars` (pipeline.server_variables: `@user`, `@mongoPermissions`) come from the
+        account only; a stream that needs `@user` answers 401 to a caller without one.
         """
         definition = find_stream(self.engine.get_collection(coll), uri)
         stages = list(definition.get("stages", []))
-        avars = {**(query_vars or {}), **pipelines.parse_avars(avars_raw)}
+        if "@user" not in (server_vars or {}) and pipelines.account_variables(stages)[1]:
+            raise Unauthorized("this stream is scoped to the logged-in user: authenticate to open it")
+        avars = {**(query_vars or {}), **pipelines.parse_avars(avars_raw), **(server_vars or {})}
         if grant is not None:
             stages = grant.stream_stages(stages, avars)
         compiled = pipelines.compile_pipeline(stages, avars)
@@ -581,6 +586,7 @@ class Hub:
         access_check: Callable[[dict], bool] | None = None,
         expires_at: float | None = None,
         query_vars: dict | None = None,
+        server_vars: dict | None = None,
     ) -> Subscriber:
         """Register a subscriber on its stream key, resuming after `resume` when given.
 
@@ -590,7 +596,9 @@ class Hub:
         worker). `expires_at` (a time.time() value) ends it with `expired`.
         """
         self._refuse_if_full(owner)
-        key, definition, compiled = self.prepare(coll, uri, avars_raw, grant, query_vars)  # may yield
+        key, definition, compiled = self.prepare(
+            coll, uri, avars_raw, grant, query_vars, server_vars
+        )  # may yield
         resume_pos = self.engine.position(resume) if resume is not None else None
         watcher = self.watchers.get(key)
         if watcher is None or watcher.stopped:

@@ -173,6 +173,47 @@ def _var_spec(value: dict) -> tuple[str, bool, Any]:
     )
 
 
+def server_variables(user: dict | None, read_filter: dict | None) -> dict:
+    """The variables the server binds from the authenticated account (RESTHeart's names):
+    ``@user`` (the account without its password; ``@user.<path>`` reads into it, as
+    ``@user.roles``) and ``@mongoPermissions.readFilter``. A client can never set them: an
+    ``@`` name in ``avars`` or a query parameter is a 400. An anonymous caller has no
+    ``@user``."""
+    out: dict = {"@mongoPermissions": {"readFilter": read_filter}}
+    if user is not None:
+        out["@user"] = {k: v for k, v in user.items() if k != "password"}
+    return out
+
+
+def account_variables(stages: Any) -> tuple[bool, bool]:
+    """(uses any ``@user`` variable, needs one that has no default) in stored stages."""
+    uses = needs = False
+    stack = [stages]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            for key, child in value.items():
+                if key in ("$var", "_$var"):
+                    name = (
+                        child
+                        if isinstance(child, str)
+                        else (child[0] if isinstance(child, list) and child else "")
+                    )
+                    if isinstance(name, str) and (name == "@user" or name.startswith("@user.")):
+                        uses = True
+                        needs = needs or isinstance(child, str)
+                elif key in ("$ifvar", "_$ifvar") and isinstance(child, list) and child:
+                    names = child[0] if isinstance(child[0], list) else [child[0]]
+                    uses = uses or any(isinstance(n, str) and n.startswith("@user") for n in names)
+                    # the variables of an optional stage are used, but never needed
+                    uses = uses or any(account_variables(branch)[0] for branch in child[1:])
+                    continue
+                stack.append(child)
+        elif isinstance(value, list):
+            stack.extend(value)
+    return uses, needs
+
+
 def _lookup(avars: dict, name: str) -> Any:
     if name in avars:
         return avars[name]

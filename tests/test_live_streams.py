@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import socket
@@ -578,3 +579,73 @@ def test_an_ifvar_stage_filters_only_when_its_variable_is_bound(live):
     assert only_uji.next_event().json()["fullDocument"]["name"] == "uji"
     everything.close()
     only_uji.close()
+
+
+TEAM_STREAM = {
+    "streams": [
+        {"uri": "team", "stages": [{"_$match": {"fullDocument::team": {"_$var": "@user.team"}}}]},
+    ]
+}
+
+
+def test_a_stream_scoped_with_user_variables_follows_the_account(live):
+    """@user.<path> comes from the account only; anonymous callers get 401; a change to the
+    account ends its scoped streams with `revoked`, and the reconnect binds the new value."""
+    assert put_streams(live.url, body=TEAM_STREAM) == 201
+    for user, team in (("ann", "red"), ("ben", "blue")):
+        r = requests.post(
+            f"{live.url}/users",
+            auth=ADMIN,
+            json={"_id": user, "password": "pw", "roles": ["member"], "team": team},
+            timeout=10,
+        )
+        assert r.status_code == 201, r.text
+    rule = {
+        "_id": "members",
+        "predicate": "path-prefix(/messages/_streams/team)",
+        "roles": ["member"],
+        "priority": 1,
+    }
+    assert requests.post(f"{live.url}/acl", auth=ADMIN, json=rule, timeout=10).status_code == 201
+
+    def open_as(user, query=""):
+        basic = base64.b64encode(f"{user}:pw".encode()).decode()
+        return SSEClient(
+            f"{live.url}/messages/_streams/team{query}", headers={"Authorization": "Basic " + basic}
+        )
+
+    ann, ben = open_as("ann"), open_as("ben")
+    assert ann.status == 200 and ben.status == 200
+    # a client cannot bind or shadow @user through avars or a query parameter
+    for query in (
+        '?avars={"@user":{"team":"blue"}}',
+        '?avars={"@user.team":"blue"}',
+        "?@user.team=blue",
+        "?@user=x",
+    ):
+        spoof = open_as("ann", query)
+        assert (
+            spoof.status == 400
+            and "reserved for server-side variables" in json.loads(spoof.body())["message"]
+        )
+        spoof.close()
+    anonymous = SSEClient(f"{live.url}/messages/_streams/team")
+    assert anonymous.status == 401
+    anonymous.close()
+    assert wait_for(lambda: live.status()["clients"] == 2)
+    for team in ("blue", "red"):
+        assert post(live.url, {"team": team}).status_code == 201
+    assert ann.next_event().json()["fullDocument"]["team"] == "red"
+    assert ben.next_event().json()["fullDocument"]["team"] == "blue"
+    # ann moves to blue: her stream ends, the reconnect is bound to blue
+    r = requests.patch(f"{live.url}/users/ann", auth=ADMIN, json={"$set": {"team": "blue"}}, timeout=10)
+    assert r.status_code == 200, r.text
+    assert ann.next_event(timeout=10, kinds=("change", "revoked")).event == "revoked"
+    ann.close()
+    again = open_as("ann")
+    assert wait_for(lambda: live.status()["clients"] == 2)
+    assert post(live.url, {"team": "blue", "n": 2}).status_code == 201
+    assert again.next_event().json()["fullDocument"]["team"] == "blue"
+    assert ben.next_event().json()["fullDocument"]["n"] == 2  # ben's stream was not touched
+    again.close()
+    ben.close()

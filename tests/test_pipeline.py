@@ -1000,3 +1000,50 @@ def test_ifvar_stages_are_checked_for_variables_on_both_branches_when_written():
     bad_else = [{"_$ifvar": ["n", {"_$match": {}}, {"_$match": {"a": {"_$var": 1}}}]}]
     with pytest.raises(PipelineError, match="wrong variable name"):
         validate_streams([{"uri": "s", "stages": bad_else}])
+
+
+# ----------------------------------------------------------------------------- server-bound variables
+
+
+def test_server_variables_come_from_the_account_without_its_password():
+    from services.pipeline import server_variables
+
+    user = {"_id": "ann", "password": "$2b$hash", "roles": ["member"], "team": "red", "org": {"id": 7}}
+    bound = server_variables(user, {"owner": "ann"})
+    assert bound == {
+        "@mongoPermissions": {"readFilter": {"owner": "ann"}},
+        "@user": {"_id": "ann", "roles": ["member"], "team": "red", "org": {"id": 7}},
+    }
+    assert "@user" not in server_variables(None, None)
+    stages = [
+        {
+            "_$match": {
+                "fullDocument::team": {"_$var": "@user.team"},
+                "fullDocument::org": {"_$var": "@user.org.id"},
+            }
+        },
+        {"_$set": {"who": {"_$var": "@user._id"}, "roles": {"_$var": "@user.roles"}}},
+    ]
+    assert compile_pipeline(stages, bound).stages == [
+        {"$match": {"fullDocument.team": "red", "fullDocument.org": 7}},
+        {"$set": {"who": {"$literal": "ann"}, "roles": {"$literal": ["member"]}}},
+    ]
+    with pytest.raises(VariableError, match="password"):  # the hash is never a variable
+        compile_pipeline([{"_$set": {"p": {"_$var": "@user.password"}}}], bound)
+
+
+@pytest.mark.parametrize(
+    "stages, expected",
+    [
+        ([{"_$match": {"t": {"_$var": "@user.team"}}}], (True, True)),
+        ([{"_$match": {"t": {"_$var": ["@user.team", "none"]}}}], (True, False)),
+        ([{"_$match": {"t": {"_$var": "@user"}}}], (True, True)),
+        ([{"_$ifvar": ["@user.team", {"_$match": {"t": {"_$var": "@user.team"}}}]}], (True, False)),
+        ([{"_$match": {"t": {"_$var": "@username"}}}], (False, False)),  # not @user
+        ([{"_$match": {"t": {"_$var": "n"}}}], (False, False)),
+    ],
+)
+def test_which_streams_are_bound_to_the_account(stages, expected):
+    from services.pipeline import account_variables
+
+    assert account_variables(stages) == expected
