@@ -452,13 +452,16 @@ def query_variables(params: Iterable[tuple[str, str]]) -> dict:
             out[name] = value
     if has_dollar_key(out):
         raise AvarsError("illegal query parameter: variables cannot include operators ('$' keys)")
-    try:
-        check_bson_limits(out, "the query parameters")
-    except BadRequest as exc:
-        raise AvarsError(
-            "illegal query parameters: " + exc.message.replace("the query parameters ", "they ")
-        ) from None
+    _check_variable_limits(out, "the query parameters", "illegal query parameters: ", "they ")
     return out
+
+
+def _check_variable_limits(value: dict, what: str, prefix: str, pronoun: str) -> None:
+    """check_bson_limits (size, depth) as an AvarsError that names the input."""
+    try:
+        check_bson_limits(value, what)
+    except BadRequest as exc:
+        raise AvarsError(prefix + exc.message.replace(what + " ", pronoun)) from None
 
 
 def _with_braces_curl_dropped(raw: str) -> str:
@@ -506,12 +509,7 @@ def parse_avars(raw: str | None) -> dict:
             "illegal avars parameter: variable names starting with '@' are reserved "
             "for server-side variables: {}".format(", ".join(reserved))
         )
-    try:
-        check_bson_limits(plain, "the avars parameter")
-    except BadRequest as exc:
-        raise AvarsError(
-            "illegal avars parameter: " + exc.message.replace("the avars parameter ", "it ")
-        ) from None
+    _check_variable_limits(plain, "the avars parameter", "illegal avars parameter: ", "it ")
     try:
         return json_util.loads(text)
     except Exception:  # noqa: BLE001 - plain JSON without '$' keys; only a decoder fault lands here
