@@ -452,7 +452,7 @@ def query_variables(params: Iterable[tuple[str, str]]) -> dict:
             out[name] = value
     if has_dollar_key(out):
         raise AvarsError("illegal query parameter: variables cannot include operators ('$' keys)")
-    _check_variable_limits(out, "the query parameters", "illegal query parameters: ", "they ")
+    _check_variable_limits(out, "the query parameters", "illegal query parameters: ", "one of them ")
     return out
 
 

@@ -1047,3 +1047,15 @@ def test_which_streams_are_bound_to_the_account(stages, expected):
     from services.pipeline import account_variables
 
     assert account_variables(stages) == expected
+
+
+def test_query_variables_are_bounded_like_avars():
+    from services.pipeline import query_variables
+
+    deep = '{"a":' * 150 + "1" + "}" * 150
+    with pytest.raises(
+        AvarsError, match="illegal query parameters: one of them is nested deeper than 100 levels"
+    ):
+        query_variables([("x", deep)])
+    with pytest.raises(AvarsError, match="illegal avars parameter: it is nested deeper than 100 levels"):
+        parse_avars(deep)
