@@ -128,8 +128,11 @@ def stream(coll: str, uri: str):
         return _draining_sse_response()
     # A stream bound to the account (@user) ends with `revoked` when the account changes,
     # so that the client reconnects under the new binding.
-    stages = find_stream(engine().get_collection(coll), uri).get("stages", [])
-    account_bound = g.user is not None and pipelines.account_variables(stages)[0]
+    definition = find_stream(engine().get_collection(coll), uri)
+    account_bound = g.user is not None and pipelines.account_variables(definition.get("stages", []))[0]
+    # notify_when: this subscriber's own filter; the stream's watcher is shared by all of them
+    variables = {**query_vars, **pipelines.parse_avars(request.args.get("avars")), **server_vars}
+    accepts = pipelines.notify_filter(definition, variables)
     still_allowed = security.access_checker(current_app._get_current_object(), account_bound=account_bound)
     owner = ("user", g.user["_id"]) if g.user is not None else ("address", security.client_address())
     try:
@@ -146,6 +149,7 @@ def stream(coll: str, uri: str):
             expires_at=g.auth_expires,
             query_vars=query_vars,
             server_vars=server_vars,
+            accepts=accepts,
         )
     except Unauthorized as exc:  # a stream scoped to @user, for an anonymous caller
         raise security.unauthorized(exc.message) from None

@@ -88,7 +88,7 @@ class Message:
     many subscribers get it.
     """
 
-    __slots__ = ("kind", "data", "position", "id", "reason", "text", "wire")
+    __slots__ = ("kind", "data", "position", "id", "reason", "text", "wire", "event")
 
     def __init__(
         self,
@@ -106,6 +106,7 @@ class Message:
         self.reason = reason
         self.text = text
         self.wire: dict[str, bytes] = {}
+        self.event: dict | None = None  # a change's event as clients see it (per-subscriber filters)
 
     def __repr__(self) -> str:
         return f"Message({self.kind!r}, {self.data!r})"
@@ -160,7 +161,9 @@ def change_message(change: Change, visibility: Visibility | None = None) -> Mess
     if change.event is None:
         return None
     event = change.event if visibility is None else visibility.project_event(change.event)
-    return Message("change", extjson.dumps(payload(event)), change.position, tid)
+    message = Message("change", extjson.dumps(payload(event)), change.position, tid)
+    message.event = event
+    return message
 
 
 def error_message(text: str) -> Message:
@@ -202,6 +205,7 @@ class Subscriber:
         "sink",
         "on_end",
         "expiry",
+        "accepts",
         "__weakref__",
     )
 
@@ -231,6 +235,8 @@ class Subscriber:
         self.sink: Sink | None = None  # attached while the transport is idle
         self.on_end: Callable[[str], None] | None = None  # the transport's hook, told the reason
         self.expiry: gevent.Greenlet | None = None  # ends the subscriber when its token expires
+        # its own dispatch filter over events (notify_when), None: every change of the watcher
+        self.accepts: Callable[[dict], bool] | None = None
 
     def __enter__(self) -> Subscriber:
         return self
@@ -251,6 +257,11 @@ class Subscriber:
                 self.skip_through = None  # changes come in order: every later one is new too
             if len(kept) < len(batch.items):
                 batch = Batch(kept)
+        if self.accepts is not None:
+            filtered = self._filtered(batch)
+            if filtered is None:
+                return
+            batch = filtered
         if batch.position is not None:
             self.position = batch.position
         sink = self.sink
@@ -262,6 +273,15 @@ class Subscriber:
             return
         self.pending.extend(batch.items)
         self.wake.set()
+
+    def _filtered(self, batch: Batch) -> Batch | None:
+        """The batch as this subscriber's own filter lets it through (None: nothing)."""
+        accepts = self.accepts
+        assert accepts is not None
+        kept = [m for m in batch.items if m.kind != "change" or (m.event is not None and accepts(m.event))]
+        if not kept:
+            return None
+        return batch if len(kept) == len(batch.items) else Batch(kept)
 
     def end(self, reason: str, text: str = "") -> None:
         """End this subscriber after what it already has; its transport closes with `reason`."""
@@ -331,7 +351,7 @@ class Subscriber:
                     if change is None or change.position > upto:
                         break
                     message = change_message(change, visibility)
-                    if message is not None:
+                    if message is not None and self._wants(message):
                         batch.append(message)
                         size += len(message.data)
                     if stream.position >= upto:
@@ -347,8 +367,15 @@ class Subscriber:
                 change = stream.try_next(timeout=1.0)  # rows not yet in this process's feed
                 if change is not None and change.position <= upto:
                     message = change_message(change, visibility)
-                    if message is not None:
+                    if message is not None and self._wants(message):
                         yield [message]
+
+    def _wants(self, message: Message) -> bool:
+        return (
+            self.accepts is None
+            or message.kind != "change"
+            or (message.event is not None and self.accepts(message.event))
+        )
 
     def close(self) -> None:
         """Undo the registration (idempotent)."""
@@ -587,6 +614,7 @@ class Hub:
         expires_at: float | None = None,
         query_vars: dict | None = None,
         server_vars: dict | None = None,
+        accepts: Callable[[dict], bool] | None = None,
     ) -> Subscriber:
         """Register a subscriber on its stream key, resuming after `resume` when given.
 
@@ -618,12 +646,13 @@ class Hub:
         # yield, so no event slips between the join and the registration.
         self._refuse_if_full(owner)
         sub = Subscriber(self, watcher, transport, user, owner, access_check)
+        sub.accepts = accepts
         live_from = watcher.position
         if resume is not None:
             if resume_pos >= live_from:
                 sub.skip_through = resume_pos
             elif self.replay_size and resume_pos >= watcher.buffer_from:
-                sub.pending.extend(m for m in watcher.buffer if m.position > resume_pos)
+                sub.pending.extend(m for m in watcher.buffer if m.position > resume_pos and sub._wants(m))
                 # changes the watcher has read but not yet dispatched come live: skip those seen
                 sub.skip_through = resume_pos
             else:

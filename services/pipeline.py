@@ -96,7 +96,7 @@ ALLOWED_STAGES = (
     "$redact",
 )
 
-STREAM_KEYS = ("uri", "stages")
+STREAM_KEYS = ("uri", "stages", "notify_when")
 _URI_RE = re.compile(r"[A-Za-z0-9._~-]{1,100}")
 _LOGICAL = ("$and", "$or", "$nor")
 _MISSING = object()
@@ -749,6 +749,8 @@ def validate_streams(streams: Any) -> list[dict]:
             )
         if "stages" not in entry:
             raise PipelineError(f"{label}: missing 'stages'")
+        if "notify_when" in entry:
+            _notify_when_parts(entry["notify_when"], label)
         try:
             stages = unescape(entry["stages"])
             _check_stages(stages, label)
@@ -756,6 +758,60 @@ def validate_streams(streams: Any) -> list[dict]:
         except RecursionError:
             raise PipelineError(f"{label}: 'stages' is nested too deeply") from None
     return streams
+
+
+def _notify_when_parts(spec: Any, label: str) -> tuple[str, str, bool, Any]:
+    """(field path, variable name, has default, default) of a ``notify_when``, or PipelineError.
+
+    RESTHeart's form: exactly one entry ``"<top>::<dot.path>": {"$var": "<name>"}`` (``_$var``
+    too, and ``["name", default]``), split on the first ``::``, both parts non-blank.
+    """
+    where = f"{label}: notify_when"
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise PipelineError(f"{where} must be an object with exactly one entry, found {_show(spec)}")
+    ((key, value),) = spec.items()
+    top, sep, rest = str(key).partition("::")
+    if not sep or not top.strip() or not rest.strip():
+        raise PipelineError(
+            f"{where}: the key must be '<field>::<path>' (as 'fullDocument::tenantId'), found {key!r}"
+        )
+    placeholder = unescape(value)
+    if not _is_var(placeholder):
+        raise PipelineError(
+            f"{where}: the value must be a variable ({{'$var': 'name'}}), found {_show(value)}"
+        )
+    try:
+        name, has_default, default = _var_spec(placeholder)
+    except VariableError as exc:
+        raise PipelineError(f"{where}: {exc}") from None
+    if "$" in name:
+        raise PipelineError(f"{where}: variable names cannot contain '$'")
+    return f"{top.strip()}.{rest.strip()}", name, has_default, default
+
+
+def notify_filter(definition: dict, variables: dict) -> Callable[[dict], bool] | None:
+    """The per-subscriber dispatch filter of a stream's ``notify_when``, or None (deliver all).
+
+    A subscriber that does not bind the variable gets every event (RESTHeart). Bound, an event
+    is delivered when the field equals the value or is an array holding it, by BSON equality
+    (numbers and ObjectIds match too, unlike RESTHeart's string-only comparison); an event
+    without the field is not delivered. The filter reads the event as the client gets it.
+    """
+    spec = definition.get("notify_when")
+    if spec is None:
+        return None
+    path, name, has_default, default = _notify_when_parts(spec, "notify_when")
+    value = _lookup(variables, name)
+    if value is _MISSING:
+        if not has_default:
+            return None
+        value = default
+    query = {path: {"$eq": value}}
+
+    def accepts(event: dict) -> bool:
+        return bool(_mm_filtering.filter_applies(query, event))
+
+    return accepts
 
 
 # --------------------------------------------------------------------------------------------

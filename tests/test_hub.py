@@ -676,3 +676,23 @@ def test_a_catch_up_the_engine_cannot_open_is_told_and_ended(hub, engine):
     replayed = [m for batch in sub.catch_up() for m in batch]
     assert [m.kind for m in replayed] == ["error"] and "unreachable" in replayed[0].data
     assert sub.ended is not None and sub.ended.reason == "error"
+
+
+def test_a_subscriber_filter_sees_only_its_changes_live_from_the_buffer_and_in_catch_up(hub, engine):
+    """notify_when's filter is per subscriber: one watcher, and resume stays exact."""
+    odd = lambda event: event["fullDocument"]["n"] % 2 == 1  # noqa: E731
+    sub = hub.subscribe("c", "all", None, None, "sse", accepts=odd)
+    sink = RecordingSink(sub)
+    _, everything = subscribe(hub)
+    engine.insert(1, 2, 3, 4)
+    wait_for(lambda: len(everything.messages) == 4)
+    assert numbers(sink.messages) == [1, 3] and len(hub.watchers) == 1
+    from_buffer = hub.subscribe("c", "all", None, engine.token(1), "sse", accepts=odd)
+    assert numbers(from_buffer.take()) == [3]
+    engine.insert(*range(5, 13))
+    wait_for(lambda: len(everything.messages) == 12)
+    far = hub.subscribe("c", "all", None, engine.token(2), "sse", accepts=odd)  # before the buffer
+    assert numbers([m for batch in far.catch_up() for m in batch]) == [3, 5, 7, 9, 11]
+    engine.insert(13, 14)
+    gevent.sleep(0.05)
+    assert numbers(far.take()) == [13]  # then live, filtered too

@@ -649,3 +649,37 @@ def test_a_stream_scoped_with_user_variables_follows_the_account(live):
     assert ben.next_event().json()["fullDocument"]["n"] == 2  # ben's stream was not touched
     again.close()
     ben.close()
+
+
+def test_notify_when_gives_each_tenant_its_events_from_one_watcher(live):
+    body = {
+        "streams": [{"uri": "t", "stages": [], "notify_when": {"fullDocument::tenantId": {"_$var": "tid"}}}]
+    }
+    assert put_streams(live.url, body=body) == 201
+    acme = open_sse(live.url, "/messages/_streams/t?tid=acme")
+    acme_ws = open_ws(live.url, '/messages/_streams/t?avars={"tid":"acme"}')
+    numeric = open_sse(live.url, "/messages/_streams/t?tid=7")
+    everyone = open_sse(live.url, "/messages/_streams/t")
+    assert wait_for(lambda: live.status()["clients"] == 4)
+    assert live.status()["watchers"] == 1  # one watcher for every tenant
+    for tenant in ("other", "acme", 7, ["acme", "x"]):
+        assert post(live.url, {"tenantId": tenant}).status_code == 201
+    seen = [acme.next_event() for _ in range(2)]
+    assert [e.json()["fullDocument"]["tenantId"] for e in seen] == ["acme", ["acme", "x"]]
+    assert [json.loads(acme_ws.recv())["fullDocument"]["tenantId"] for _ in range(2)] == [
+        "acme",
+        ["acme", "x"],
+    ]
+    assert numeric.next_event().json()["fullDocument"]["tenantId"] == 7  # BSON equality, not strings only
+    assert [everyone.next_event().json()["fullDocument"]["tenantId"] for _ in range(4)] == [
+        "other", "acme", 7, ["acme", "x"],
+    ]  # fmt: skip
+    # acme disconnects, misses two of its events among others, and resumes exactly
+    acme.close()
+    for n, tenant in enumerate(("acme", "other", "acme")):
+        assert post(live.url, {"tenantId": tenant, "n": n}).status_code == 201
+    resumed = open_sse(live.url, "/messages/_streams/t?tid=acme", headers={"Last-Event-ID": seen[-1].id})
+    assert [resumed.next_event().json()["fullDocument"]["n"] for _ in range(2)] == [0, 2]
+    for client in (resumed, numeric, everyone):
+        client.close()
+    acme_ws.close()

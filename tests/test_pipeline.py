@@ -202,12 +202,18 @@ def test_validate_streams_accepts(streams):
         ([{"uri": "a b", "stages": []}], "'a b'", "A-Z a-z 0-9"),
         ([{"uri": "x" * 101, "stages": []}], "'" + "x" * 100, "1 to 100"),
         ([{"uri": "dup", "stages": []}, {"uri": "dup", "stages": []}], "'dup'", "more than once"),
-        # a key we do not implement is refused, never stored and ignored (notify_when included)
+        # a key we do not implement is refused, never stored and ignored
         (
-            [{"uri": "x", "stages": [], "notify_when": {"fullDocument::tenant": {"$var": "t"}}}],
+            [{"uri": "x", "stages": [], "notify_when": {"fullDocument::tenant": 1}}],
             "'x'",
-            "unknown key 'notify_when'",
+            "notify_when: the value must be a variable",
         ),
+        (
+            [{"uri": "x", "stages": [], "notify_when": {"a::b": {"$var": "t"}, "c::d": {"$var": "u"}}}],
+            "'x'",
+            "notify_when must be an object with exactly one entry",
+        ),
+        ([{"uri": "x", "stages": [], "notify_when": {"tenant": {"$var": "t"}}}], "'x'", "'<field>::<path>'"),
         ([{"uri": "x", "stages": [], "fullDocument": "whenAvailable"}], "'x'", "unknown key 'fullDocument'"),
         ([{"uri": "s"}], "'s'", "missing 'stages'"),
         ([{"uri": "s", "stages": {"$match": {}}}], "'s'", "must be an array of stage objects"),
@@ -1059,3 +1065,39 @@ def test_query_variables_are_bounded_like_avars():
         query_variables([("x", deep)])
     with pytest.raises(AvarsError, match="illegal avars parameter: it is nested deeper than 100 levels"):
         parse_avars(deep)
+
+
+# ----------------------------------------------------------------------------- notify_when
+
+
+NOTIFY = {"uri": "s", "stages": [], "notify_when": {"fullDocument::tenantId": {"_$var": "tid"}}}
+
+
+@pytest.mark.parametrize(
+    "bound, event, delivered",
+    [
+        ("acme", {"fullDocument": {"tenantId": "acme"}}, True),
+        ("acme", {"fullDocument": {"tenantId": ["x", "acme"]}}, True),  # an array holding it
+        ("acme", {"fullDocument": {"tenantId": "ACME"}}, False),  # exact
+        ("acme", {"fullDocument": {"other": 1}}, False),  # no field: not delivered
+        ("acme", {"operationType": "delete", "documentKey": {"_id": 1}}, False),
+        (5, {"fullDocument": {"tenantId": 5.0}}, True),  # BSON equality: numbers match numbers
+        (5, {"fullDocument": {"tenantId": "5"}}, False),
+        ({"a": 1}, {"fullDocument": {"tenantId": {"a": 1}}}, True),
+    ],
+)
+def test_notify_when_delivers_what_equals_the_bound_value(bound, event, delivered):
+    from services.pipeline import notify_filter
+
+    assert validate_streams([NOTIFY])
+    accepts = notify_filter(NOTIFY, {"tid": bound})
+    assert accepts is not None and accepts(event) is delivered
+
+
+def test_notify_when_without_its_binding_delivers_everything():
+    from services.pipeline import notify_filter
+
+    assert notify_filter(NOTIFY, {}) is None
+    assert notify_filter({"uri": "s", "stages": []}, {"tid": "acme"}) is None
+    with_default = {**NOTIFY, "notify_when": {"fullDocument::tenantId": {"$var": ["tid", "public"]}}}
+    assert notify_filter(with_default, {})({"fullDocument": {"tenantId": "public"}}) is True
