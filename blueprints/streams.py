@@ -126,33 +126,27 @@ def stream(coll: str, uri: str):
         # new ones). Any non-200 would close an EventSource for good, so it gets `end` and
         # retries after `retry:` with its Last-Event-ID, by then on the next server.
         return _draining_sse_response()
-    # A stream bound to the account (@user) ends with `revoked` when the account changes,
-    # so that the client reconnects under the new binding.
-    definition = find_stream(engine().get_collection(coll), uri)
-    account_bound = g.user is not None and pipelines.account_variables(definition.get("stages", []))[0]
-    # notify_when: this subscriber's own filter; the stream's watcher is shared by all of them
-    variables = {**query_vars, **pipelines.parse_avars(request.args.get("avars")), **server_vars}
-    accepts = pipelines.notify_filter(definition, variables)
-    still_allowed = security.access_checker(current_app._get_current_object(), account_bound=account_bound)
+    # One read of the definition and one binding serve the access check and the subscription.
+    # A stream bound to the account (@user) ends with `revoked` when the account changes, so
+    # that the client reconnects under the new binding.
+    prepared = _prepare(coll, uri, grant, query_vars, server_vars)
+    still_allowed = security.access_checker(
+        current_app._get_current_object(), account_bound=prepared.account_bound
+    )
     owner = ("user", g.user["_id"]) if g.user is not None else ("address", security.client_address())
-    try:
-        sub = hub().subscribe(
-            coll,
-            uri,
-            request.args.get("avars"),
-            token,
-            "websocket" if websocket else "sse",
-            g.user,
-            grant=grant,
-            owner=owner,
-            access_check=still_allowed,
-            expires_at=g.auth_expires,
-            query_vars=query_vars,
-            server_vars=server_vars,
-            accepts=accepts,
-        )
-    except Unauthorized as exc:  # a stream scoped to @user, for an anonymous caller
-        raise security.unauthorized(exc.message) from None
+    sub = hub().subscribe(
+        coll,
+        uri,
+        request.args.get("avars"),
+        token,
+        "websocket" if websocket else "sse",
+        g.user,
+        grant=grant,
+        owner=owner,
+        access_check=still_allowed,
+        expires_at=g.auth_expires,
+        prepared=prepared,
+    )
     sock = environ.get("gunicorn.sock")
     if sock is None or _is_tls(sock):
         sub.close()  # (a raw write would bypass TLS; gunicorn.conf.py refuses certificates)

@@ -36,6 +36,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import gevent
@@ -117,11 +118,14 @@ class Batch:
     encodings, per wire form, cached by the transports like a message's; `position`: of its
     last change, None if it has none)."""
 
-    __slots__ = ("items", "wire", "position")
+    __slots__ = ("items", "wire", "position", "filtered")
 
     def __init__(self, items: list[Message]):
         self.items = items
         self.wire: dict[str, bytes] = {}
+        # what a per-subscriber filter kept of it, by the filter's key (subscribers with the
+        # same binding share one evaluation, and the kept batch's encodings)
+        self.filtered: dict[str, Batch | None] | None = None
         self.position = next((m.position for m in reversed(items) if m.position is not None), None)
 
 
@@ -206,6 +210,7 @@ class Subscriber:
         "on_end",
         "expiry",
         "accepts",
+        "accepts_key",
         "__weakref__",
     )
 
@@ -237,6 +242,7 @@ class Subscriber:
         self.expiry: gevent.Greenlet | None = None  # ends the subscriber when its token expires
         # its own dispatch filter over events (notify_when), None: every change of the watcher
         self.accepts: Callable[[dict], bool] | None = None
+        self.accepts_key: str | None = None  # equal for equal filters (pipeline.NotifyFilter.key)
 
     def __enter__(self) -> Subscriber:
         return self
@@ -276,12 +282,16 @@ class Subscriber:
 
     def _filtered(self, batch: Batch) -> Batch | None:
         """The batch as this subscriber's own filter lets it through (None: nothing)."""
-        accepts = self.accepts
-        assert accepts is not None
-        kept = [m for m in batch.items if m.kind != "change" or (m.event is not None and accepts(m.event))]
-        if not kept:
-            return None
-        return batch if len(kept) == len(batch.items) else Batch(kept)
+        key = self.accepts_key
+        if key is not None and batch.filtered is not None and key in batch.filtered:
+            return batch.filtered[key]
+        kept = [m for m in batch.items if self._wants(m)]
+        result = None if not kept else batch if len(kept) == len(batch.items) else Batch(kept)
+        if key is not None:
+            if batch.filtered is None:
+                batch.filtered = {}
+            batch.filtered[key] = result
+        return result
 
     def end(self, reason: str, text: str = "") -> None:
         """End this subscriber after what it already has; its transport closes with `reason`."""
@@ -369,6 +379,7 @@ class Subscriber:
                     message = change_message(change, visibility)
                     if message is not None and self._wants(message):
                         yield [message]
+                        gevent.sleep(0)  # as after every batch: the others run in between
 
     def _wants(self, message: Message) -> bool:
         return (
@@ -550,6 +561,19 @@ class Watcher:
             sub.end(reason, text)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A stream opened for one caller, before anything is registered (Hub.prepare): its
+    watcher key, its definition as text (to notice a redefinition), the bound pipeline, the
+    caller's own filter (notify_when) and whether its stages read the caller's account."""
+
+    key: tuple
+    definition: str
+    pipeline: pipelines.Pipeline
+    accepts: pipelines.NotifyFilter | None = None
+    account_bound: bool = False
+
+
 class Hub:
     """All watchers and subscribers of this worker process."""
 
@@ -578,7 +602,7 @@ class Hub:
         grant: Grant | None = None,
         query_vars: dict | None = None,
         server_vars: dict | None = None,
-    ) -> tuple[tuple, str, pipelines.Pipeline]:
+    ) -> Prepared:
         """Find the stream definition and bind its variables; 404/400/403 before any response.
 
         `grant` is the caller's permission (None: nothing restricted): its readFilter and
@@ -588,7 +612,7 @@ class Hub:
         account only; a stream that needs `@user` answers 401 to a caller without one.
         """
         definition = find_stream(self.engine.get_collection(coll), uri)
-        stages = list(definition.get("stages", []))
+        stages = stages_as_stored = list(definition.get("stages", []))
         if "@user" not in (server_vars or {}) and pipelines.account_variables(stages)[1]:
             raise Unauthorized("this stream is scoped to the logged-in user: authenticate to open it")
         avars = {**(query_vars or {}), **pipelines.parse_avars(avars_raw), **(server_vars or {})}
@@ -598,7 +622,13 @@ class Hub:
         visibility = grant.visibility if grant is not None else None
         resolved = json_util.dumps(compiled.stages, json_options=json_util.CANONICAL_JSON_OPTIONS)
         key = (coll, uri, resolved, repr(visibility) if visibility is not None else None)
-        return key, json.dumps(definition, sort_keys=True), compiled
+        return Prepared(
+            key,
+            json.dumps(definition, sort_keys=True),
+            compiled,
+            accepts=pipelines.notify_filter(definition, avars),
+            account_bound="@user" in (server_vars or {}) and pipelines.account_variables(stages_as_stored)[0],
+        )
 
     def subscribe(
         self,
@@ -615,6 +645,7 @@ class Hub:
         query_vars: dict | None = None,
         server_vars: dict | None = None,
         accepts: Callable[[dict], bool] | None = None,
+        prepared: Prepared | None = None,
     ) -> Subscriber:
         """Register a subscriber on its stream key, resuming after `resume` when given.
 
@@ -624,9 +655,9 @@ class Hub:
         worker). `expires_at` (a time.time() value) ends it with `expired`.
         """
         self._refuse_if_full(owner)
-        key, definition, compiled = self.prepare(
-            coll, uri, avars_raw, grant, query_vars, server_vars
-        )  # may yield
+        if prepared is None:  # may yield
+            prepared = self.prepare(coll, uri, avars_raw, grant, query_vars, server_vars)
+        key, definition, compiled = prepared.key, prepared.definition, prepared.pipeline
         resume_pos = self.engine.position(resume) if resume is not None else None
         watcher = self.watchers.get(key)
         if watcher is None or watcher.stopped:
@@ -646,7 +677,10 @@ class Hub:
         # yield, so no event slips between the join and the registration.
         self._refuse_if_full(owner)
         sub = Subscriber(self, watcher, transport, user, owner, access_check)
-        sub.accepts = accepts
+        if accepts is not None:
+            sub.accepts = accepts
+        elif prepared.accepts is not None:
+            sub.accepts, sub.accepts_key = prepared.accepts, prepared.accepts.key
         live_from = watcher.position
         if resume is not None:
             if resume_pos >= live_from:

@@ -789,7 +789,7 @@ def _notify_when_parts(spec: Any, label: str) -> tuple[str, str, bool, Any]:
     return f"{top.strip()}.{rest.strip()}", name, has_default, default
 
 
-def notify_filter(definition: dict, variables: dict) -> Callable[[dict], bool] | None:
+def notify_filter(definition: dict, variables: dict) -> NotifyFilter | None:
     """The per-subscriber dispatch filter of a stream's ``notify_when``, or None (deliver all).
 
     A subscriber that does not bind the variable gets every event (RESTHeart). Bound, an event
@@ -808,10 +808,21 @@ def notify_filter(definition: dict, variables: dict) -> Callable[[dict], bool] |
         value = default
     query = {path: {"$eq": value}}
 
-    def accepts(event: dict) -> bool:
-        return bool(_mm_filtering.filter_applies(query, event))
+    return NotifyFilter(query)
 
-    return accepts
+
+class NotifyFilter:
+    """A bound notify_when: call it on an event. `key` is the same for every subscriber with
+    the same binding, so the hub evaluates it once per batch, not once per subscriber."""
+
+    __slots__ = ("query", "key")
+
+    def __init__(self, query: dict):
+        self.query = query
+        self.key = json_util.dumps(query, json_options=json_util.CANONICAL_JSON_OPTIONS)
+
+    def __call__(self, event: dict) -> bool:
+        return bool(_mm_filtering.filter_applies(self.query, event))
 
 
 # --------------------------------------------------------------------------------------------

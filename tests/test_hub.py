@@ -696,3 +696,25 @@ def test_a_subscriber_filter_sees_only_its_changes_live_from_the_buffer_and_in_c
     engine.insert(13, 14)
     gevent.sleep(0.05)
     assert numbers(far.take()) == [13]  # then live, filtered too
+
+
+def test_subscribers_with_the_same_notify_binding_share_one_evaluation_per_batch(hub, engine, monkeypatch):
+    from services import pipeline
+
+    engine.props["c"] = {
+        "streams": [{"uri": "t", "stages": [], "notify_when": {"fullDocument::n": {"_$var": "v"}}}]
+    }
+    calls = []
+    real = pipeline.NotifyFilter.__call__
+    monkeypatch.setattr(
+        pipeline.NotifyFilter, "__call__", lambda self, event: calls.append(1) or real(self, event)
+    )
+    sinks = [
+        RecordingSink(hub.subscribe("c", "t", None, None, "sse", query_vars={"v": v})) for v in (1, 1, 1, 2)
+    ]
+    engine.insert(1, 2, 3)
+    wait_for(lambda: all(s.messages for s in sinks))
+    assert [numbers(s.messages) for s in sinks] == [[1], [1], [1], [2]]
+    assert len(hub.watchers) == 1
+    assert len(calls) == 2 * 3  # one evaluation per binding and change, not per subscriber
+    assert sinks[0].batches[0] is sinks[1].batches[0]  # and the kept batch (its encodings) is shared
