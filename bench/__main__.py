@@ -11,6 +11,7 @@ the server is stopped by its process id at the end.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import platform
@@ -258,7 +259,8 @@ def scenario_many_streams(data_root: str, keys: int, per_key: int, n_bursts: int
         connect_s = time.perf_counter() - t0
         time.sleep(1)
         rss1 = server.rss_kb()
-        watchers = server.get("/_status")["watchers"]
+        status = server.get("/_status")
+        watchers = status["watchers"]
         lat, cpu, deliveries = [], 0.0, 0
         for b in range(n_bursts + 1):
             k = (b * 7919) % keys
@@ -283,11 +285,88 @@ def scenario_many_streams(data_root: str, keys: int, per_key: int, n_bursts: int
             "keys": keys,
             "per_key": per_key,
             "watchers": watchers,
+            "cursors": status.get("cursors"),  # (not reported before issue 11)
             "connect_s": round(connect_s, 1),
             "rss_per_conn_kb": round((rss1 - rss0) / (keys * per_key), 1),
             "rss_open_mb": round(rss1 / 1024, 1),
             "latency": loadgen.summarize(lat),
             "cpu_ms_per_event": round(cpu / n_bursts * 1000, 2),
+        }
+    finally:
+        server.stop()
+
+
+def scenario_read_filters(data_root: str, users: int, n_bursts: int) -> dict:
+    """One stream, `users` users each with its own readFilter (owner: @user._id), one client
+    each: the latency to one user's client with only that user connected, then with all.
+
+    Users are created in bulk with a precomputed bcrypt hash (an admin may import hashes) at
+    4 rounds, so that `users` logins cost milliseconds, not the default 12 rounds' seconds.
+    """
+    import bcrypt
+
+    server = Server(os.path.join(data_root, "readfilters"))
+    try:
+        server.put("/bench", {"streams": [{"uri": "own", "stages": []}]})
+        hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
+        names = [f"u{i}" for i in range(users)]
+        for start in range(0, users, 200):
+            chunk = [{"_id": n, "password": hashed, "roles": ["member"]} for n in names[start : start + 200]]
+            loadgen.post("127.0.0.1", server.port, "/users", chunk)
+        rule = {
+            "_id": "own",
+            "predicate": "path-prefix(/bench/_streams/own)",
+            "roles": ["member"],
+            "priority": 1,
+            "mongo": {"readFilter": {"owner": "@user._id"}},
+        }
+        loadgen.post("127.0.0.1", server.port, "/acl", rule)
+        clients = loadgen.Clients("127.0.0.1", server.port)
+
+        def auth(name: str) -> str:
+            return "Basic " + base64.b64encode(f"{name}:pw".encode()).decode()
+
+        def measure(group: dict, owners: list[str], label: str) -> dict:
+            lat, cpu = [], 0.0
+            for b in range(n_bursts + 1):
+                owner = owners[(b * 7919) % len(owners)]
+                marker = f"mk-{label}-{b}"
+                c0 = server.cpu_seconds()
+                t_send, _ = loadgen.post(
+                    "127.0.0.1", server.port, "/bench", {"owner": owner, "marker": marker}
+                )
+                clients.wait_markers([marker], time.time() + 30, group[owner])
+                time.sleep(0.05)
+                if b == 0:
+                    continue
+                cpu += server.cpu_seconds() - c0
+                arrival = group[owner][0].seen.get(marker)
+                if arrival is None:
+                    raise RuntimeError(f"read filters: {owner} missed its event")
+                others = sum(marker in c.seen for name, g in group.items() if name != owner for c in g)
+                if others:
+                    raise RuntimeError(f"read filters: {others} other users got {owner}'s event")
+                lat.append((arrival - t_send) * 1000)
+            return {"latency": loadgen.summarize(lat), "cpu_ms_per_event": round(cpu / n_bursts * 1000, 2)}
+
+        group = {names[0]: clients.open_group(1, "/bench/_streams/own", auth=auth(names[0]))}
+        one = measure(group, names[:1], "one")
+        t0 = time.perf_counter()
+        for name in names[1:]:
+            group[name] = clients.open_group(1, "/bench/_streams/own", auth=auth(name))
+        connect_s = time.perf_counter() - t0
+        time.sleep(1)
+        status = server.get("/_status")
+        everyone = measure(group, names, "all")
+        clients.close()
+        return {
+            "users": users,
+            "watchers": status["watchers"],
+            "cursors": status.get("cursors"),
+            "clients": status["clients"],
+            "connect_s": round(connect_s, 1),
+            "one_user": one,
+            "all_users": everyone,
         }
     finally:
         server.stop()
@@ -563,6 +642,9 @@ def main() -> int:
             20 if args.smoke else 1000,
             2 if args.smoke else 10,
             n_bursts,
+        )
+        results["read_filters"] = both(
+            "read_filters", scenario_read_filters, data_root, 20 if args.smoke else 1000, n_bursts * 2
         )
         results["churn"] = both(
             "churn",

@@ -32,16 +32,16 @@ class Conn:
     seen: dict = field(default_factory=dict)  # marker -> arrival time
 
 
-def _request(path: str, kind: str, host: str, extra: str = "") -> bytes:
+def _request(path: str, kind: str, host: str, extra: str = "", auth: str = AUTH) -> bytes:
     if kind == "ws":
         key = base64.b64encode(os.urandom(16)).decode()
         return (
             f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\nAuthorization: {AUTH}\r\n{extra}\r\n"
+            f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\nAuthorization: {auth}\r\n{extra}\r\n"
         ).encode()
     return (
         f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n"
-        f"Authorization: {AUTH}\r\n{extra}\r\n"
+        f"Authorization: {auth}\r\n{extra}\r\n"
     ).encode()
 
 
@@ -61,6 +61,7 @@ class Clients:
         window: int = 500,
         timeout: float = 60.0,
         on_connect: bool = False,
+        auth: str = AUTH,
     ) -> float:
         """Open `n` clients; each counts as open at its first stream bytes (or at connect,
         with `on_connect`, for servers that send nothing before the first event)."""
@@ -73,7 +74,7 @@ class Clients:
                 # The kernel's receive time, so the figures do not include this process's delay.
                 s.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
                 s.setblocking(False)
-                s.sendall(_request(path, kind, f"{self.host}:{self.port}"))
+                s.sendall(_request(path, kind, f"{self.host}:{self.port}", auth=auth))
                 c = Conn(s, kind, open=on_connect)
                 self.conns[s.fileno()] = c
                 self.ep.register(s.fileno(), select.EPOLLIN)
@@ -133,10 +134,12 @@ class Clients:
                 return
             self.poll(0.2)
 
-    def open_group(self, n: int, path: str, kind: str = "sse", timeout: float = 60.0) -> list[Conn]:
+    def open_group(
+        self, n: int, path: str, kind: str = "sse", timeout: float = 60.0, auth: str = AUTH
+    ) -> list[Conn]:
         """Open `n` clients of one URL and return them (for scenarios with many stream keys)."""
         before = set(self.conns)
-        self.open(n, path, [kind], timeout=timeout)
+        self.open(n, path, [kind], timeout=timeout, auth=auth)
         return [c for fd, c in self.conns.items() if fd not in before]
 
     def close_all_conns(self) -> None:

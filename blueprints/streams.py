@@ -77,6 +77,15 @@ def _resume_token(raw: str | None):
     return token
 
 
+def _wants_pre_images(raw: str | None) -> bool:
+    """`?fullDocumentBeforeChange=true`: the client wants the pre-image in its events."""
+    if raw is None or raw == "false":
+        return False
+    if raw == "true":
+        return True
+    raise BadRequest(f"fullDocumentBeforeChange must be true or false, found {shown(raw)}")
+
+
 def _check_ws_handshake(environ: dict) -> None:
     if environ.get("SERVER_PROTOCOL") != "HTTP/1.1":
         raise BadRequest("a WebSocket handshake needs HTTP/1.1")
@@ -116,10 +125,11 @@ def stream(coll: str, uri: str):
     grant = security.grant(coll)
     query_vars = pipelines.query_variables(request.args.items(multi=True))
     server_vars = pipelines.server_variables(g.user, grant.read_filter)
+    before = _wants_pre_images(request.args.get("fullDocumentBeforeChange"))
     if request.method == "HEAD":
         # The headers a GET would get, after the same checks, and nothing subscribed: the
         # server sends no body for HEAD, so a subscription would never be served or ended.
-        _prepare(coll, uri, grant, query_vars, server_vars)
+        _prepare(coll, uri, grant, query_vars, server_vars, before)
         return Response(iter(()), status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
     if not websocket and hub().closing:
         # A draining worker still reads requests on kept-alive sockets (and for up to 1 s on
@@ -129,7 +139,7 @@ def stream(coll: str, uri: str):
     # One read of the definition and one binding serve the access check and the subscription.
     # A stream bound to the account (@user) ends with `revoked` when the account changes, so
     # that the client reconnects under the new binding.
-    prepared = _prepare(coll, uri, grant, query_vars, server_vars)
+    prepared = _prepare(coll, uri, grant, query_vars, server_vars, before)
     still_allowed = security.access_checker(
         current_app._get_current_object(), account_bound=prepared.account_bound
     )
@@ -180,10 +190,10 @@ def stream(coll: str, uri: str):
     return response
 
 
-def _prepare(coll: str, uri: str, grant, query_vars: dict, server_vars: dict):
+def _prepare(coll: str, uri: str, grant, query_vars: dict, server_vars: dict, before: bool):
     """hub().prepare, with the challenge headers on its 401 (a stream scoped to @user)."""
     try:
-        return hub().prepare(coll, uri, request.args.get("avars"), grant, query_vars, server_vars)
+        return hub().prepare(coll, uri, request.args.get("avars"), grant, query_vars, server_vars, before)
     except Unauthorized as exc:
         raise security.unauthorized(exc.message) from None
 

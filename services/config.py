@@ -151,7 +151,12 @@ SETTINGS: dict[str, tuple[Callable[[str], Any], str, str]] = {
         "200",
         "open anonymous streams per client address, per worker",
     ),
-    "STREAM_MAX_WATCHERS": (_int(1, 10_000_000), "5000", "distinct stream keys (watchers) per worker"),
+    "STREAM_MAX_WATCHERS": (_int(1, 10_000_000), "5000", "distinct streams (watchers) per worker"),
+    "STREAM_MAX_BINDINGS": (
+        _int(1, 10_000_000),
+        "20000",
+        "distinct bindings (variables, permission) of streams per worker",
+    ),
     "WS_MAX_MESSAGE_BYTES": (_int(126, 1 << 30), "65536", "largest WebSocket message a client may send"),
     "REQUEST_HEAD_SECONDS": (
         _float(0.5, 3600),

@@ -1,6 +1,6 @@
 """Relaxed Extended JSON, as `bson.json_util.dumps` writes it, but several times faster.
 
-Every event is encoded once per stream key, and on a resume up to thousands at once, so
+Every event is encoded once per stream binding, and on a resume up to thousands at once, so
 this is hot. The standard library's C encoder handles dicts, lists, strings and numbers;
 only BSON types reach `_default`. Anything unusual (NaN, Infinity, dates before 1970,
 types not listed here) falls back to `json_util.dumps` for the whole value, so the

@@ -4,11 +4,14 @@ Plain Python over the engine port: the hub never touches a socket and never fram
 or WebSocket. Transports (blueprints/transports.py) attach a *sink* to a subscriber and
 turn its messages into bytes on the wire.
 
-A stream key is (collection, stream uri, resolved pipeline, what the caller may see). The
-first subscriber of a key starts its watcher: a greenlet that reads the engine's change
-stream, turns each change into one `Message` and dispatches the same object to every
-subscriber of the key, whatever its transport or user (each wire form is encoded once per
-message, by the first transport that needs it, and cached on the message). The watcher
+One watcher serves a stream (collection, uri, definition), whoever asks: the first
+subscriber starts it, a greenlet that reads the engine's change stream through the stages
+every subscriber runs alike and turns each change into one `Message`. What depends on the
+subscriber (its bound variables, `$ifvar` choices, notify_when, its permission's readFilter
+and projectResponse) is its *view* (services/views.py): subscribers with the same binding
+share one, and the watcher's router sends each event only to the views it can match, which
+hand their subscribers the same objects, whatever their transport (each wire form is
+encoded once per message, by the first transport that needs it, and cached on it). The watcher
 keeps the last `STREAM_REPLAY_BUFFER` messages so that a reconnecting client usually
 resumes from memory; older history comes from the engine through a private cursor. It
 stops `STREAM_LINGER_SECONDS` after its last subscriber leaves.
@@ -44,13 +47,41 @@ import gevent.event
 import gevent.lock
 from bson import json_util
 
-from . import extjson
 from . import pipeline as pipelines
 from .backoff import Backoff
 from .errors import HistoryLost, NotFound, TooManyRequests, Unauthorized, Unavailable
 from .hidden import Visibility
+from .messages import (
+    END_REASONS,
+    Batch,
+    Message,
+    change_message,
+    end_message,
+    error_message,
+    payload,
+    reset_message,
+    token_text,
+)
 from .permissions import Grant
 from .storage import Change, ChangeStream, Engine, MetaChange
+from .views import Router, View
+
+__all__ = [
+    "END_REASONS",
+    "Batch",
+    "Hub",
+    "Message",
+    "Prepared",
+    "Sink",
+    "Subscriber",
+    "Watcher",
+    "end_message",
+    "error_message",
+    "find_stream",
+    "payload",
+    "reset_message",
+    "token_text",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,72 +92,6 @@ CATCH_UP_BATCH_EVENTS = 500
 CATCH_UP_BATCH_BYTES = 1 << 20
 CATCH_UP_YIELD_BYTES = 256 << 10
 CATCH_UP_CONCURRENCY = 4
-# Event fields that are the driver's or the server's, not the user's.
-_INTERNAL_FIELDS = ("_id", "ns", "clusterTime", "txnNumber", "lsid", "collectionUUID")
-
-# Why the hub ended a subscriber, and the message that says so (transports add their codes).
-END_REASONS = {
-    "shutdown": "server shutting down",
-    "removed": "stream removed or redefined",
-    "overflow": "client fell behind; reconnect with lastEventId to resume",
-    "revoked": "access withdrawn",
-    "expired": "token expired",
-    "error": "internal error",
-    "gone": "client went away",
-    "closed": "",  # the client sent a WebSocket close frame: the end is the reply
-    "too_big": "message too big",
-    "protocol": "protocol error",
-    "invalid_data": "invalid frame payload data",
-}
-
-
-class Message:
-    """One thing a subscriber is told: a change, an error, a reset, or the end.
-
-    `data` is the JSON text clients get; `id` the resume token as text (None for `end`);
-    `reason`/`text` say why an `end` happened. `wire` caches the message's encodings, one
-    per wire form, filled by the transports: a message is encoded once per form, however
-    many subscribers get it.
-    """
-
-    __slots__ = ("kind", "data", "position", "id", "reason", "text", "wire", "event")
-
-    def __init__(
-        self,
-        kind: str,
-        data: str,
-        position: Any = None,
-        id: str | None = None,
-        reason: str = "",
-        text: str = "",
-    ):
-        self.kind = kind  # "change" | "error" | "reset" | "end"
-        self.data = data
-        self.position = position  # set for changes only
-        self.id = id
-        self.reason = reason
-        self.text = text
-        self.wire: dict[str, bytes] = {}
-        self.event: dict | None = None  # a change's event as clients see it (per-subscriber filters)
-
-    def __repr__(self) -> str:
-        return f"Message({self.kind!r}, {self.data!r})"
-
-
-class Batch:
-    """Messages dispatched together to every subscriber of a watcher (`wire`: their joined
-    encodings, per wire form, cached by the transports like a message's; `position`: of its
-    last change, None if it has none)."""
-
-    __slots__ = ("items", "wire", "position", "filtered")
-
-    def __init__(self, items: list[Message]):
-        self.items = items
-        self.wire: dict[str, bytes] = {}
-        # what a per-subscriber filter kept of it, by the filter's key (subscribers with the
-        # same binding share one evaluation, and the kept batch's encodings)
-        self.filtered: dict[str, Batch | None] | None = None
-        self.position = next((m.position for m in reversed(items) if m.position is not None), None)
 
 
 class Sink(Protocol):
@@ -138,50 +103,6 @@ class Sink(Protocol):
     """
 
     def write_now(self, batch: Batch) -> None: ...
-
-
-def payload(event: dict) -> dict:
-    """The event as clients see it: the user's fields, without token, ns or clusterTime."""
-    return {k: v for k, v in event.items() if k not in _INTERNAL_FIELDS}
-
-
-def token_text(token: dict) -> str:
-    """The token as compact JSON, the SSE `id:` and what Last-Event-ID sends back."""
-    data = token.get("_data")
-    if len(token) == 1 and isinstance(data, str) and data.isalnum():
-        return '{"_data":"' + data + '"}'
-    return json.dumps(token, separators=(",", ":"))
-
-
-def change_message(change: Change, visibility: Visibility | None = None) -> Message | None:
-    """The message of one change, or None when the pipeline filtered it out.
-
-    `visibility` (the caller's projectResponse) hides fields of the event's documents and
-    update description.
-    """
-    tid = token_text(change.token)
-    if change.error is not None:
-        return Message("error", json.dumps({"error": change.error, "id": change.token}), id=tid)
-    if change.event is None:
-        return None
-    event = change.event if visibility is None else visibility.project_event(change.event)
-    message = Message("change", extjson.dumps(payload(event)), change.position, tid)
-    message.event = event
-    return message
-
-
-def error_message(text: str) -> Message:
-    return Message("error", json.dumps({"error": text}))
-
-
-def reset_message(reason: str, token: dict) -> Message:
-    """`reset`: the resume point is gone; the stream goes on from `token` (now)."""
-    return Message("reset", json.dumps({"reason": reason, "resumeFrom": token}), id=token_text(token))
-
-
-def end_message(reason: str, text: str = "") -> Message:
-    text = text or END_REASONS.get(reason, reason)
-    return Message("end", json.dumps({"reason": reason, "message": text}), reason=reason, text=text)
 
 
 class Subscriber:
@@ -209,8 +130,7 @@ class Subscriber:
         "sink",
         "on_end",
         "expiry",
-        "accepts",
-        "accepts_key",
+        "view",
         "__weakref__",
     )
 
@@ -218,6 +138,7 @@ class Subscriber:
         self,
         hub: Hub,
         watcher: Watcher,
+        view: View,
         transport: str,
         user: Any = None,
         owner: Any = None,
@@ -225,6 +146,7 @@ class Subscriber:
     ):
         self.hub = hub
         self.watcher = watcher
+        self.view = view  # what its events go through: its binding of the stream (services/views.py)
         self.transport = transport  # "sse" | "websocket", for status
         self.limit = hub.queue_limit
         self.user = user
@@ -240,9 +162,6 @@ class Subscriber:
         self.sink: Sink | None = None  # attached while the transport is idle
         self.on_end: Callable[[str], None] | None = None  # the transport's hook, told the reason
         self.expiry: gevent.Greenlet | None = None  # ends the subscriber when its token expires
-        # its own dispatch filter over events (notify_when), None: every change of the watcher
-        self.accepts: Callable[[dict], bool] | None = None
-        self.accepts_key: str | None = None  # equal for equal filters (pipeline.NotifyFilter.key)
 
     def __enter__(self) -> Subscriber:
         return self
@@ -253,6 +172,7 @@ class Subscriber:
     # -- what the watcher calls --
 
     def push(self, batch: Batch) -> None:
+        """Hand over a batch its view already evaluated (Watcher._send)."""
         if self.ended is not None:
             return
         if self.skip_through is not None:
@@ -263,11 +183,6 @@ class Subscriber:
                 self.skip_through = None  # changes come in order: every later one is new too
             if len(kept) < len(batch.items):
                 batch = Batch(kept)
-        if self.accepts is not None:
-            filtered = self._filtered(batch)
-            if filtered is None:
-                return
-            batch = filtered
         if batch.position is not None:
             self.position = batch.position
         sink = self.sink
@@ -279,19 +194,6 @@ class Subscriber:
             return
         self.pending.extend(batch.items)
         self.wake.set()
-
-    def _filtered(self, batch: Batch) -> Batch | None:
-        """The batch as this subscriber's own filter lets it through (None: nothing)."""
-        key = self.accepts_key
-        if key is not None and batch.filtered is not None and key in batch.filtered:
-            return batch.filtered[key]
-        kept = [m for m in batch.items if self._wants(m)]
-        result = None if not kept else batch if len(kept) == len(batch.items) else Batch(kept)
-        if key is not None:
-            if batch.filtered is None:
-                batch.filtered = {}
-            batch.filtered[key] = result
-        return result
 
     def end(self, reason: str, text: str = "") -> None:
         """End this subscriber after what it already has; its transport closes with `reason`."""
@@ -332,7 +234,11 @@ class Subscriber:
         watcher, hub, upto = self.watcher, self.hub, self.catch_up_upto
         try:
             with hub.engine.watch(watcher.coll, watcher.pipeline, token) as stream:
-                yield from self._replay(stream, upto)
+                hub.catch_up_cursors += 1
+                try:
+                    yield from self._replay(stream, upto)
+                finally:
+                    hub.catch_up_cursors -= 1
         except HistoryLost as exc:
             yield [reset_message(exc.message, hub.engine.token(upto))]
         except Exception as exc:
@@ -343,7 +249,7 @@ class Subscriber:
             self.end("error", "could not read the stream's history; reconnect to resume")
 
     def _replay(self, stream: ChangeStream, upto: Any) -> Iterator[list[Message]]:
-        visibility = self.watcher.visibility
+        view = self.view
         while stream.position < upto and self.ended is None:
             batch: list[Message] = []
             size = 0
@@ -360,9 +266,11 @@ class Subscriber:
                         break
                     if change is None or change.position > upto:
                         break
-                    message = change_message(change, visibility)
-                    if message is not None and self._wants(message):
-                        batch.append(message)
+                    message = change_message(change)
+                    if message is not None:
+                        kept = view.evaluate(Batch([message]))
+                        if kept is not None:
+                            batch.extend(kept.items)
                         size += len(message.data)
                     if stream.position >= upto:
                         break
@@ -376,17 +284,11 @@ class Subscriber:
             if not batch and stream.position < upto:
                 change = stream.try_next(timeout=1.0)  # rows not yet in this process's feed
                 if change is not None and change.position <= upto:
-                    message = change_message(change, visibility)
-                    if message is not None and self._wants(message):
-                        yield [message]
+                    message = change_message(change)
+                    kept = view.evaluate(Batch([message])) if message is not None else None
+                    if kept is not None:
+                        yield kept.items
                         gevent.sleep(0)  # as after every batch: the others run in between
-
-    def _wants(self, message: Message) -> bool:
-        return (
-            self.accepts is None
-            or message.kind != "change"
-            or (message.event is not None and self.accepts(message.event))
-        )
 
     def close(self) -> None:
         """Undo the registration (idempotent)."""
@@ -398,7 +300,12 @@ class Subscriber:
 
 
 class Watcher:
-    """The change-stream loop of one stream key, shared by all its subscribers in this process."""
+    """The change-stream loop of one stream, shared by all its subscribers in this process.
+
+    Its engine stream runs only the stages every subscriber runs alike (`pipeline`, None for
+    none); `router` holds the subscribers' views (their bindings) and sends each event to
+    the ones it can match.
+    """
 
     def __init__(
         self,
@@ -407,8 +314,7 @@ class Watcher:
         coll: str,
         uri: str,
         definition: str,
-        pipeline: pipelines.Pipeline,
-        visibility: Visibility | None = None,
+        pipeline: pipelines.Pipeline | None,
     ):
         self.hub = hub
         self.key = key
@@ -416,7 +322,7 @@ class Watcher:
         self.uri = uri
         self.definition = definition
         self.pipeline = pipeline
-        self.visibility = visibility
+        self.router = Router()
         self.subscribers: set[Subscriber] = set()
         self.buffer: deque[Message] = deque(maxlen=max(hub.replay_size, 1))
         self.stream = hub.engine.watch(coll, pipeline)
@@ -526,7 +432,7 @@ class Watcher:
         replay = self.hub.replay_size
         for change in changes:
             self.events += 1
-            message = change_message(change, self.visibility)
+            message = change_message(change)
             if message is None:
                 continue
             if message.kind == "change":
@@ -544,8 +450,9 @@ class Watcher:
         self._send(Batch([message]))
 
     def _send(self, batch: Batch) -> None:
-        for sub in list(self.subscribers):
-            sub.push(batch)
+        for view, out in list(self.router.route(batch)):
+            for sub in list(view.subscribers):
+                sub.push(out)
 
     def stop(self) -> None:
         """Stop the loop and release the stream (subscribers were told why by the caller)."""
@@ -563,15 +470,28 @@ class Watcher:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A stream opened for one caller, before anything is registered (Hub.prepare): its
-    watcher key, its definition as text (to notice a redefinition), the bound pipeline, the
-    caller's own filter (notify_when) and whether its stages read the caller's account."""
+    """A stream opened for one caller, before anything is registered (Hub.prepare).
+
+    `key` names its watcher (collection, uri, definition as text: a redefinition is another
+    stream) and `pipeline` the stages that watcher runs for everyone; `view_key`, `own`,
+    `visibility` and `notify` are the caller's binding (services/views.py): its readFilter
+    and bound stages, projectResponse and notify_when. `account_bound`: its stages read the
+    caller's account (@user).
+    """
 
     key: tuple
     definition: str
-    pipeline: pipelines.Pipeline
-    accepts: pipelines.NotifyFilter | None = None
+    pipeline: pipelines.Pipeline | None
+    view_key: str
+    own: pipelines.Pipeline | None = None
+    visibility: Visibility | None = None
+    notify: pipelines.NotifyFilter | None = None
+    read_filter: dict | None = None
+    before: bool = False
     account_bound: bool = False
+
+    def make_view(self) -> View:
+        return View(self.view_key, self.own, self.visibility, self.notify, self.read_filter, self.before)
 
 
 class Hub:
@@ -585,9 +505,11 @@ class Hub:
         self.max_per_user = config["STREAM_MAX_PER_USER"]
         self.max_per_address = config["STREAM_MAX_PER_ADDRESS"]
         self.max_watchers = config["STREAM_MAX_WATCHERS"]
+        self.max_bindings = config.get("STREAM_MAX_BINDINGS", 20_000)
         self.watchers: dict[tuple, Watcher] = {}
         self.open_by_owner: dict[Any, int] = {}
         self.catch_ups = gevent.lock.BoundedSemaphore(CATCH_UP_CONCURRENCY)
+        self.catch_up_cursors = 0  # engine streams open for resumes from far back
         self.closing = False
         self._recheck_pending = False
         engine.on_meta_change(self._on_meta_change)
@@ -602,32 +524,52 @@ class Hub:
         grant: Grant | None = None,
         query_vars: dict | None = None,
         server_vars: dict | None = None,
+        before: bool = False,
     ) -> Prepared:
         """Find the stream definition and bind its variables; 404/400/403 before any response.
 
         `grant` is the caller's permission (None: nothing restricted): its readFilter and
-        projectResponse shape the stream (Grant.stream_stages) and what its events show.
+        projectResponse decide which events it gets and what they show (services.views.View).
         `query_vars` (pipeline.query_variables) are bound too; `avars` wins over them.
         `server_vars` (pipeline.server_variables: `@user`, `@mongoPermissions`) come from the
         account only; a stream that needs `@user` answers 401 to a caller without one.
+        `before`: the client asked for the pre-image (`fullDocumentBeforeChange`) in its events.
         """
         definition = find_stream(self.engine.get_collection(coll), uri)
-        stages = stages_as_stored = list(definition.get("stages", []))
-        if "@user" not in (server_vars or {}) and pipelines.account_variables(stages)[1]:
+        stored = list(definition.get("stages", []))
+        scoping = [*stored, definition.get("notify_when")]  # where @user variables may be
+        if "@user" not in (server_vars or {}) and pipelines.account_variables(scoping)[1]:
             raise Unauthorized("this stream is scoped to the logged-in user: authenticate to open it")
         avars = {**(query_vars or {}), **pipelines.parse_avars(avars_raw), **(server_vars or {})}
+        # The leading stages every subscriber runs alike go to the engine, once per stream;
+        # the readFilter and the rest are this caller's, run in the process (views.View).
+        shared = pipelines.shared_stage_count(stored)
         if grant is not None:
-            stages = grant.stream_stages(stages, avars)
-        compiled = pipelines.compile_pipeline(stages, avars)
+            grant.check_stream_stages(stored, avars)  # 403 for a stage that reads a hidden field
+        read_filter = grant.read_filter if grant is not None else None
+        # Under a readFilter the shared stages run again, after it: the engine's pass is a
+        # superset (their pre-image branch may have passed an event for a pre-image the
+        # caller may not see, which services.views.scoped then removes).
+        own = pipelines.compile_pipeline(stored if read_filter else stored[shared:], avars)  # 400: unbound
+        notify = pipelines.notify_filter(definition, avars)
         visibility = grant.visibility if grant is not None else None
-        resolved = json_util.dumps(compiled.stages, json_options=json_util.CANONICAL_JSON_OPTIONS)
-        key = (coll, uri, resolved, repr(visibility) if visibility is not None else None)
+        text = json.dumps(definition, sort_keys=True)
+        shown = repr(visibility) if visibility is not None else None
+        view_key = json_util.dumps(
+            [read_filter, own.stages, shown, notify.key if notify else None, before],
+            json_options=json_util.CANONICAL_JSON_OPTIONS,
+        )
         return Prepared(
-            key,
-            json.dumps(definition, sort_keys=True),
-            compiled,
-            accepts=pipelines.notify_filter(definition, avars),
-            account_bound="@user" in (server_vars or {}) and pipelines.account_variables(stages_as_stored)[0],
+            (coll, uri, text),
+            text,
+            pipelines.compile_pipeline(stored[:shared], {}) if shared else None,
+            view_key,
+            own=own if own.stages else None,
+            visibility=visibility,
+            notify=notify,
+            read_filter=read_filter,
+            before=before,
+            account_bound="@user" in (server_vars or {}) and pipelines.account_variables(scoping)[0],
         )
 
     def subscribe(
@@ -644,10 +586,9 @@ class Hub:
         expires_at: float | None = None,
         query_vars: dict | None = None,
         server_vars: dict | None = None,
-        accepts: Callable[[dict], bool] | None = None,
         prepared: Prepared | None = None,
     ) -> Subscriber:
-        """Register a subscriber on its stream key, resuming after `resume` when given.
+        """Register a subscriber on its stream and binding, resuming after `resume` when given.
 
         Everything that can refuse (503, 429, 404, 400, 403) happens before the
         registration. `owner` is ("user", id) or ("address", ip): whose limit of open
@@ -657,7 +598,7 @@ class Hub:
         self._refuse_if_full(owner)
         if prepared is None:  # may yield
             prepared = self.prepare(coll, uri, avars_raw, grant, query_vars, server_vars)
-        key, definition, compiled = prepared.key, prepared.definition, prepared.pipeline
+        key = prepared.key
         resume_pos = self.engine.position(resume) if resume is not None else None
         watcher = self.watchers.get(key)
         if watcher is None or watcher.stopped:
@@ -666,27 +607,28 @@ class Hub:
                     f"this server already serves {self.max_watchers} distinct streams "
                     "(STREAM_MAX_WATCHERS); try again later"
                 )
-            visibility = grant.visibility if grant is not None else None
-            new = Watcher(self, key, coll, uri, definition, compiled, visibility)  # may yield
+        self._refuse_new_binding(watcher, prepared.view_key)
+        if watcher is None or watcher.stopped:
+            new = Watcher(self, key, coll, uri, prepared.definition, prepared.pipeline)  # may yield
             watcher = self.watchers.get(key)
             if watcher is None or watcher.stopped:
                 watcher = self.watchers[key] = new
-            else:  # another subscriber opened the key meanwhile: one watcher per key
+            else:  # another subscriber opened the stream meanwhile: one watcher per stream
                 new.stop()
         # Checked again after the yields above; from here to the registration nothing may
         # yield, so no event slips between the join and the registration.
         self._refuse_if_full(owner)
-        sub = Subscriber(self, watcher, transport, user, owner, access_check)
-        if accepts is not None:
-            sub.accepts = accepts
-        elif prepared.accepts is not None:
-            sub.accepts, sub.accepts_key = prepared.accepts, prepared.accepts.key
+        view = watcher.router.view(prepared.view_key, prepared.make_view)
+        sub = Subscriber(self, watcher, view, transport, user, owner, access_check)
         live_from = watcher.position
         if resume is not None:
             if resume_pos >= live_from:
                 sub.skip_through = resume_pos
             elif self.replay_size and resume_pos >= watcher.buffer_from:
-                sub.pending.extend(m for m in watcher.buffer if m.position > resume_pos and sub._wants(m))
+                missed = [m for m in watcher.buffer if m.position > resume_pos]
+                kept = view.evaluate(Batch(missed)) if missed else None
+                if kept is not None:
+                    sub.pending.extend(kept.items)
                 # changes the watcher has read but not yet dispatched come live: skip those seen
                 sub.skip_through = resume_pos
             else:
@@ -694,6 +636,7 @@ class Hub:
                 sub.catch_up_upto = live_from
                 sub.skip_through = live_from
         watcher.subscribers.add(sub)
+        view.subscribers.add(sub)
         if owner is not None:
             self.open_by_owner[owner] = self.open_by_owner.get(owner, 0) + 1
         if expires_at is not None:
@@ -701,6 +644,17 @@ class Hub:
                 max(0.0, expires_at - time.time()), sub.end, "expired", "the token expired"
             )
         return sub
+
+    def _refuse_new_binding(self, watcher: Watcher | None, view_key: str) -> None:
+        """429 for a binding this worker does not serve yet when it serves STREAM_MAX_BINDINGS
+        (each costs an evaluation per event it can match; a shared binding costs nothing)."""
+        if watcher is not None and not watcher.stopped and view_key in watcher.router.views:
+            return
+        if sum(len(w.router.views) for w in self.watchers.values()) >= self.max_bindings:
+            raise TooManyRequests(
+                f"this server already serves {self.max_bindings} distinct stream bindings "
+                "(STREAM_MAX_BINDINGS); try again later"
+            )
 
     def _refuse_if_full(self, owner: Any) -> None:
         if self.closing:
@@ -719,6 +673,9 @@ class Hub:
         if sub not in watcher.subscribers:
             return  # already done (a transport may close twice)
         watcher.subscribers.discard(sub)
+        sub.view.subscribers.discard(sub)
+        if not sub.view.subscribers:
+            watcher.router.remove(sub.view)
         if sub.owner is not None:
             left = self.open_by_owner.get(sub.owner, 1) - 1
             if left > 0:
@@ -805,10 +762,14 @@ class Hub:
                     "sse": kinds.count("sse"),
                     "websocket": kinds.count("websocket"),
                     "events": watcher.events,
+                    "bindings": len(watcher.router.views),
                 }
             )
         return {
             "watchers": len(self.watchers),
+            # engine change streams held open for clients: one per watcher, and one per
+            # resume from before a watcher's replay buffer while it reads the history
+            "cursors": len(self.watchers) + self.catch_up_cursors,
             "clients": sum(s["clients"] for s in streams),
             "streams": streams,
         }

@@ -267,19 +267,17 @@ class Grant:
         password never reaches any stage: the engines remove it before the stages run.)"""
         return Visibility.of(self.projection) if self.projection else None
 
-    def stream_stages(self, stages: list, avars: dict) -> list:
-        """A stream's stages as this caller may run them.
-
-        403 when a stage reads a field projectResponse hides (its events would be an
-        oracle for it); the readFilter, rewritten for change events, goes first, so the
-        stream's own stages only ever see events of documents the caller may read, as GETs.
-        """
+    def check_stream_stages(self, stages: list, avars: dict) -> None:
+        """403 when a stream's stage reads a field projectResponse hides (its events would be
+        an oracle for it); 400 for a readFilter that cannot apply to change events. (The
+        readFilter itself is applied before the stream's stages, per subscriber, by
+        services.views.scoped: the stages only ever see events of documents the caller may
+        read, as GETs.)"""
         hidden = self.stage_visibility
         if hidden is not None:
             hidden.check_stages(pipelines.bind_variables(stages, avars))
-        if not self.read_filter:
-            return list(stages)
-        return [{"$match": read_filter_on_events(self.read_filter)}, *stages]
+        if self.read_filter:
+            read_filter_on_events(self.read_filter)
 
     def shown(self, doc: dict) -> dict:
         return self.visibility.project_document(doc) if self.visibility is not None else doc

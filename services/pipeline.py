@@ -83,6 +83,8 @@ __all__ = [
     "bind_variables",
     "Pipeline",
     "compile_pipeline",
+    "shared_stage_count",
+    "with_pre_images",
 ]
 
 ALLOWED_STAGES = (
@@ -425,7 +427,17 @@ def _refuse_constant(name: str) -> Any:
 
 
 # Query parameters a stream URL uses itself: never variables.
-SERVER_PARAMETERS = frozenset({"avars", "access_token", "lastEventId", "noauthchallenge", "page", "pagesize"})
+SERVER_PARAMETERS = frozenset(
+    {
+        "avars",
+        "access_token",
+        "lastEventId",
+        "noauthchallenge",
+        "page",
+        "pagesize",
+        "fullDocumentBeforeChange",
+    }
+)
 
 
 def query_variables(params: Iterable[tuple[str, str]]) -> dict:
@@ -792,7 +804,8 @@ def _notify_when_parts(spec: Any, label: str) -> tuple[str, str, bool, Any]:
 def notify_filter(definition: dict, variables: dict) -> NotifyFilter | None:
     """The per-subscriber dispatch filter of a stream's ``notify_when``, or None (deliver all).
 
-    A subscriber that does not bind the variable gets every event (RESTHeart). Bound, an event
+    A subscriber that does not bind the variable gets every event (RESTHeart), except that a
+    server variable (``@user.tenant``) the account lacks is a 400, never everything. Bound, an event
     is delivered when the field equals the value or is an array holding it, by BSON equality
     (numbers and ObjectIds match too, unlike RESTHeart's string-only comparison); an event
     without the field is not delivered. The filter reads the event as the client gets it.
@@ -803,6 +816,9 @@ def notify_filter(definition: dict, variables: dict) -> NotifyFilter | None:
     path, name, has_default, default = _notify_when_parts(spec, "notify_when")
     value = _lookup(variables, name)
     if value is _MISSING:
+        if name.startswith("@") and not has_default:
+            # a server variable scopes the stream: without it, not everything, but a 400
+            raise VariableError(f"variable {name} not bound")
         if not has_default:
             return None
         value = default
@@ -1040,6 +1056,82 @@ class Pipeline:
         return doc
 
 
+def _has_key(value: Any, key: str) -> bool:
+    if isinstance(value, dict):
+        return key in value or any(_has_key(v, key) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_key(v, key) for v in value)
+    return False
+
+
+def shared_stage_count(stages_as_stored: list) -> int:
+    """How many leading stages of a stream every subscriber runs alike (hub: one watcher).
+
+    The leading ``$match`` stages that name no variable and hold no ``$expr``. Only filters:
+    they commute with the caller's readFilter, which must see the events as the collection
+    made them (a reshaping stage could not run before it); and without ``$expr`` they cannot
+    fail on an event, whose error would describe a document outside the caller's readFilter.
+    Everything after them is bound and run per subscriber, in the process.
+    """
+    count = 0
+    for stage in unescape(stages_as_stored):
+        if not isinstance(stage, dict) or list(stage) != ["$match"]:
+            break
+        if _find_var(stage) is not _MISSING or _has_key(stage, "$expr"):
+            break
+        count += 1
+    return count
+
+
+def _on_pre_image(query: dict) -> dict | None:
+    """`query` with its `fullDocument` paths read from `fullDocumentBeforeChange` instead,
+    or None when it names no `fullDocument` path (or holds an `$expr`, left as it is)."""
+    found = False
+
+    def rewrite(q: dict) -> dict:
+        nonlocal found
+        out: dict = {}
+        for key, value in q.items():
+            if key in _LOGICAL and isinstance(value, list):
+                out[key] = [rewrite(v) if isinstance(v, dict) else v for v in value]
+            elif key == "fullDocument" or key.startswith("fullDocument."):
+                found = True
+                out["fullDocumentBeforeChange" + key[len("fullDocument") :]] = value
+            else:
+                out[key] = value
+        return out
+
+    if _has_key(query, "$expr"):
+        return None
+    before = rewrite(query)
+    return before if found else None
+
+
+def with_pre_images(stages: list) -> list:
+    """Bound stages whose leading `$match`es also pass an event whose document matched
+    before the change (its pre-image): a delete, or an update that moved it out of the
+    filter, reaches the subscribers who had the document.
+
+    `{"fullDocument.owner": "uji"}` becomes `{"$or": [<it>, {"fullDocumentBeforeChange":
+    {"$type": "object"}, "fullDocumentBeforeChange.owner": "uji"}]}`: the second branch only
+    where a pre-image exists, so an insert, or an event without one (MongoDB without
+    changeStreamPreAndPostImages), is filtered exactly as written.
+    """
+    out = []
+    leading = True
+    for stage in stages:
+        ((name, arg),) = stage.items()
+        if name != "$match":
+            leading = False
+        before = _on_pre_image(arg) if leading and name == "$match" else None
+        if before is None:
+            out.append(stage)
+            continue
+        guard = {"fullDocumentBeforeChange": {"$type": "object"}}
+        out.append({"$match": {"$or": [arg, {"$and": [guard, before]}]}})
+    return out
+
+
 def compile_pipeline(stages_as_stored: list, avars: dict) -> Pipeline:
     """Unescape the stored stages, bind ``avars`` and compile them into a ``Pipeline``."""
-    return Pipeline(_bind_stages(unescape(stages_as_stored), _avars_resolver(avars or {})))
+    return Pipeline(with_pre_images(_bind_stages(unescape(stages_as_stored), _avars_resolver(avars or {}))))

@@ -30,8 +30,18 @@ from services.storage.embedded import EmbeddedEngine, decode
 from services.updates import UpdateError, normalize_patch
 
 EVENT_KEYS_INSERT = ["_id", "operationType", "clusterTime", "wallTime", "fullDocument", "ns", "documentKey"]
-EVENT_KEYS_UPDATE = EVENT_KEYS_INSERT + ["updateDescription"]
-EVENT_KEYS_DELETE = ["_id", "operationType", "clusterTime", "wallTime", "ns", "documentKey"]
+# the pre-image (fullDocumentBeforeChange) comes last, as MongoDB appends it
+EVENT_KEYS_REPLACE = EVENT_KEYS_INSERT + ["fullDocumentBeforeChange"]
+EVENT_KEYS_UPDATE = EVENT_KEYS_INSERT + ["updateDescription", "fullDocumentBeforeChange"]
+EVENT_KEYS_DELETE = [
+    "_id",
+    "operationType",
+    "clusterTime",
+    "wallTime",
+    "ns",
+    "documentKey",
+    "fullDocumentBeforeChange",
+]
 EVENT_KEYS_DROP = ["_id", "operationType", "clusterTime", "wallTime", "ns"]
 
 
@@ -160,9 +170,14 @@ def test_replace_event(engine):
     assert created is False
     assert new == {"_id": "a", "z": 3, "_etag": new["_etag"]}
     (event,) = drain(engine, stream)
-    assert list(event) == EVENT_KEYS_INSERT
+    assert list(event) == EVENT_KEYS_REPLACE
     check_common(event, engine, "replace")
     assert event["fullDocument"] == new
+    assert {k: v for k, v in event["fullDocumentBeforeChange"].items() if k != "_etag"} == {
+        "_id": "a",
+        "x": 1,
+        "y": 2,
+    }
     assert event["documentKey"] == {"_id": "a"}
 
 
@@ -186,6 +201,7 @@ def test_delete_event(engine):
     assert list(event) == EVENT_KEYS_DELETE
     check_common(event, engine, "delete")
     assert event["documentKey"] == {"_id": oid}
+    assert event["fullDocumentBeforeChange"]["_id"] == oid
     with pytest.raises(DocumentNotFound):
         engine.delete_document("c", oid)
     assert len(log_rows(engine.path, "c")) == 2
@@ -270,6 +286,7 @@ def test_update_description(engine, before, spec, after, updated, removed):
     check_common(event, engine, "update")
     assert event["documentKey"] == {"_id": 1}
     assert event["fullDocument"] == new
+    assert event["fullDocumentBeforeChange"] == old
     desc = event["updateDescription"]
     assert list(desc) == ["updatedFields", "removedFields", "truncatedArrays"]
     assert desc["updatedFields"] == {**updated, "_etag": new["_etag"]}

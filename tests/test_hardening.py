@@ -317,9 +317,15 @@ def test_malformed_basic_credentials(anon):
 def test_open_streams_are_bounded_per_owner_and_watchers_per_worker(app, client):
     hub = app.extensions["changefeed.hub"]
     client.put(
-        "/pub", json={"streams": [{"uri": "v", "stages": [{"$match": {"fullDocument.v": {"$var": "v"}}}]}]}
+        "/pub",
+        json={
+            "streams": [
+                {"uri": "v", "stages": [{"$match": {"fullDocument.v": {"$var": "v"}}}]},
+                {"uri": "all", "stages": []},
+            ]
+        },
     )
-    hub.max_per_address, hub.max_per_user, hub.max_watchers = 2, 3, 4
+    hub.max_per_address, hub.max_per_user, hub.max_watchers, hub.max_bindings = 2, 3, 1, 4
     subs = [
         hub.subscribe("pub", "v", '{"v": 1}', None, "sse", owner=("address", "1.1.1.1")) for _ in range(2)
     ]
@@ -330,9 +336,12 @@ def test_open_streams_are_bounded_per_owner_and_watchers_per_worker(app, client)
     subs += [
         hub.subscribe("pub", "v", json.dumps({"v": i}), None, "sse", owner=("user", "u")) for i in range(2, 5)
     ]
-    assert hub.status()["watchers"] == 4
+    assert hub.status()["watchers"] == 1 and hub.status()["streams"][0]["bindings"] == 4
     with pytest.raises(Exception) as info:
         hub.subscribe("pub", "v", '{"v": 9}', None, "sse", owner=("user", "other"))
+    assert info.value.status == 429 and "STREAM_MAX_BINDINGS" in info.value.message
+    with pytest.raises(Exception) as info:
+        hub.subscribe("pub", "all", None, None, "sse", owner=("user", "other"))
     assert info.value.status == 429 and "STREAM_MAX_WATCHERS" in info.value.message
     with pytest.raises(Exception) as info:
         hub.subscribe("pub", "v", '{"v": 1}', None, "sse", owner=("user", "u"))

@@ -212,16 +212,17 @@ def test_anonymous_connections_per_address_are_bounded(live_factory):
     assert pid(server) == before
 
 
-def test_distinct_bindings_are_bounded_by_stream_max_watchers(live_factory):
-    server = live_factory(STREAM_MAX_WATCHERS=10)
+def test_distinct_bindings_are_bounded_by_stream_max_bindings(live_factory):
+    server = live_factory(STREAM_MAX_BINDINGS=10)
     assert put_streams(server.url) == 201
     before = pid(server)
     clients = [open_sse(server.url, f'/messages/_streams/mine?avars={{"n":"u{i}"}}') for i in range(10)]
     assert all(c.status == 200 for c in clients)
     extra = open_sse(server.url, '/messages/_streams/mine?avars={"n":"u99"}')
-    assert extra.status == 429 and "STREAM_MAX_WATCHERS" in json.loads(extra.body())["message"]
+    assert extra.status == 429 and "STREAM_MAX_BINDINGS" in json.loads(extra.body())["message"]
     shared = open_sse(server.url, '/messages/_streams/mine?avars={"n":"u3"}')
-    assert shared.status == 200  # an existing binding shares its watcher
+    assert shared.status == 200  # an existing binding is shared
+    assert json.loads(requests.get(f"{server.url}/_status", auth=ADMIN, timeout=10).text)["watchers"] == 1
     for c in clients + [shared, extra]:
         c.close()
     assert pid(server) == before

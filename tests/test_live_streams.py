@@ -572,7 +572,7 @@ def test_an_ifvar_stage_filters_only_when_its_variable_is_bound(live):
     assert put_streams(live.url, body=body) == 201
     everything = open_sse(live.url, "/messages/_streams/opt")
     only_uji = open_sse(live.url, "/messages/_streams/opt?n=uji")
-    assert wait_for(lambda: live.status()["clients"] == 2 and live.status()["watchers"] == 2)
+    assert wait_for(lambda: live.status()["clients"] == 2 and live.status()["watchers"] == 1)
     for name in ("bob", "uji"):
         assert post(live.url, {"name": name}).status_code == 201
     assert [everything.next_event().json()["fullDocument"]["name"] for _ in range(2)] == ["bob", "uji"]
@@ -683,3 +683,133 @@ def test_notify_when_gives_each_tenant_its_events_from_one_watcher(live):
     for client in (resumed, numeric, everyone):
         client.close()
     acme_ws.close()
+
+
+def test_per_user_read_filters_share_one_watcher_and_deletes_reach_who_had_the_document(live):
+    """Item 6 and 7 of issue 11, live over SSE and WebSocket: users with per-user readFilters
+    on one stream hold one watcher (one cursor); an update that moves a document out of a
+    user's filter tells that user without showing the new content; a delete reaches the
+    users who had the document; the pre-image comes only on request, under projectResponse."""
+    body = {
+        "streams": [
+            {"uri": "notes", "stages": []},
+            {"uri": "byname", "stages": [{"_$match": {"fullDocument::name": {"_$var": "n"}}}]},
+        ]
+    }
+    assert put_streams(live.url, body=body) == 201
+    for user in ("ann", "ben"):
+        r = requests.post(
+            f"{live.url}/users",
+            auth=ADMIN,
+            json={"_id": user, "password": "pw", "roles": ["member"]},
+            timeout=10,
+        )
+        assert r.status_code == 201, r.text
+    rule = {
+        "_id": "own-notes",
+        "predicate": "path-prefix(/messages/_streams)",
+        "roles": ["member"],
+        "priority": 1,
+        "mongo": {"readFilter": {"owner": "@user._id"}, "projectResponse": {"secret": 0}},
+    }
+    assert requests.post(f"{live.url}/acl", auth=ADMIN, json=rule, timeout=10).status_code == 201
+
+    def header(user):
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:pw".encode()).decode()}
+
+    ann = open_sse(live.url, "/messages/_streams/notes", headers=header("ann"))
+    ann_before = open_sse(
+        live.url, "/messages/_streams/notes?fullDocumentBeforeChange=true", headers=header("ann")
+    )
+    ben_ws = websocket.create_connection(
+        ws_url(live.url, "/messages/_streams/notes"),
+        header=[f"Authorization: {header('ben')['Authorization']}"],
+        timeout=10,
+    )
+    admin = open_sse(live.url, "/messages/_streams/byname?n=x")
+    assert wait_for(lambda: live.status()["clients"] == 4)
+    status = live.status()
+    assert status["watchers"] == 2 and status["cursors"] == 2  # one per stream, not per user
+    bad = requests.get(
+        f"{live.url}/messages/_streams/notes?fullDocumentBeforeChange=yes",
+        headers={**header("ann"), "Accept": "text/event-stream"},
+        timeout=10,
+    )
+    assert (
+        bad.status_code == 400 and "fullDocumentBeforeChange must be true or false" in bad.json()["message"]
+    )
+
+    post(live.url, {"_id": "d1", "owner": "ann", "name": "x", "secret": "s1"})
+    assert ann.next_event().json()["operationType"] == "insert"
+    assert ann_before.next_event().json()["operationType"] == "insert"
+    assert admin.next_event().json()["documentKey"] == {"_id": "d1"}
+    # ann gives d1 to ben: ann learns it left (no new content), ben that it arrived (no pre-image)
+    r = requests.patch(
+        f"{live.url}/messages/d1", auth=ADMIN, json={"$set": {"owner": "ben", "name": "y"}}, timeout=10
+    )
+    assert r.status_code == 200, r.text
+    left = ann.next_event().json()
+    assert left["operationType"] == "update" and left["documentKey"] == {"_id": "d1"}
+    assert (
+        "fullDocument" not in left
+        and "updateDescription" not in left
+        and "fullDocumentBeforeChange" not in left
+    )
+    left_before = ann_before.next_event().json()
+    prior = left_before["fullDocumentBeforeChange"]  # the document as ann had it, secret hidden
+    assert {k: v for k, v in prior.items() if k != "_etag"} == {"_id": "d1", "owner": "ann", "name": "x"}
+    arrived = json.loads(ben_ws.recv())
+    assert arrived["fullDocument"]["owner"] == "ben" and "secret" not in arrived["fullDocument"]
+    assert "fullDocumentBeforeChange" not in arrived
+    # the admin's bound $match on name "x": the rename moves d1 out, and it is told
+    moved = admin.next_event().json()
+    assert moved["operationType"] == "update" and moved["fullDocument"]["name"] == "y"
+    # a delete reaches the one who had the document (ben), not ann
+    assert requests.delete(f"{live.url}/messages/d1", auth=ADMIN, timeout=10).status_code == 204
+    gone = json.loads(ben_ws.recv())
+    assert gone["operationType"] == "delete" and gone["documentKey"] == {"_id": "d1"}
+    post(live.url, {"_id": "d2", "owner": "ann", "name": "z"})
+    assert ann.next_event().json()["documentKey"] == {"_id": "d2"}  # not the delete of ben's d1
+    assert ann_before.next_event().json()["documentKey"] == {"_id": "d2"}
+    for client in (ann, ann_before, admin):
+        client.close()
+    ben_ws.close()
+
+
+def test_notify_when_on_a_server_variable_scopes_each_account_and_never_falls_open(live):
+    """notify_when `@user.tenant`: each account gets its tenant's events from one watcher; an
+    anonymous caller gets 401 and an account without a tenant 400, never every event."""
+    body = {
+        "streams": [
+            {"uri": "t", "stages": [], "notify_when": {"fullDocument::tenant": {"_$var": "@user.tenant"}}}
+        ]
+    }
+    assert put_streams(live.url, body=body) == 201
+    for user, tenant in (("ann", "acme"), ("ben", "initech"), ("cat", None)):
+        doc = {"_id": user, "password": "pw", "roles": ["member"], **({"tenant": tenant} if tenant else {})}
+        assert requests.post(f"{live.url}/users", auth=ADMIN, json=doc, timeout=10).status_code == 201
+    rule = {
+        "_id": "m",
+        "predicate": "path-prefix(/messages/_streams/t)",
+        "roles": ["member", "$unauthenticated"],
+        "priority": 1,
+    }
+    assert requests.post(f"{live.url}/acl", auth=ADMIN, json=rule, timeout=10).status_code == 201
+
+    def header(user):
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:pw".encode()).decode()}
+
+    sse = {"Accept": "text/event-stream"}
+    url = f"{live.url}/messages/_streams/t"
+    assert requests.get(url, headers=sse, timeout=10).status_code == 401
+    no_tenant = requests.get(url, headers={**sse, **header("cat")}, timeout=10)
+    assert no_tenant.status_code == 400 and "@user.tenant" in no_tenant.json()["message"]
+    ann = open_sse(live.url, "/messages/_streams/t", headers=header("ann"))
+    ben = open_sse(live.url, "/messages/_streams/t?tenant=acme", headers=header("ben"))  # not a way in
+    assert wait_for(lambda: live.status()["clients"] == 2) and live.status()["watchers"] == 1
+    for tenant in ("initech", "acme"):
+        post(live.url, {"tenant": tenant})
+    assert ann.next_event().json()["fullDocument"]["tenant"] == "acme"
+    assert ben.next_event().json()["fullDocument"]["tenant"] == "initech"
+    ann.close()
+    ben.close()

@@ -148,9 +148,16 @@ def test_aggregate_command_carries_options_and_the_bound_unescaped_pipeline(serv
     assert request.doc["aggregate"] == "c"
     assert request.doc["$db"] == "db"
     assert request.doc["cursor"] == {}
+    written = {"fullDocument.status": "open", "operationType": {"$in": ["insert", "update"]}}
+    on_pre_image = {"fullDocumentBeforeChange.status": "open", "operationType": {"$in": ["insert", "update"]}}
     assert request.doc["pipeline"] == [
-        {"$changeStream": {"fullDocument": "updateLookup"}},
-        {"$match": {"fullDocument.status": "open", "operationType": {"$in": ["insert", "update"]}}},
+        {"$changeStream": {"fullDocument": "updateLookup", "fullDocumentBeforeChange": "whenAvailable"}},
+        # the leading $match also passes what matched before the change (issue 11, item 7)
+        {
+            "$match": {
+                "$or": [written, {"$and": [{"fullDocumentBeforeChange": {"$type": "object"}}, on_pre_image]}]
+            }
+        },
         {"$project": {"fullDocument.secret": 0}},
     ]
     assert stream.position == T0 and isinstance(stream.position, Position)
@@ -163,8 +170,10 @@ def test_users_streams_strip_password_hashes_on_the_server(server, engine):
     cursor_reply(request, [], T0, first=True)
     future()
     stages = request.doc["pipeline"]
-    assert stages[0] == {"$changeStream": {"fullDocument": "updateLookup"}}
-    assert stages[1] == {"$unset": ["fullDocument.password"]}
+    assert stages[0] == {
+        "$changeStream": {"fullDocument": "updateLookup", "fullDocumentBeforeChange": "whenAvailable"}
+    }
+    assert stages[1] == {"$unset": ["fullDocument.password", "fullDocumentBeforeChange.password"]}
     assert "updateDescription" in stages[2]["$set"]
 
 
@@ -197,7 +206,11 @@ def test_get_more_loop_returns_events_and_advances_on_empty_batches(server, engi
 
 def test_resume_after_token_and_start_after_for_an_invalidate_token(server, engine):
     stream, request = open_stream(server, engine, resume_after={"_data": T1})
-    assert change_stream_spec(request) == {"fullDocument": "updateLookup", "resumeAfter": {"_data": T1}}
+    assert change_stream_spec(request) == {
+        "fullDocument": "updateLookup",
+        "fullDocumentBeforeChange": "whenAvailable",
+        "resumeAfter": {"_data": T1},
+    }
     assert stream.position == T1
 
     future = go(engine.watch, "c", None, {"_data": INV})
@@ -209,7 +222,11 @@ def test_resume_after_token_and_start_after_for_an_invalidate_token(server, engi
         "from an invalidate notification.",
     )
     request = recv(server, "aggregate")
-    assert change_stream_spec(request) == {"fullDocument": "updateLookup", "startAfter": {"_data": INV}}
+    assert change_stream_spec(request) == {
+        "fullDocument": "updateLookup",
+        "fullDocumentBeforeChange": "whenAvailable",
+        "startAfter": {"_data": INV},
+    }
     cursor_reply(request, [], INV, first=True)
     assert future().position == INV
 
@@ -224,7 +241,11 @@ def test_network_error_mid_stream_resumes_from_the_last_token(server, engine):
     future = go(stream.try_next, 5)
     recv(server, "getMore").hangup()
     request = recv(server, "aggregate")
-    assert change_stream_spec(request) == {"fullDocument": "updateLookup", "resumeAfter": {"_data": T1}}
+    assert change_stream_spec(request) == {
+        "fullDocument": "updateLookup",
+        "fullDocumentBeforeChange": "whenAvailable",
+        "resumeAfter": {"_data": T1},
+    }
     cursor_reply(request, [event(T2, doc_id=2)], T2, cursor_id=78, first=True)
     change = future()
     assert change.position == T2 and change.event["documentKey"] == {"_id": 2}
@@ -234,7 +255,11 @@ def test_network_error_mid_stream_resumes_from_the_last_token(server, engine):
     recv(server, "getMore").hangup()
     recv(server, "aggregate").hangup()
     request = recv(server, "aggregate", timeout=10)
-    assert change_stream_spec(request) == {"fullDocument": "updateLookup", "resumeAfter": {"_data": T2}}
+    assert change_stream_spec(request) == {
+        "fullDocument": "updateLookup",
+        "fullDocumentBeforeChange": "whenAvailable",
+        "resumeAfter": {"_data": T2},
+    }
     cursor_reply(request, [event(T3, doc_id=3)], T3, cursor_id=79, first=True)
     change = future()
     assert change.position == T3 and change.event["documentKey"] == {"_id": 3}
@@ -755,3 +780,32 @@ def test_put_whose_guarded_upsert_the_server_refuses_is_a_400(server, mongo_app)
     response = response()
     assert response.status_code == 400, response.get_data(as_text=True)
     assert response.get_json()["message"] == "Document failed validation"
+
+
+def test_a_server_without_pre_images_is_asked_once_then_streams_without_them(server, engine):
+    """MongoDB < 6.0 refuses the fullDocumentBeforeChange option (40415): the engine stops
+    asking for it, and the stream opens at once (deletes then reach only unfiltered streams)."""
+    future = go(engine.watch, "c", None)
+    recv(server, "aggregate").command_err(
+        40415, "BSON field '$changeStream.fullDocumentBeforeChange' is an unknown field."
+    )
+    again = recv(server, "aggregate")
+    assert change_stream_spec(again) == {"fullDocument": "updateLookup"}
+    cursor_reply(again, [], T0, first=True)
+    assert future().position == T0 and engine.pre_images is False
+    future = go(engine.watch, "c", None)
+    request = recv(server, "aggregate")
+    assert "fullDocumentBeforeChange" not in change_stream_spec(request)
+    cursor_reply(request, [], T0, first=True)
+    future()
+
+
+def test_a_stream_closed_while_its_get_more_waits_returns_nothing(server, engine):
+    """The watcher stops (close) while its greenlet waits in a getMore: the read ends with
+    None, not an AttributeError on the dropped cursor."""
+    stream, _ = open_stream(server, engine)
+    future = go(stream.try_next, 5)
+    request = recv(server, "getMore")
+    stream.close()
+    cursor_reply(request, [], T1)
+    assert future() is None

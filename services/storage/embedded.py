@@ -166,8 +166,17 @@ class _Txn:
         return self.seq
 
     def emit(
-        self, coll: str, op: str, doc_id: Any = None, full: dict | None = None, desc: dict | None = None
+        self,
+        coll: str,
+        op: str,
+        doc_id: Any = None,
+        full: dict | None = None,
+        desc: dict | None = None,
+        before: dict | None = None,
     ) -> None:
+        """Log one change event. `before`: the document as it was, for an update, a replace or
+        a delete: MongoDB's pre-image, `fullDocumentBeforeChange`, which the change log always
+        records (MongoDB 6.0+ does when the collection enables changeStreamPreAndPostImages)."""
         seq = self._next_seq()
         event: dict[str, Any] = {
             "operationType": op,
@@ -181,6 +190,8 @@ class _Txn:
             event["documentKey"] = {"_id": doc_id}
         if desc is not None:
             event["updateDescription"] = desc
+        if before is not None:
+            event["fullDocumentBeforeChange"] = before  # last, as MongoDB appends it
         self.conn.execute(
             "INSERT INTO changes (seq, coll, kind, ts, event) VALUES (?, ?, 'event', ?, ?)",
             (seq, coll, self.ts, encode(event)),
@@ -557,7 +568,7 @@ class EmbeddedEngine(Engine):
             if guard is not None:
                 guard(old, new)
             txn.store(coll, new, new=old is None)
-            txn.emit(coll, "insert" if old is None else "replace", doc_id, full=new)
+            txn.emit(coll, "insert" if old is None else "replace", doc_id, full=new, before=old)
             return old is None, new
 
         return self._write(run)
@@ -606,7 +617,7 @@ class EmbeddedEngine(Engine):
         if guard is not None:
             guard(old, new)
         txn.store(coll, new, new=False)
-        txn.emit(coll, "update", doc_id, full=new, desc=desc)
+        txn.emit(coll, "update", doc_id, full=new, desc=desc, before=old)
         return False, new
 
     def delete_document(
@@ -621,7 +632,7 @@ class EmbeddedEngine(Engine):
                 guard(old, None)
             _check_etag(old, if_match, f"document '{_show_id(doc_id)}'")
             txn.conn.execute("DELETE FROM documents WHERE coll=? AND key=?", (coll, _key(doc_id)))
-            txn.emit(coll, "delete", doc_id)
+            txn.emit(coll, "delete", doc_id, before=old)
 
         self._write(run)
 
@@ -652,7 +663,7 @@ class EmbeddedEngine(Engine):
                 if guard is not None:
                     guard(old, None)
                 txn.conn.execute("DELETE FROM documents WHERE coll=? AND key=?", (coll, _key(old["_id"])))
-                txn.emit(coll, "delete", old["_id"])
+                txn.emit(coll, "delete", old["_id"], before=old)
             return len(docs)
 
         return self._write(run)
@@ -807,8 +818,9 @@ class _EmbeddedStream(ChangeStream):
 def without_passwords(event: dict) -> dict:
     """A `users` event without password hashes: they never reach a stage or a client."""
     event = dict(event)
-    if isinstance(event.get("fullDocument"), dict):
-        event["fullDocument"] = {k: v for k, v in event["fullDocument"].items() if k != "password"}
+    for field in ("fullDocument", "fullDocumentBeforeChange"):
+        if isinstance(event.get(field), dict):
+            event[field] = {k: v for k, v in event[field].items() if k != "password"}
     desc = event.get("updateDescription")
     if isinstance(desc, dict):
         desc = dict(desc)

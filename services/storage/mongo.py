@@ -143,7 +143,7 @@ _META_PIPELINE = [
 ]
 # Prepended to every stream of `users`: password hashes never reach a stage or a client.
 _USERS_GUARD = [
-    {"$unset": ["fullDocument.password"]},
+    {"$unset": ["fullDocument.password", "fullDocumentBeforeChange.password"]},
     {
         "$set": {
             "updateDescription": {
@@ -311,6 +311,10 @@ class MongoEngine(Engine):
         self.db_name = db_name
         self.server_selection_timeout_ms = server_selection_timeout_ms
         self.max_await_ms = max_await_ms
+        # Pre-images (fullDocumentBeforeChange) are asked for "whenAvailable" (MongoDB 6.0+:
+        # null unless the collection enables changeStreamPreAndPostImages); a server that
+        # does not know the option refuses it once, and the engine stops asking.
+        self.pre_images = True
         self.client_options = client_options or {}
         self._client: MongoClient | None = None
         self._ready = False
@@ -931,19 +935,24 @@ class _MongoStream(ChangeStream):
                     continue
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             self._set_await(max(1, min(remaining_ms, self.engine.max_await_ms)))
+            cs = self._cs
             try:
-                doc = self._cs.try_next()
+                doc = cs.try_next()
             except PyMongoError as exc:
+                if self._closed:
+                    return None  # closed while the getMore waited: the error is of the close
                 self._drop_cursor()
                 reported = self._fault(exc)
                 if reported is not None:
                     return reported
                 continue
+            if self._closed:  # closed while the getMore waited (the watcher stopped)
+                return None
             self._backoff.reset()
             if doc is None:
-                if not self._cs.alive:  # cursor closed by the server: an invalidate we filtered out
-                    return self._end(self._cs.resume_token)
-                token = self._cs.resume_token
+                if not cs.alive:  # cursor closed by the server: an invalidate we filtered out
+                    return self._end(cs.resume_token)
+                token = cs.resume_token
                 if token is not None and _position_of(token) > self._pos:
                     self._pos = _position_of(token)
                 if time.monotonic() >= deadline:
@@ -974,12 +983,19 @@ class _MongoStream(ChangeStream):
 
     def _open(self) -> None:
         kwargs: dict = {"full_document": "updateLookup", "max_await_time_ms": self.engine.max_await_ms}
+        if self.engine.pre_images:
+            kwargs["full_document_before_change"] = "whenAvailable"
         if self._pos:
             kwargs["start_after" if self._start_after else "resume_after"] = _bson_token(self._pos.token)
         target = self.engine.db[self.coll]
         try:
             self._cs = target.watch(self.stages, **kwargs)
         except OperationFailure as exc:
+            if "fullDocumentBeforeChange" in _errmsg(exc) and kwargs.pop("full_document_before_change", None):
+                log.warning("the server does not offer pre-images (MongoDB < 6.0): %s", _errmsg(exc))
+                self.engine.pre_images = False
+                self._open()
+                return
             if exc.code == 260 and "invalidate" in _errmsg(exc) and not self._start_after and self._pos:
                 # resumeAfter refuses an invalidate token; startAfter takes it
                 self._start_after = True
