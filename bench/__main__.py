@@ -249,6 +249,7 @@ def scenario_many_streams(data_root: str, keys: int, per_key: int, n_bursts: int
             "/bench",
             {"streams": [{"uri": "mine", "stages": [{"$match": {"fullDocument.k": {"$var": "k"}}}]}]},
         )
+        write_only = write_cpu(server, {"k": -1})
         rss0 = server.rss_kb()
         clients = loadgen.Clients("127.0.0.1", server.port)
         groups = {}
@@ -261,17 +262,19 @@ def scenario_many_streams(data_root: str, keys: int, per_key: int, n_bursts: int
         rss1 = server.rss_kb()
         status = server.get("/_status")
         watchers = status["watchers"]
-        lat, cpu, deliveries = [], 0.0, 0
+        idle = idle_cpu_rate(server)
+        lat, cpu, deliveries, window = [], 0.0, 0, 0.0
         for b in range(n_bursts + 1):
             k = (b * 7919) % keys
             marker = f"mk-many-{b}"
-            c0 = server.cpu_seconds()
+            c0, w0 = server.cpu_seconds(), time.perf_counter()
             t_send, _ = loadgen.post("127.0.0.1", server.port, "/bench", {"k": k, "marker": marker})
             clients.wait_markers([marker], time.time() + 30, groups[k])
             time.sleep(0.05)
             if b == 0:
                 continue
             cpu += server.cpu_seconds() - c0
+            window += time.perf_counter() - w0
             arrivals = [c.seen.get(marker) for c in groups[k]]
             if None in arrivals:
                 raise RuntimeError(f"many streams: a client of key {k} missed its event")
@@ -291,9 +294,32 @@ def scenario_many_streams(data_root: str, keys: int, per_key: int, n_bursts: int
             "rss_open_mb": round(rss1 / 1024, 1),
             "latency": loadgen.summarize(lat),
             "cpu_ms_per_event": round(cpu / n_bursts * 1000, 2),
+            # without the worker's background work in the same time (idle_cpu_rate)
+            "cpu_ms_per_event_net": round((cpu - idle * window) / n_bursts * 1000, 2),
+            "idle_cpu_ms_per_s": round(idle * 1000, 1),
+            "write_only_cpu_ms": round(write_only * 1000, 2),
         }
     finally:
         server.stop()
+
+
+def write_cpu(server: Server, doc: dict, n: int = 200) -> float:
+    """Worker CPU seconds per POST of `doc`, back to back, before any client: what the
+    write itself costs (HTTP, auth, insert, change log), the floor of every event's cost."""
+    for _ in range(20):  # warm up
+        loadgen.post("127.0.0.1", server.port, "/bench", doc)
+    c0 = server.cpu_seconds()
+    for _ in range(n):
+        loadgen.post("127.0.0.1", server.port, "/bench", doc)
+    return (server.cpu_seconds() - c0) / n
+
+
+def idle_cpu_rate(server: Server, seconds: float = 3.0) -> float:
+    """Worker CPU seconds per second with the clients open and no event: the change-log
+    poll (every 20 ms, for other workers' writes), heartbeats, timers."""
+    c0, w0 = server.cpu_seconds(), time.perf_counter()
+    time.sleep(seconds)
+    return (server.cpu_seconds() - c0) / (time.perf_counter() - w0)
 
 
 def scenario_read_filters(data_root: str, users: int, n_bursts: int) -> dict:
@@ -327,11 +353,12 @@ def scenario_read_filters(data_root: str, users: int, n_bursts: int) -> dict:
             return "Basic " + base64.b64encode(f"{name}:pw".encode()).decode()
 
         def measure(group: dict, owners: list[str], label: str) -> dict:
-            lat, cpu = [], 0.0
+            idle = idle_cpu_rate(server)
+            lat, cpu, window = [], 0.0, 0.0
             for b in range(n_bursts + 1):
                 owner = owners[(b * 7919) % len(owners)]
                 marker = f"mk-{label}-{b}"
-                c0 = server.cpu_seconds()
+                c0, w0 = server.cpu_seconds(), time.perf_counter()
                 t_send, _ = loadgen.post(
                     "127.0.0.1", server.port, "/bench", {"owner": owner, "marker": marker}
                 )
@@ -340,6 +367,7 @@ def scenario_read_filters(data_root: str, users: int, n_bursts: int) -> dict:
                 if b == 0:
                     continue
                 cpu += server.cpu_seconds() - c0
+                window += time.perf_counter() - w0
                 arrival = group[owner][0].seen.get(marker)
                 if arrival is None:
                     raise RuntimeError(f"read filters: {owner} missed its event")
@@ -347,7 +375,11 @@ def scenario_read_filters(data_root: str, users: int, n_bursts: int) -> dict:
                 if others:
                     raise RuntimeError(f"read filters: {others} other users got {owner}'s event")
                 lat.append((arrival - t_send) * 1000)
-            return {"latency": loadgen.summarize(lat), "cpu_ms_per_event": round(cpu / n_bursts * 1000, 2)}
+            return {
+                "latency": loadgen.summarize(lat),
+                "cpu_ms_per_event": round(cpu / n_bursts * 1000, 2),
+                "cpu_ms_per_event_net": round((cpu - idle * window) / n_bursts * 1000, 2),
+            }
 
         group = {names[0]: clients.open_group(1, "/bench/_streams/own", auth=auth(names[0]))}
         one = measure(group, names[:1], "one")
@@ -370,6 +402,128 @@ def scenario_read_filters(data_root: str, users: int, n_bursts: int) -> dict:
         }
     finally:
         server.stop()
+
+
+def scenario_mongo_cursors(root: str, workers: int, bindings: int) -> dict:
+    """bench/mongo_cursors.py against `root`'s code: cursors asked of a mockupdb primary."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "mongo_cursors.py"), "--root", root,
+         "--workers", str(workers), "--bindings", str(bindings)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"mongo_cursors failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def scenario_scoped(data_root: str, args, n_bursts: int) -> dict:
+    """Issue 11's rows, each on --compare's checkout first (when given), then on this one."""
+    keys, per_key, users = (20, 2, 20) if args.smoke else (1000, 10, 1000)
+    roots = ([os.path.abspath(args.compare)] if args.compare else []) + [ROOT]
+    out: dict = {}
+    for root in roots:
+        Server.root = root
+        try:
+            name = "this" if root == ROOT else "baseline"
+            here = os.path.join(data_root, name)  # each checkout its own data
+            os.makedirs(here, exist_ok=True)
+            out[name] = {
+                "root": root,
+                "many_streams": scenario_many_streams(here, keys, per_key, n_bursts),
+                "read_filters": scenario_read_filters(here, users, n_bursts),
+                "mongo_cursors": scenario_mongo_cursors(root, 4, 100 if args.smoke else 1000),
+            }
+        finally:
+            Server.root = ROOT
+    return out
+
+
+def scoped_report(r: dict) -> str:
+    """The issue-11 rows as a markdown section, side by side when there is a baseline."""
+    runs = r["scoped"]
+    names = [n for n in ("baseline", "this") if n in runs]
+    rows = []
+
+    def row(label: str, get) -> None:
+        cells = []
+        for n in names:
+            try:
+                cells.append(str(get(runs[n])))
+            except (KeyError, TypeError):
+                cells.append("n/a")
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    row("1 stream, 1,000 bindings x 10 SSE clients: watchers", lambda x: x["many_streams"]["watchers"])
+    row("... cursors", lambda x: x["many_streams"]["cursors"])
+    row("... worker CPU ms per event", lambda x: x["many_streams"]["cpu_ms_per_event"])
+    row(
+        "... the same without idle background work (net)", lambda x: x["many_streams"]["cpu_ms_per_event_net"]
+    )
+    row("... idle background CPU ms/s", lambda x: x["many_streams"]["idle_cpu_ms_per_s"])
+    row(
+        "... of which the write itself (POST, no client), CPU ms",
+        lambda x: x["many_streams"]["write_only_cpu_ms"],
+    )
+    row(
+        "... the stream's share (net minus the write), CPU ms",
+        lambda x: round(
+            x["many_streams"]["cpu_ms_per_event_net"] - x["many_streams"]["write_only_cpu_ms"], 2
+        ),
+    )
+    row("... insert to the 10 matching clients p50 ms", lambda x: x["many_streams"]["latency"]["p50"])
+    row("... insert to the 10 matching clients p99 ms", lambda x: x["many_streams"]["latency"]["p99"])
+    row("... RSS MB with all open", lambda x: x["many_streams"]["rss_open_mb"])
+    row("1,000 users, per-user readFilter, one stream: watchers", lambda x: x["read_filters"]["watchers"])
+    row(
+        "... one user connected: p50 / p99 ms",
+        lambda x: "{} / {}".format(
+            x["read_filters"]["one_user"]["latency"]["p50"], x["read_filters"]["one_user"]["latency"]["p99"]
+        ),
+    )
+    row(
+        "... 1,000 users connected: p50 / p99 ms",
+        lambda x: "{} / {}".format(
+            x["read_filters"]["all_users"]["latency"]["p50"], x["read_filters"]["all_users"]["latency"]["p99"]
+        ),
+    )
+    row(
+        "... worker CPU ms per event (one / all)",
+        lambda x: "{} / {}".format(
+            x["read_filters"]["one_user"]["cpu_ms_per_event"],
+            x["read_filters"]["all_users"]["cpu_ms_per_event"],
+        ),
+    )
+    row(
+        "... net of idle work (one / all)",
+        lambda x: "{} / {}".format(
+            x["read_filters"]["one_user"]["cpu_ms_per_event_net"],
+            x["read_filters"]["all_users"]["cpu_ms_per_event_net"],
+        ),
+    )
+    row(
+        "4 workers x 1,000 bindings on the mongo wire: cursors opened",
+        lambda x: x["mongo_cursors"]["cursors_opened"],
+    )
+    row(
+        "... subscribers opened (of 4,000) / seconds",
+        lambda x: "{} / {}".format(x["mongo_cursors"]["subscribers"], x["mongo_cursors"]["open_s"]),
+    )
+    row("... getMore per second while idle", lambda x: x["mongo_cursors"]["get_mores_per_s"])
+    m = r["machine"]
+    head = " | ".join(f"{n} ({os.path.basename(runs[n]['root'])})" for n in names)
+    return "\n".join(
+        [
+            "",
+            f"## Scoped streams (issue 11), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+            "",
+            f"Command: `{r['command']}`. Machine: {m}.",
+            "",
+            f"| figure | {head} |",
+            "|---|" + "---|" * len(names),
+            *rows,
+            "",
+        ]
+    )
 
 
 def scenario_churn(data_root: str, total: int, window: int, seconds: float) -> dict:
@@ -570,7 +724,11 @@ def main() -> int:
         "(needs `pip install uvicorn sse-starlette flask-sse redis` and Debian's redis-server)",
     )
     ap.add_argument("--peer-max", type=int, default=5000, help="largest N for the peers")
-    ap.add_argument("--only", choices=["churn", "fanout"], help="run one scenario and print it (no report)")
+    ap.add_argument(
+        "--only",
+        choices=["churn", "fanout", "scoped"],
+        help="run one scenario and print it (scoped: the issue-11 rows, appended to --out)",
+    )
     ap.add_argument("--kinds", default="sse", help="with --only fanout: sse, ws or sse,ws (half each)")
     ap.add_argument("--repeat", type=int, default=1, help="with --only fanout: alternate this many times")
     ap.add_argument(
@@ -593,6 +751,14 @@ def main() -> int:
         )
         print(json.dumps(results, indent=1))
         shutil.rmtree(data_root, ignore_errors=True)
+        return 0
+    if args.only == "scoped":
+        results["scoped"] = scenario_scoped(data_root, args, n_bursts)
+        print(json.dumps(results, indent=1))
+        shutil.rmtree(data_root, ignore_errors=True)
+        if not args.smoke:
+            with open(args.out, "a") as f:
+                f.write(scoped_report(results))
         return 0
     if args.only == "fanout":  # SSE fan-out alone, alternating with --compare's checkout
         runs = []

@@ -26,6 +26,7 @@ ARGS.add_argument("--root", required=True)
 ARGS.add_argument("--workers", type=int, default=4)
 ARGS.add_argument("--bindings", type=int, default=1000)
 ARGS.add_argument("--seconds", type=float, default=3.0, help="how long the streams stay open")
+ARGS.add_argument("--deadline", type=float, default=120.0, help="stop opening subscribers after this")
 
 
 def main() -> int:
@@ -107,8 +108,11 @@ def main() -> int:
         engine.get_collection = lambda coll: props  # type: ignore[method-assign]
         engines.append(engine)
         hubs.append(Hub(engine, config))
-    for hub in hubs:
-        for k in range(args.bindings):
+    deadline = time.perf_counter() + args.deadline
+    for k in range(args.bindings):  # round-robin over the workers, as clients would arrive
+        if time.perf_counter() > deadline:
+            break
+        for hub in hubs:
             subs.append(hub.subscribe("c", "mine", json.dumps({"k": k}), None, "sse"))
     open_s = time.perf_counter() - t0
     aggregates_after_open = counts["stream_aggregates"]
@@ -118,6 +122,7 @@ def main() -> int:
         "workers": args.workers,
         "bindings_per_worker": args.bindings,
         "subscribers": len(subs),
+        "all_opened": len(subs) == args.workers * args.bindings,
         "cursors_opened": aggregates_after_open,
         "watchers": sum(len(h.watchers) for h in hubs),
         "open_s": round(open_s, 2),

@@ -29,6 +29,9 @@ def test_bench_smoke_runs_every_scenario():
     assert result["mixed"]["batch10"]["deliveries"] == 50 * 10 * 3
     assert result["catch_up"]["events_received"] == 201  # 200 missed + the marker, each exactly once
     assert result["many_streams"]["watchers"] == 1 and result["many_streams"]["cursors"] == 1  # 20 bindings
+    readers = result["read_filters"]  # 20 users, each its own readFilter, one client each
+    assert readers["watchers"] == 1 and readers["clients"] == 20
+    assert readers["all_users"]["latency"]["n"] == 6  # every event reached its owner, and only it
     assert result["churn"]["clients_after"] == 0 and result["churn"]["watchers_after"] == 0
     # no client greenlet is left; gevent's threadpool (10 threads, 2 greenlets each) may have grown
     assert result["churn"]["greenlets_after"] <= result["churn"]["greenlets_before"] + 2 * 10 + 2

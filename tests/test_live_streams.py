@@ -813,3 +813,14 @@ def test_notify_when_on_a_server_variable_scopes_each_account_and_never_falls_op
     assert ben.next_event().json()["fullDocument"]["tenant"] == "initech"
     ann.close()
     ben.close()
+
+
+def test_no_websocket_handshake_can_set_a_server_variable(live):
+    from .test_stream_requests import SCOPED, SPOOFS
+
+    assert put_streams(live.url, coll="s", body=SCOPED) == 201
+    for query in SPOOFS:
+        with pytest.raises(websocket.WebSocketBadStatusException) as info:
+            open_ws(live.url, f"/s/_streams/team?{query}")
+        assert info.value.status_code == 400, query
+        assert b"reserved for server-side variables" in (info.value.resp_body or b""), query

@@ -52,3 +52,40 @@ def test_avars_beyond_json_and_bson_are_400(streams, raw):
     assert "avars" in r.json["message"] and len(r.json["message"]) < 400
     with pytest.raises(pipeline.AvarsError):
         pipeline.parse_avars(raw)
+
+
+SCOPED = {
+    "streams": [
+        {"uri": "team", "stages": [{"_$match": {"fullDocument::team": {"_$var": "@user.team"}}}]},
+        {
+            "uri": "rf",
+            "stages": [{"_$match": {"fullDocument::f": {"_$var": "@mongoPermissions.readFilter"}}}],
+        },
+        {"uri": "opt", "stages": [{"_$ifvar": ["@user.team", {"_$match": {"fullDocument::team": "x"}}]}]},
+        {"uri": "tn", "stages": [], "notify_when": {"fullDocument::tenant": {"_$var": "@user.tenant"}}},
+    ]
+}
+SPOOFS = [
+    "avars=" + '{"@user":{"team":"blue"}}',
+    "avars=" + '{"@user.team":"blue"}',
+    "avars=" + '{"@mongoPermissions":{"readFilter":{}}}',
+    "avars=" + '{"@mongoPermissions.readFilter":{}}',
+    "avars=" + '"@user.tenant":"acme"',  # the brace-less form curl sends
+    "@user.team=blue",
+    "@user=x",
+    "@user.tenant=acme",
+    "@mongoPermissions.readFilter=%7B%7D",
+    "%40user.team=blue",  # percent-encoded @
+]
+
+
+@pytest.mark.parametrize("query", SPOOFS)
+def test_no_client_input_can_set_a_server_variable(client, query):
+    """Every `@` variable, through avars (both forms) and plain or percent-encoded query
+    parameters: a 400 naming the reserved name, before any stream (the WebSocket leg is
+    live: tests/test_live_streams.py)."""
+    assert client.put("/s", json=SCOPED).status_code == 201
+    for uri in ("team", "rf", "opt", "tn"):
+        r = client.get(f"/s/_streams/{uri}?{query}", headers=SSE)
+        assert r.status_code == 400, (uri, r.get_data(as_text=True))
+        assert "reserved for server-side variables" in r.json["message"]
