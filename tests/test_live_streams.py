@@ -541,6 +541,49 @@ def test_tutorial_step_7_works_with_curl_exactly_as_printed(live):
     assert [e["fullDocument"]["name"] for e in events] == ["uji"]
 
 
+def test_tutorial_step_7_works_with_httpie(live):
+    """HTTPie (the README's other client): `http --stream` with `avars=={"n":"uji"}` (HTTPie's
+    query-parameter syntax) and `n==uji` both give uji's events and no others."""
+    import os
+    import subprocess
+    import sys
+
+    http = os.path.join(os.path.dirname(sys.executable), "http")
+    if not os.path.exists(http):
+        pytest.skip("HTTPie is not installed (requirements-dev.txt)")
+    put_streams(live.url)
+    url = f"http://127.0.0.1:{live.port}/messages/_streams/mine"
+    clients = [
+        subprocess.Popen(
+            [
+                http,
+                "--stream",
+                "--ignore-stdin",
+                "--timeout",
+                "6",
+                "-a",
+                "admin:secret",
+                "GET",
+                url,
+                query,
+                "Accept:text/event-stream",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        for query in ('avars=={"n":"uji"}', "n==uji")
+    ]
+    assert wait_for(lambda: live.status()["clients"] == 2)
+    for name in ("other", "uji", "someone"):
+        assert post(live.url, {"message": "Hello SSE!", "name": name}).status_code == 201
+    time.sleep(0.5)
+    for client in clients:
+        client.terminate()  # (a stream does not end by itself)
+        out, _ = client.communicate(timeout=15)
+        events = [json.loads(line[5:]) for line in out.decode().splitlines() if line.startswith("data:")]
+        assert [e["fullDocument"]["name"] for e in events] == ["uji"]
+
+
 def test_query_parameters_are_variables_and_avars_wins(live):
     """RESTHeart 9.9: `mine?n=uji` binds n; over SSE and WebSocket; avars wins."""
     put_streams(live.url)
