@@ -69,6 +69,18 @@ def wait_for(predicate, timeout: float = 5.0, interval: float = 0.05):
     return predicate()
 
 
+def add_member(base: str, user: str, **fields) -> None:
+    """A user with password "pw" and the role "member"."""
+    doc = {"_id": user, "password": "pw", "roles": ["member"], **fields}
+    r = requests.post(f"{base}/users", auth=ADMIN, json=doc, timeout=10)
+    assert r.status_code == 201, r.text
+
+
+def member(user: str) -> dict:
+    """The Authorization header of a user made by add_member."""
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:pw".encode()).decode()}
+
+
 def test_seed_tutorial_sse_and_websocket(live):
     base = live.url
     assert put_streams(base) == 201
@@ -636,13 +648,7 @@ def test_a_stream_scoped_with_user_variables_follows_the_account(live):
     account ends its scoped streams with `revoked`, and the reconnect binds the new value."""
     assert put_streams(live.url, body=TEAM_STREAM) == 201
     for user, team in (("ann", "red"), ("ben", "blue")):
-        r = requests.post(
-            f"{live.url}/users",
-            auth=ADMIN,
-            json={"_id": user, "password": "pw", "roles": ["member"], "team": team},
-            timeout=10,
-        )
-        assert r.status_code == 201, r.text
+        add_member(live.url, user, team=team)
     rule = {
         "_id": "members",
         "predicate": "path-prefix(/messages/_streams/team)",
@@ -652,10 +658,7 @@ def test_a_stream_scoped_with_user_variables_follows_the_account(live):
     assert requests.post(f"{live.url}/acl", auth=ADMIN, json=rule, timeout=10).status_code == 201
 
     def open_as(user, query=""):
-        basic = base64.b64encode(f"{user}:pw".encode()).decode()
-        return SSEClient(
-            f"{live.url}/messages/_streams/team{query}", headers={"Authorization": "Basic " + basic}
-        )
+        return SSEClient(f"{live.url}/messages/_streams/team{query}", headers=member(user))
 
     ann, ben = open_as("ann"), open_as("ben")
     assert ann.status == 200 and ben.status == 200
@@ -741,13 +744,7 @@ def test_per_user_read_filters_share_one_watcher_and_deletes_reach_who_had_the_d
     }
     assert put_streams(live.url, body=body) == 201
     for user in ("ann", "ben"):
-        r = requests.post(
-            f"{live.url}/users",
-            auth=ADMIN,
-            json={"_id": user, "password": "pw", "roles": ["member"]},
-            timeout=10,
-        )
-        assert r.status_code == 201, r.text
+        add_member(live.url, user)
     rule = {
         "_id": "own-notes",
         "predicate": "path-prefix(/messages/_streams)",
@@ -757,16 +754,13 @@ def test_per_user_read_filters_share_one_watcher_and_deletes_reach_who_had_the_d
     }
     assert requests.post(f"{live.url}/acl", auth=ADMIN, json=rule, timeout=10).status_code == 201
 
-    def header(user):
-        return {"Authorization": "Basic " + base64.b64encode(f"{user}:pw".encode()).decode()}
-
-    ann = open_sse(live.url, "/messages/_streams/notes", headers=header("ann"))
+    ann = open_sse(live.url, "/messages/_streams/notes", headers=member("ann"))
     ann_before = open_sse(
-        live.url, "/messages/_streams/notes?fullDocumentBeforeChange=true", headers=header("ann")
+        live.url, "/messages/_streams/notes?fullDocumentBeforeChange=true", headers=member("ann")
     )
     ben_ws = websocket.create_connection(
         ws_url(live.url, "/messages/_streams/notes"),
-        header=[f"Authorization: {header('ben')['Authorization']}"],
+        header=[f"Authorization: {member('ben')['Authorization']}"],
         timeout=10,
     )
     admin = open_sse(live.url, "/messages/_streams/byname?n=x")
@@ -775,7 +769,7 @@ def test_per_user_read_filters_share_one_watcher_and_deletes_reach_who_had_the_d
     assert status["watchers"] == 2 and status["cursors"] == 2  # one per stream, not per user
     bad = requests.get(
         f"{live.url}/messages/_streams/notes?fullDocumentBeforeChange=yes",
-        headers={**header("ann"), "Accept": "text/event-stream"},
+        headers={**member("ann"), "Accept": "text/event-stream"},
         timeout=10,
     )
     assert (
@@ -829,8 +823,7 @@ def test_notify_when_on_a_server_variable_scopes_each_account_and_never_falls_op
     }
     assert put_streams(live.url, body=body) == 201
     for user, tenant in (("ann", "acme"), ("ben", "initech"), ("cat", None)):
-        doc = {"_id": user, "password": "pw", "roles": ["member"], **({"tenant": tenant} if tenant else {})}
-        assert requests.post(f"{live.url}/users", auth=ADMIN, json=doc, timeout=10).status_code == 201
+        add_member(live.url, user, **({"tenant": tenant} if tenant else {}))
     rule = {
         "_id": "m",
         "predicate": "path-prefix(/messages/_streams/t)",
@@ -839,16 +832,13 @@ def test_notify_when_on_a_server_variable_scopes_each_account_and_never_falls_op
     }
     assert requests.post(f"{live.url}/acl", auth=ADMIN, json=rule, timeout=10).status_code == 201
 
-    def header(user):
-        return {"Authorization": "Basic " + base64.b64encode(f"{user}:pw".encode()).decode()}
-
     sse = {"Accept": "text/event-stream"}
     url = f"{live.url}/messages/_streams/t"
     assert requests.get(url, headers=sse, timeout=10).status_code == 401
-    no_tenant = requests.get(url, headers={**sse, **header("cat")}, timeout=10)
+    no_tenant = requests.get(url, headers={**sse, **member("cat")}, timeout=10)
     assert no_tenant.status_code == 400 and "@user.tenant" in no_tenant.json()["message"]
-    ann = open_sse(live.url, "/messages/_streams/t", headers=header("ann"))
-    ben = open_sse(live.url, "/messages/_streams/t?tenant=acme", headers=header("ben"))  # not a way in
+    ann = open_sse(live.url, "/messages/_streams/t", headers=member("ann"))
+    ben = open_sse(live.url, "/messages/_streams/t?tenant=acme", headers=member("ben"))  # not a way in
     assert wait_for(lambda: live.status()["clients"] == 2) and live.status()["watchers"] == 1
     for tenant in ("initech", "acme"):
         post(live.url, {"tenant": tenant})
