@@ -57,6 +57,9 @@ class IdleEngine:
     def position(self, token):
         return 0
 
+    def resume_problem(self, token):
+        return None
+
     def token(self, position):
         return {"_data": f"{position:032X}"}
 

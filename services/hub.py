@@ -600,6 +600,9 @@ class Hub:
             prepared = self.prepare(coll, uri, avars_raw, grant, query_vars, server_vars)
         key = prepared.key
         resume_pos = self.engine.position(resume) if resume is not None else None
+        # a token the store could not resume from (another store's, one from the future, or
+        # a pruned one) must not be skipped through as "already seen": it gets a reset
+        problem = self.engine.resume_problem(resume) if resume is not None else None  # may yield
         watcher = self.watchers.get(key)
         if watcher is None or watcher.stopped:
             if len(self.watchers) >= self.max_watchers:
@@ -621,7 +624,9 @@ class Hub:
         view = watcher.router.view(prepared.view_key, prepared.make_view)
         sub = Subscriber(self, watcher, view, transport, user, owner, access_check)
         live_from = watcher.position
-        if resume is not None:
+        if problem is not None:
+            sub.pending.append(reset_message(problem, self.engine.token(live_from)))
+        elif resume is not None:
             if resume_pos >= live_from:
                 sub.skip_through = resume_pos
             elif self.replay_size and resume_pos >= watcher.buffer_from:

@@ -45,11 +45,12 @@ def value_key(value: Any) -> Any:
     """A hashable key equal for values MongoDB's equality holds equal, or _UNKEYED.
 
     Numbers of every BSON type share keys by value (Python's 5 == 5.0 == Decimal("5"), with
-    equal hashes); booleans are apart from numbers, as in BSON; NaN, dates, documents,
-    arrays, null and regexes are not keyed (null also matches a missing field).
+    equal hashes). A boolean shares the key of 1 or 0: MongoDB holds them apart, the
+    evaluator (mongomock) does not, and a shared key only costs an evaluation. NaN, dates,
+    documents, arrays, null and regexes are not keyed (null also matches a missing field).
     """
     if isinstance(value, bool):
-        return ("bool", value)
+        return value
     if isinstance(value, (str, ObjectId)):
         return value
     if isinstance(value, (int, Int64)):

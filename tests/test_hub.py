@@ -113,6 +113,14 @@ class FakeEngine:
     def position(self, token: dict) -> int:
         return int(token["_data"], 16)
 
+    def resume_problem(self, token: dict) -> str | None:
+        position = self.position(token)
+        if position > len(self.log):
+            return "the resume token is ahead of every change this store has made"
+        if position < self.pruned:
+            return "the resume token is older than the retained change history"
+        return None
+
     def watch(self, coll, pipeline, resume_after=None):
         start = self.position(resume_after) if resume_after is not None else len(self.log)
         self.watches.append(start if resume_after is not None else None)
@@ -273,10 +281,26 @@ def test_a_resume_point_the_engine_lost_becomes_a_reset_then_live(hub, engine):
     sub = hub.subscribe("c", "all", None, engine.token(2), "sse")
     engine.insert(13)
     gevent.sleep(0.05)
-    replayed = [m for batch in sub.catch_up() for m in batch]
-    assert [m.kind for m in replayed] == ["reset"]
-    assert replayed[0].id == f'{{"_data":"{12:032X}"}}'  # ids go on from where it joined
-    assert numbers(sub.take()) == [13]
+    assert [m for batch in sub.catch_up() for m in batch] == []  # told at the join, not from history
+    got = sub.take()
+    assert [m.kind for m in got] == ["reset", "change"] and "retained" in got[0].data
+    assert got[0].id == f'{{"_data":"{12:032X}"}}'  # ids go on from where it joined
+    assert numbers(got[1:]) == [13]
+
+
+@pytest.mark.parametrize("position", [500, 13])
+def test_a_resume_token_from_the_future_gets_a_reset_never_silence(hub, engine, position):
+    """A token ahead of the store (a wiped or restored data directory): skipping through it
+    as "already seen" would withhold every event until the store caught up."""
+    _, sink = subscribe(hub)
+    engine.insert(*range(1, 13))
+    wait_for(lambda: len(sink.messages) == 12)
+    sub = hub.subscribe("c", "all", None, engine.token(position), "sse")
+    engine.insert(13, 14)
+    gevent.sleep(0.05)
+    got = sub.take()
+    assert [m.kind for m in got] == ["reset", "change", "change"] and "ahead" in got[0].data
+    assert numbers(got[1:]) == [13, 14]
 
 
 # ----------------------------------------------------------------------------- bounds and sinks
@@ -591,6 +615,7 @@ def test_a_control_message_does_not_end_the_skip_of_a_resumed_subscriber(hub, en
     changes it already saw through."""
     from services.hub import Message, error_message
 
+    engine.resume_problem = lambda token: None  # the store has position 5; the watcher lags
     sub = hub.subscribe("c", "all", None, engine.token(5), "sse")
     assert sub.skip_through == 5
     sub.push(Batch([error_message("pipeline error")]))

@@ -9,6 +9,7 @@ import socket
 import struct
 import threading
 import time
+import urllib.parse
 
 import pytest
 import requests
@@ -857,3 +858,30 @@ def test_no_websocket_handshake_can_set_a_server_variable(live):
             open_ws(live.url, f"/s/_streams/team?{query}")
         assert info.value.status_code == 400, query
         assert b"reserved for server-side variables" in (info.value.resp_body or b""), query
+
+
+def test_a_resume_token_from_the_future_or_another_store_is_never_silent(live):
+    """Issue 12, item 1: a Last-Event-ID ahead of the store (a wiped or restored data
+    directory) or from another store gets `reset` with the reason, then every new event;
+    over SSE and WebSocket."""
+    assert put_streams(live.url) == 201
+    first = open_sse(live.url, "/messages/_streams/all")
+    post(live.url, {"n": 0})
+    real = json.loads(first.next_event().id)["_data"]
+    first.close()
+    future = json.dumps({"_data": real[:16] + f"{int(real[16:], 16) + 1000:016X}"})
+    foreign = json.dumps({"_data": "0" * 16 + f"{int(real[16:], 16) + 1000:016X}"})
+    for token, reason in ((future, "ahead of every change"), (foreign, "another data store")):
+        sse = open_sse(live.url, "/messages/_streams/all", headers={"Last-Event-ID": token})
+        ws = open_ws(live.url, "/messages/_streams/all?lastEventId=" + urllib.parse.quote(token))
+        assert wait_for(lambda: live.status()["clients"] == 2)
+        reset = sse.next_event(timeout=5)
+        assert reset is not None and reset.event == "reset", "a silent stream"
+        assert reason in reset.json()["reason"]
+        assert json.loads(ws.recv())["reason"].find(reason) >= 0
+        post(live.url, {"n": 1})
+        assert sse.next_event().json()["fullDocument"]["n"] == 1
+        assert json.loads(ws.recv())["fullDocument"]["n"] == 1
+        sse.close()
+        ws.close()
+        assert wait_for(lambda: live.status()["clients"] == 0)

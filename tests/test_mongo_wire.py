@@ -432,6 +432,16 @@ def test_current_token_is_the_post_batch_resume_token_of_a_database_stream(serve
     assert future() == {"_data": T2}
 
 
+@pytest.mark.parametrize("token, ahead", [(T3, True), (T1, False), (T2, False)])
+def test_a_resume_token_ahead_of_the_cluster_is_a_problem(server, engine, token, ahead):
+    """Issue 12, item 1: a token from the future (another cluster, a restored backup) is
+    refused before the hub would skip through it as already seen."""
+    future = go(engine.resume_problem, {"_data": token})
+    cursor_reply(recv(server, "aggregate"), [], T2, first=True)  # the cluster is at T2
+    problem = future()
+    assert (problem is not None and "ahead of every change" in problem) is ahead
+
+
 # ----------------------------------------------------------------------------- start-up
 
 

@@ -235,6 +235,15 @@ class Engine(ABC):
         """
 
     @abstractmethod
+    def resume_problem(self, token: dict) -> str | None:
+        """Why `token` cannot be resumed exactly here, or None: issued by another data store
+        (or before it was reset), ahead of every change the store has made, or older than the
+        retained history. The hub asks before it joins a client to a live stream or to its
+        replay buffer, where no engine stream would check the token.
+        :raise BadRequest: a malformed token.
+        """
+
+    @abstractmethod
     def collection_version(self, coll: str) -> Any:
         """A value that changes whenever the collection's documents change (ACL cache key)."""
 

@@ -702,18 +702,24 @@ class EmbeddedEngine(Engine):
     def current_token(self) -> dict:
         return self.token(self._feed.tail)
 
+    def resume_problem(self, token: dict) -> str | None:
+        seq = self.position(token)
+        if token["_data"][:16].upper() != self.epoch:
+            return "the resume token was issued by another data store (or before it was reset)"
+        _, last_seq, pruned = self._run(self._read_meta)
+        if seq > last_seq:
+            return "the resume token is ahead of every change this store has made"
+        if seq < pruned:
+            return "the resume token is older than the retained change history"
+        return None
+
     def watch(self, coll: str, pipeline: Pipeline | None, resume_after: dict | None = None) -> ChangeStream:
         if resume_after is None:
             return _EmbeddedStream(self, coll, pipeline, self._feed.tail)
-        seq = self.position(resume_after)
-        if resume_after["_data"][:16].upper() != self.epoch:
-            raise HistoryLost("the resume token was issued by another data store (or before it was reset)")
-        _, last_seq, pruned = self._run(self._read_meta)
-        if seq > last_seq:
-            raise HistoryLost("the resume token is ahead of every change this store has made")
-        if seq < pruned:
-            raise HistoryLost("the resume token is older than the retained change history")
-        return _EmbeddedStream(self, coll, pipeline, seq)
+        problem = self.resume_problem(resume_after)
+        if problem is not None:
+            raise HistoryLost(problem)
+        return _EmbeddedStream(self, coll, pipeline, self.position(resume_after))
 
     def read_batch(self, coll: str, after: int, upto: int) -> tuple[list[_Row], bool]:
         """Rows of `coll` in (after, upto], from the table, and whether they are all of them;

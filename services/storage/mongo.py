@@ -839,6 +839,14 @@ class MongoEngine(Engine):
             return Position(data, _json_token({"_data": data, "_typeBits": bits}))
         return Position(data, {"_data": data})
 
+    def resume_problem(self, token: dict) -> str | None:
+        """A token ahead of the cluster's latest change (from another cluster, or from a
+        restored backup) cannot be resumed; anything else is MongoDB's to judge when a
+        stream resumes from it (a token it no longer has is its ChangeStreamHistoryLost)."""
+        if self.position(token) > self.position(self.current_token()):
+            return "the resume token is ahead of every change this cluster has made"
+        return None
+
     def current_token(self) -> dict:
         """A high-water-mark token for now (valid to resume any stream of this database)."""
         self._ensure_ready(block=False)
