@@ -95,9 +95,15 @@ def _sse(message: Message) -> bytes:
 
 
 def _websocket(message: Message) -> bytes:
+    """A text frame of the message's JSON with its resume token first, as `_id` (where
+    MongoDB's own change event keeps it): a WebSocket client reconnects with the last `_id`
+    it got as `?lastEventId=`, the SSE client's `id:`."""
     if message.kind == "end":
         return ws_close_frame(CLOSE_CODES.get(message.reason, 1011), message.text)
-    return ws_frame(message.data.encode())
+    data = message.data
+    if message.id is not None and data.startswith("{"):
+        data = '{"_id":' + message.id + ("}" if data == "{}" else "," + data[1:])
+    return ws_frame(data.encode())
 
 
 def encode(message: Message, form: str) -> bytes:

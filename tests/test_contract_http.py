@@ -48,7 +48,7 @@ def test_tutorial_events_are_the_same_on_every_engine(server):
     assert data["documentKey"] == {"_id": {"$oid": doc_id}}
     assert data["fullDocument"]["message"] == "Hello SSE!" and data["fullDocument"]["n"] == 1
     assert set(data) == {"operationType", "wallTime", "fullDocument", "documentKey"}
-    assert json.loads(ws.recv()) == data
+    assert json.loads(ws.recv()) == {"_id": json.loads(ins.id), **data}  # the token first on WebSocket
 
     r = requests.patch(
         f"{base}/messages/{doc_id}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
 import socket
 import struct
@@ -110,16 +111,18 @@ def test_seed_tutorial_sse_and_websocket(live):
     assert "$date" in data["wallTime"]
     for internal in ("_id", "ns", "clusterTime"):
         assert internal not in data
-    assert json.loads(ws.recv()) == data  # the same JSON on both transports
+    # the same JSON on both transports, and on WebSocket the token as `_id` (the SSE `id:`)
+    assert json.loads(ws.recv()) == {"_id": token, **data}
 
     r = requests.patch(f"{base}/messages/{doc_id}", auth=ADMIN, json={"message": "Hello SSE! (edited)"})
     assert r.status_code == 200
-    upd = sse.next_event().json()
+    upd_event = sse.next_event()
+    upd = upd_event.json()
     assert upd["operationType"] == "update"
     assert upd["fullDocument"]["message"] == "Hello SSE! (edited)"
     assert upd["updateDescription"]["updatedFields"]["message"] == "Hello SSE! (edited)"
     assert upd["updateDescription"]["removedFields"] == []
-    assert json.loads(ws.recv()) == upd
+    assert json.loads(ws.recv()) == {"_id": json.loads(upd_event.id), **upd}
 
     # deletes are filtered out by the tutorial's $match; nothing arrives for them
     requests.delete(f"{base}/messages/{doc_id}", auth=ADMIN)
@@ -885,3 +888,37 @@ def test_a_resume_token_from_the_future_or_another_store_is_never_silent(live):
         sse.close()
         ws.close()
         assert wait_for(lambda: live.status()["clients"] == 0)
+
+
+def test_a_websocket_client_resumes_from_the_last_id_across_a_worker_kill(live):
+    """Issue 12, item 2: every WebSocket event carries its token as `_id`; a client that
+    reconnects with the last one as ?lastEventId= after its worker was killed (kill -9)
+    loses nothing and repeats nothing."""
+    import signal
+
+    assert put_streams(live.url) == 201
+    ws = open_ws(live.url, "/messages/_streams/all")
+    assert wait_for(lambda: live.status()["clients"] == 1)
+    worker = live.status()["pid"]
+    for n in range(2):
+        post(live.url, {"n": n})
+    seen = [json.loads(ws.recv()) for _ in range(2)]
+    assert [e["fullDocument"]["n"] for e in seen] == [0, 1] and all("_data" in e["_id"] for e in seen)
+    os.kill(worker, signal.SIGKILL)
+    ws.close()
+    assert wait_for(lambda: _status_or_none(live) is not None and _status_or_none(live)["pid"] != worker, 30)
+    for n in range(2, 5):
+        post(live.url, {"n": n})
+    last = urllib.parse.quote(json.dumps(seen[-1]["_id"], separators=(",", ":")))
+    again = open_ws(live.url, f"/messages/_streams/all?lastEventId={last}")
+    assert [json.loads(again.recv())["fullDocument"]["n"] for _ in range(3)] == [2, 3, 4]
+    post(live.url, {"n": 5})
+    assert json.loads(again.recv())["fullDocument"]["n"] == 5
+    again.close()
+
+
+def _status_or_none(live):
+    try:
+        return live.status()
+    except (requests.RequestException, ValueError):
+        return None

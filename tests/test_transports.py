@@ -74,7 +74,8 @@ def test_each_wire_form_of_a_change_and_of_the_end():
     sse = b'id:{"_data":"%032X"}\nevent:change\ndata:{"n": 7}\n\n' % 7
     assert encode(message, SSE_PLAIN) == sse
     assert encode(message, SSE_CHUNKED) == b"%X\r\n%s\r\n" % (len(sse), sse)
-    assert ws_frames(encode(message, WEBSOCKET)) == [(0x1, b'{"n": 7}')]
+    # the WebSocket frame carries the resume token first, as `_id`
+    assert ws_frames(encode(message, WEBSOCKET)) == [(0x1, b'{"_id":{"_data":"%032X"},"n": 7}' % 7)]
     assert encode(message, SSE_PLAIN) is encode(message, SSE_PLAIN)  # encoded once, then cached
 
     removed = end_message("removed", "stream 'all' of 'c' was removed or redefined")
@@ -178,11 +179,13 @@ def test_a_pong_never_lands_inside_a_partly_sent_frame(hub, engine):
     sub.push(Batch([change(2)]))
     got = b""
     peer.settimeout(1)
-    while len(got) < 200_000 + 30:
+    expected = len(encode(big.items[0], WEBSOCKET)) + len(transports.ws_frame(b"p1", 0xA))
+    expected += len(encode(change(2), WEBSOCKET))
+    while len(got) < expected:
         got += peer.recv(1 << 16)
     frames = ws_frames(got)
     assert [op for op, _ in frames] == [0x1, 0xA, 0x1]  # the big frame whole, then the pong
-    assert frames[1][1] == b"p1" and json.loads(frames[2][1]) == {"n": 2}
+    assert frames[1][1] == b"p1" and json.loads(frames[2][1]) == {"_id": {"_data": f"{2:032X}"}, "n": 2}
     sub.end("shutdown")
     greenlet.join(timeout=5)
     ours.close()
