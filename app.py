@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,7 +16,7 @@ from services import config as settings
 from services.auth import Users
 from services.backoff import Backoff
 from services.hub import Hub
-from services.storage import open_engine
+from services.storage import UnsuitableServer, open_engine
 from services.tokens import Tokens, load_key
 
 log = logging.getLogger("changefeed")
@@ -43,11 +44,28 @@ def _bootstrap(engine, users: Users, conf: dict) -> None:
     users.ensure_default_admin(conf["ADMIN_PASSWORD"])
 
 
-def _bootstrap_until_done(engine, users: Users, conf: dict) -> None:
+# gunicorn's arbiter halts the whole server, with this exit code, when a worker exits with it
+WORKER_BOOT_ERROR = 3
+
+
+def _stop_the_server(message: str) -> None:
+    """A fault no retry can mend: say so, and end the server (not just this worker)."""
+    log.critical("%s", message)
+    logging.shutdown()
+    os._exit(WORKER_BOOT_ERROR)
+
+
+def _bootstrap_until_done(engine, users: Users, conf: dict, fatal=_stop_the_server) -> None:
+    """Set up the security collections, retrying while the database is unreachable. A
+    reachable server that cannot serve change streams (a standalone mongod) ends start-up:
+    `fatal` (default: the worker exits with WORKER_BOOT_ERROR, and gunicorn stops)."""
     backoff = Backoff(0.5, 30.0)
     while True:
         try:
             _bootstrap(engine, users, conf)
+            return
+        except UnsuitableServer as exc:  # a standalone mongod: no change streams
+            fatal(str(exc))
             return
         except Exception as exc:
             delay = backoff.next()

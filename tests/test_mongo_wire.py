@@ -819,3 +819,46 @@ def test_a_stream_closed_while_its_get_more_waits_returns_nothing(server, engine
     stream.close()
     cursor_reply(request, [], T1)
     assert future() is None
+
+
+def test_a_standalone_server_stops_the_whole_server_at_start_up(tmp_path):
+    """Issue 12, item 7: gunicorn with the real gunicorn.conf.py against a standalone mongod
+    (mockupdb) exits non-zero, soon, with the replica-set instructions in its log; it does
+    not run on warning every 20-30 s."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT, free_port
+
+    server = start_server(
+        {"ismaster": True, "isWritablePrimary": True, "minWireVersion": 0, "maxWireVersion": 21, "ok": 1}
+    )
+    log_path = tmp_path / "gunicorn.log"
+    env = {
+        **os.environ,
+        "HOST": "127.0.0.1",
+        "PORT": str(free_port()),
+        "DATA_DIR": str(tmp_path / "data"),
+        "MONGO_URI": f"mongodb://{server.address_string}/",
+        "LOG_LEVEL": "warning",
+    }
+    try:
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "gunicorn.conf.py")],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            deadline = time.time() + 30
+            while proc.poll() is None and time.time() < deadline:
+                time.sleep(0.1)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+                pytest.fail("the server kept running against a standalone mongod")
+        text = log_path.read_text()
+        assert proc.returncode != 0
+        assert "standalone" in text and "--replSet rs0" in text and "rs.initiate()" in text
+    finally:
+        server.stop()

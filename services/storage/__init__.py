@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .base import Change, ChangeStream, Engine, MetaChange
+from .base import Change, ChangeStream, Engine, MetaChange, UnsuitableServer
 
-__all__ = ["Change", "ChangeStream", "Engine", "MetaChange", "open_engine"]
+__all__ = ["Change", "ChangeStream", "Engine", "MetaChange", "UnsuitableServer", "open_engine"]
 
 
 def open_engine(config: dict) -> Engine:

@@ -35,6 +35,11 @@ if TYPE_CHECKING:
 WriteGuard = Callable[[dict | None, dict | None], None]
 
 
+class UnsuitableServer(RuntimeError):
+    """The database is reachable but cannot serve changefeed (a standalone mongod: no change
+    streams). No retry helps; the message says what to do. Start-up stops on it."""
+
+
 @dataclass(frozen=True)
 class MetaChange:
     """A change to something other than documents: collection properties, a drop.

@@ -103,7 +103,7 @@ from ..errors import (
     HistoryLost,
     Unavailable,
 )
-from .base import Change, ChangeStream, Engine, MetaChange, WriteGuard
+from .base import Change, ChangeStream, Engine, MetaChange, UnsuitableServer, WriteGuard
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
@@ -350,13 +350,13 @@ class MongoEngine(Engine):
         return self.uri.split("@")[-1].split("?")[0]  # never log credentials
 
     def check_topology(self) -> dict:
-        """Run `hello` once; raise RuntimeError for a server without change streams."""
+        """Run `hello` once; raise UnsuitableServer for a server without change streams."""
         hello = self.client.admin.command("hello")
         if hello.get("msg") == "isdbgrid" or hello.get("setName"):
             return hello
         if hello.get("isreplicaset"):
-            raise RuntimeError(RS_GHOST_HELP.format(where=self._where()))
-        raise RuntimeError(REPLICA_SET_HELP.format(where=self._where()))
+            raise UnsuitableServer(RS_GHOST_HELP.format(where=self._where()))
+        raise UnsuitableServer(REPLICA_SET_HELP.format(where=self._where()))
 
     def _ensure_ready(self, block: bool | None = None) -> None:
         """Check the server once per process. Unreachable: retry (before start) or 503."""
