@@ -251,14 +251,14 @@ class Subscriber:
     def _replay(self, stream: ChangeStream, upto: Any) -> Iterator[list[Message]]:
         view = self.view
         while stream.position < upto and self.ended is None:
-            batch: list[Message] = []
+            raw: list[Message] = []
             size = 0
             lost: HistoryLost | None = None
             # Reading and encoding take turns among subscribers (CATCH_UP_CONCURRENCY at a
             # time, one batch each): many resuming from far back cannot each hold a batch's
             # memory at once, nor the loop; sending is not under the lock.
             with self.hub.catch_ups:
-                while len(batch) < CATCH_UP_BATCH_EVENTS and size < CATCH_UP_BATCH_BYTES:
+                while len(raw) < CATCH_UP_BATCH_EVENTS and size < CATCH_UP_BATCH_BYTES:
                     try:
                         change = stream.try_next(timeout=0)
                     except HistoryLost as exc:
@@ -268,20 +268,19 @@ class Subscriber:
                         break
                     message = change_message(change)
                     if message is not None:
-                        kept = view.evaluate(Batch([message]))
-                        if kept is not None:
-                            batch.extend(kept.items)
+                        raw.append(message)
                         size += len(message.data)
                     if stream.position >= upto:
                         break
                     if size >= CATCH_UP_YIELD_BYTES:
                         gevent.sleep(0)  # a large event took a while: let others run
-            if batch:
-                yield batch
+                kept = view.evaluate(Batch(raw)) if raw else None  # one evaluation per batch
+            if kept is not None:
+                yield kept.items
                 gevent.sleep(0)  # a resume from far back must not hold the other subscribers
             if lost is not None:
                 raise lost
-            if not batch and stream.position < upto:
+            if not raw and stream.position < upto:
                 change = stream.try_next(timeout=1.0)  # rows not yet in this process's feed
                 if change is not None and change.position <= upto:
                     message = change_message(change)

@@ -442,6 +442,15 @@ def test_a_resume_token_ahead_of_the_cluster_is_a_problem(server, engine, token,
     assert (problem is not None and "ahead of every change" in problem) is ahead
 
 
+def test_resumes_within_the_newest_position_seen_cost_no_round_trip(server, engine):
+    """A storm of reconnecting clients asks the cluster's position once, not once each."""
+    future = go(engine.resume_problem, {"_data": T3})
+    cursor_reply(recv(server, "aggregate"), [], T3, first=True)
+    assert future() is None
+    for token in (T1, T2, T3):  # nobody answers: a request would time the call out
+        assert go(engine.resume_problem, {"_data": token})(timeout=2) is None
+
+
 # ----------------------------------------------------------------------------- start-up
 
 

@@ -315,6 +315,7 @@ class MongoEngine(Engine):
         # null unless the collection enables changeStreamPreAndPostImages); a server that
         # does not know the option refuses it once, and the engine stops asking.
         self.pre_images = True
+        self._newest_seen: Position | None = None  # the cluster's latest position, last asked
         self.client_options = client_options or {}
         self._client: MongoClient | None = None
         self._ready = False
@@ -842,8 +843,15 @@ class MongoEngine(Engine):
     def resume_problem(self, token: dict) -> str | None:
         """A token ahead of the cluster's latest change (from another cluster, or from a
         restored backup) cannot be resumed; anything else is MongoDB's to judge when a
-        stream resumes from it (a token it no longer has is its ChangeStreamHistoryLost)."""
-        if self.position(token) > self.position(self.current_token()):
+        stream resumes from it (a token it no longer has is its ChangeStreamHistoryLost).
+
+        The cluster's latest position is asked only for a token beyond the newest one this
+        process has seen: a storm of reconnecting clients costs one round trip, not one each."""
+        position = self.position(token)
+        if self._newest_seen is not None and position <= self._newest_seen:
+            return None
+        self._newest_seen = self.position(self.current_token())
+        if position > self._newest_seen:
             return "the resume token is ahead of every change this cluster has made"
         return None
 
