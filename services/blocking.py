@@ -2,7 +2,9 @@
 
 Under a monkey-patched gevent worker, C calls that wait or burn CPU without releasing
 control run in threads, so other greenlets (every open stream of the worker) keep
-running: sqlite3 lock waits in gevent's threadpool (`run`), bcrypt in a pool of its own
+running: sqlite3 reads in gevent's threadpool (`run`), sqlite3 writes in a one-thread pool
+of their own (`run_write`: a write waiting for another process's lock never takes a thread
+that reads need, and SQLite has one writer at a time anyway), bcrypt in a pool of its own
 with one thread (`run_cpu`). bcrypt releases the GIL and costs ~0.3 s of a core per
 check; in its own single thread, a burst of password guesses can neither take both cores
 nor queue ahead of the database calls every request makes. Unpatched (plain scripts, some
@@ -25,6 +27,7 @@ def patched() -> bool:
 
 
 _cpu_pool: Any = None
+_write_pool: Any = None
 
 
 def run_cpu(fn: Callable[..., T], *args: Any) -> T:
@@ -37,6 +40,18 @@ def run_cpu(fn: Callable[..., T], *args: Any) -> T:
 
         _cpu_pool = ThreadPool(1)
     return _cpu_pool.apply(fn, args)
+
+
+def run_write(fn: Callable[..., T], *args: Any) -> T:
+    """Call a database write `fn(*args)` in the one-thread write pool when patched."""
+    global _write_pool
+    if not patched():
+        return fn(*args)
+    if _write_pool is None:
+        from gevent.threadpool import ThreadPool
+
+        _write_pool = ThreadPool(1)
+    return _write_pool.apply(fn, args)
 
 
 def run(fn: Callable[..., T], *args: Any) -> T:

@@ -41,6 +41,11 @@ class MethodNotAllowed(ChangefeedError):
         self.headers = {"Allow": allow}
 
 
+def retry_after_header(seconds: float) -> dict[str, str]:
+    """`Retry-After` in whole seconds (rounded up, at least 1)."""
+    return {"Retry-After": str(max(1, int(seconds + 0.999)))}
+
+
 class TooManyRequests(ChangefeedError):
     """A client went past one of its limits; `retry_after` seconds until it may try again."""
 
@@ -49,7 +54,7 @@ class TooManyRequests(ChangefeedError):
     def __init__(self, message: str, retry_after: float | None = None):
         super().__init__(message)
         if retry_after is not None:
-            self.headers = {"Retry-After": str(max(1, int(retry_after + 0.999)))}
+            self.headers = retry_after_header(retry_after)
 
 
 class Conflict(ChangefeedError):
@@ -61,7 +66,22 @@ class UnsupportedMediaType(ChangefeedError):
 
 
 class Unavailable(ChangefeedError):
+    """The service cannot do it now (database unreachable or locked); `retry_after`: the
+    seconds after which trying again makes sense, sent as Retry-After."""
+
     status = 503
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+        if retry_after is not None:
+            self.headers = retry_after_header(retry_after)
+
+
+class InsufficientStorage(ChangefeedError):
+    """The database's disk is full: the write was not made (nothing else was lost)."""
+
+    status = 507
 
 
 class CollectionNotFound(NotFound):
