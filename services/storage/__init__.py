@@ -21,4 +21,5 @@ def open_engine(config: dict) -> Engine:
         retention_days=config["CHANGE_LOG_DAYS"],
         max_events=config["CHANGE_LOG_MAX_EVENTS"],
         poll_seconds=config["EMBEDDED_POLL_SECONDS"],
+        busy_timeout_seconds=config["EMBEDDED_BUSY_TIMEOUT_SECONDS"],
     )

@@ -268,6 +268,11 @@ class Engine(ABC):
         """Make every change already committed, by any process, visible to this process's
         streams now. Engines whose streams read the database directly need do nothing."""
 
+    def storage_problem(self) -> str | None:
+        """Why writes fail now although the engine is reachable (a full disk), or None.
+        `/_ready` answers 503 with it; engines that cannot tell return None."""
+        return None
+
     def on_meta_change(self, listener: Callable[[MetaChange], None]) -> None:
         """Call `listener` in this process for every MetaChange made by any process."""
         self._meta_listeners.append(listener)

@@ -13,8 +13,17 @@ where every change stream of the process reads them; a stream that falls behind 
 in-memory window reads from the table instead.
 
 sqlite3 calls are not cooperative under gevent (a lock wait would freeze the worker), so
-they run in gevent's threadpool when the process is monkey-patched: a 1 s lock wait then
-stalls the other greenlets for ~14 ms instead of ~1 s (docs/stack-notes.md, section 4).
+they run in threads when the process is monkey-patched: a 1 s lock wait then stalls the
+other greenlets for ~14 ms instead of ~1 s (docs/stack-notes.md, section 4). Reads and
+writes never share a thread or a connection: reads run on pooled connections in gevent's
+threadpool, writes one at a time on the engine's own write connection in a thread of their
+own (`blocking.run_write`). Under WAL a reader needs no lock, so while another process holds
+the write lock, writes queue (each for at most `busy_timeout` seconds in all, then a 503
+with Retry-After) and every read, stream open and login goes on.
+
+Storage faults are translated here, the only module that sees sqlite3: a full disk
+(SQLITE_FULL) is a 507 and sets `storage_problem()` (what `/_ready` reports) until a write
+succeeds or free space grows; a lock held past the busy timeout (SQLITE_BUSY) is a 503.
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ from ..errors import (
     DuplicateKey,
     EtagMismatch,
     HistoryLost,
+    InsufficientStorage,
+    Unavailable,
 )
 from ..query import run_query
 from .base import Change, ChangeStream, Engine, MetaChange, WriteGuard
@@ -61,7 +72,8 @@ _FEED_ROWS = 20_000  # rows each process keeps in memory for its streams
 _DB_BATCH = 1_000
 _DB_BATCH_BYTES = 8 << 20
 _TAIL_BATCH = 5_000
-_POOL_MAX = 12  # SQLite connections per process (gevent's threadpool runs 10 calls at once)
+_POOL_MAX = 12  # SQLite read connections per process (gevent's threadpool runs 10 calls at once)
+_FREED_BYTES = 1 << 20  # free space grown by this much since a disk-full write clears the fault
 _PRUNE_EVERY_SECONDS = 30.0
 
 _SCHEMA = """
@@ -150,9 +162,10 @@ class _Feed:
 class _Txn:
     """What one write transaction may do: change documents and append change events."""
 
-    def __init__(self, conn: sqlite3.Connection, engine: EmbeddedEngine):
+    def __init__(self, conn: sqlite3.Connection, engine: EmbeddedEngine, lean: bool = False):
         self.conn = conn
         self.engine = engine
+        self.lean = lean  # the disk is full: delete events go without their pre-image
         self.now = now_utc()
         self.ts = time.time()
         row = conn.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()
@@ -177,6 +190,8 @@ class _Txn:
         """Log one change event. `before`: the document as it was, for an update, a replace or
         a delete: MongoDB's pre-image, `fullDocumentBeforeChange`, which the change log always
         records (MongoDB 6.0+ does when the collection enables changeStreamPreAndPostImages)."""
+        if self.lean and op == "delete":
+            before = None
         seq = self._next_seq()
         event: dict[str, Any] = {
             "operationType": op,
@@ -256,6 +271,7 @@ class EmbeddedEngine(Engine):
         retention_days: float = 7.0,
         max_events: int = 1_000_000,
         poll_seconds: float = 0.02,
+        busy_timeout_seconds: float = 5.0,
     ):
         super().__init__()
         os.makedirs(data_dir, exist_ok=True)
@@ -264,9 +280,13 @@ class EmbeddedEngine(Engine):
         self.retention_seconds = retention_days * 86400
         self.max_events = max_events
         self.poll_seconds = poll_seconds
+        self.busy_timeout = busy_timeout_seconds
         self._pool: list[sqlite3.Connection] = []
         self._pool_lock = threading.Lock()
         self._pool_slots = threading.BoundedSemaphore(_POOL_MAX)
+        self._writer: sqlite3.Connection | None = None  # used by one write at a time
+        self._write_slot = threading.BoundedSemaphore(1)
+        self._full: tuple[str, int | None] | None = None  # disk-full message, free bytes then
         self._local_write = gevent.event.Event()
         self._tailer: gevent.Greenlet | None = None
         self._last_prune = 0.0
@@ -278,10 +298,11 @@ class EmbeddedEngine(Engine):
     # -- connections and threads --
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
+        timeout = self.busy_timeout
+        conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")  # a no-op read once the file is in WAL mode
         conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
         return conn
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -309,21 +330,64 @@ class EmbeddedEngine(Engine):
 
         try:
             ok, result = blocking.run(guarded)
-            if not ok:
-                raise result
-            return result
         finally:
             with self._pool_lock:
                 self._pool.append(conn)
             self._pool_slots.release()
+        if not ok:
+            if isinstance(result, sqlite3.OperationalError):
+                raise self._storage_error(result, "read") from None
+            raise result
+        return result
 
-    def _write(self, fn: Callable[[_Txn], Any]) -> Any:
-        """Run `fn` in one IMMEDIATE transaction; its change events commit with it."""
+    def _write(self, fn: Callable[[_Txn], Any], lean_when_full: bool = False) -> Any:
+        """Run `fn` in one IMMEDIATE transaction; its change events commit with it.
 
-        def run(conn: sqlite3.Connection) -> Any:
+        One write at a time per process, on the write connection in the write thread, so
+        that writes waiting for another process's lock never hold what reads need. The
+        whole wait (for this process's earlier writes, then for the lock) is bounded by
+        `busy_timeout`; after it: Unavailable (503, Retry-After). A full disk:
+        InsufficientStorage (507). `lean_when_full` (deletes): while the disk is full (the
+        last write found it so, or this one does), delete events leave out the pre-image,
+        so that a delete frees the space of its documents instead of needing as much again
+        for the change log (streams then treat it as MongoDB's delete without pre-images).
+        """
+        deadline = time.monotonic() + self.busy_timeout
+        if not self._write_slot.acquire(timeout=self.busy_timeout):
+            raise self._locked()
+        try:
+            lean = lean_when_full and self._full is not None
+            if lean:
+                log.warning("the disk is full: deleting without pre-images in the change log")
+            try:
+                result, wrote = self._write_once(fn, deadline, lean=lean)
+            except sqlite3.OperationalError as exc:
+                if lean or not (lean_when_full and _is_full(exc)):
+                    raise self._storage_error(exc, "write") from None
+                log.warning("the disk is full (%s): deleting without pre-images in the change log", exc)
+                try:
+                    result, wrote = self._write_once(fn, deadline, lean=True)
+                except sqlite3.OperationalError as again:
+                    raise self._storage_error(again, "write") from None
+        finally:
+            self._write_slot.release()
+        if self._full is not None:
+            log.info("writes succeed again; the disk-full condition is over")
+            self._full = None
+        if wrote:
+            self._local_write.set()
+        return result
+
+    def _write_once(self, fn: Callable[[_Txn], Any], deadline: float, lean: bool) -> tuple[Any, bool]:
+        def run() -> tuple[Any, bool]:
+            if self._writer is None:
+                self._writer = self._connect()
+            conn = self._writer
+            wait_ms = max(1, int((deadline - time.monotonic()) * 1000))
+            conn.execute(f"PRAGMA busy_timeout={wait_ms}")
             conn.execute("BEGIN IMMEDIATE")
             try:
-                txn = _Txn(conn, self)
+                txn = _Txn(conn, self, lean)
                 result = fn(txn)
                 if txn.wrote and (
                     time.time() - self._last_prune > _PRUNE_EVERY_SECONDS
@@ -332,17 +396,72 @@ class EmbeddedEngine(Engine):
                     self._last_prune, self._last_prune_seq = time.time(), txn.seq
                     self._prune(conn, txn.seq)
                 conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
+            except BaseException as exc:
+                _rollback(conn, exc)
                 raise
             return result, txn.wrote
 
-        result, wrote = self._run(run)
-        if wrote:
-            self._local_write.set()
+        def guarded() -> tuple[bool, Any]:
+            try:
+                return True, run()
+            except Exception as exc:  # returned, not raised: see _run
+                return False, exc
+
+        ok, result = blocking.run_write(guarded)
+        if not ok:
+            raise result
         return result
 
+    def _locked(self) -> Unavailable:
+        seconds = self.busy_timeout
+        log.warning("a write waited %.3g s for the database's write lock and gave up", seconds)
+        return Unavailable(
+            f"the database is locked by another process (a write waited {seconds:g} s); try again",
+            retry_after=seconds,
+        )
+
+    def _storage_error(self, exc: sqlite3.OperationalError, what: str) -> Exception:
+        """The domain error for an SQLite failure, logged once, on one line."""
+        if _is_full(exc):
+            self._full = (str(exc), self._free_bytes())
+            log.error("a %s failed: the database's disk is full: %s", what, exc)
+            return InsufficientStorage(f"the database's disk is full: {exc}")
+        if _is_busy(exc):
+            return self._locked()
+        return exc
+
+    def _free_bytes(self) -> int | None:
+        try:
+            st = os.statvfs(os.path.dirname(self.path))
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
+
+    def storage_problem(self) -> str | None:
+        """Why writes fail now (the last one found the disk full), or None.
+
+        Cleared by the next write that succeeds, or here when the file system has gained
+        space since (`_FREED_BYTES`): a server out of rotation gets no writes to find out.
+        """
+        full = self._full
+        if full is None:
+            return None
+        message, free_then = full
+        free_now = self._free_bytes()
+        if free_then is not None and free_now is not None and free_now >= free_then + _FREED_BYTES:
+            log.info("the database's disk has %d bytes free again", free_now)
+            self._full = None
+            return None
+        return f"the database's disk is full: {message}"
+
     def _init_schema(self, conn: sqlite3.Connection) -> None:
+        # A worker that starts while another process holds the write lock must not wait for
+        # it: a store that is set up already is only read.
+        try:
+            if len(conn.execute("SELECT key FROM meta").fetchall()) == 3:
+                return
+        except sqlite3.OperationalError:
+            pass  # no such table: a new store
         conn.execute("PRAGMA journal_mode=WAL")
         conn.executescript(_SCHEMA)  # idempotent; executescript manages its own transaction
         conn.execute("BEGIN IMMEDIATE")
@@ -351,8 +470,8 @@ class EmbeddedEngine(Engine):
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('last_seq', '0')")
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('pruned_through', '0')")
             conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
+        except BaseException as exc:
+            _rollback(conn, exc)
             raise
 
     @staticmethod
@@ -634,7 +753,7 @@ class EmbeddedEngine(Engine):
             txn.conn.execute("DELETE FROM documents WHERE coll=? AND key=?", (coll, _key(doc_id)))
             txn.emit(coll, "delete", doc_id, before=old)
 
-        self._write(run)
+        self._write(run, lean_when_full=True)
 
     def _matching(self, txn: _Txn, coll: str, filter: dict) -> list[dict]:
         txn.collection(coll)
@@ -666,7 +785,7 @@ class EmbeddedEngine(Engine):
                 txn.emit(coll, "delete", old["_id"], before=old)
             return len(docs)
 
-        return self._write(run)
+        return self._write(run, lean_when_full=True)
 
     def collection_version(self, coll: str) -> int:
         """The position of the collection's last change: equal values mean nothing changed."""
@@ -674,7 +793,12 @@ class EmbeddedEngine(Engine):
         return row[0] or 0
 
     def ensure_collection(self, coll: str) -> None:
-        """Create an empty collection if it does not exist (users, acl at start-up)."""
+        """Create an empty collection if it does not exist (users, acl at start-up).
+
+        Read first: a worker booting while another process holds the write lock goes on."""
+        exists = self._run(lambda c: c.execute("SELECT 1 FROM collections WHERE name=?", (coll,)).fetchone())
+        if exists is not None:
+            return
 
         def run(txn: _Txn) -> None:
             if txn.conn.execute("SELECT 1 FROM collections WHERE name=?", (coll,)).fetchone() is None:
@@ -749,6 +873,31 @@ class EmbeddedEngine(Engine):
         if after < pruned:
             raise HistoryLost("the stream fell behind the retained change history")
         return rows, complete
+
+
+def _code(exc: sqlite3.Error) -> int:
+    return (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF  # the primary result code
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    """SQLITE_FULL: the disk (or max_page_count) has no room for the write."""
+    return _code(exc) == sqlite3.SQLITE_FULL or "database or disk is full" in str(exc)
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    """SQLITE_BUSY/LOCKED: another connection held the lock past the busy timeout."""
+    return _code(exc) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "database is locked" in str(exc)
+
+
+def _rollback(conn: sqlite3.Connection, cause: BaseException) -> None:
+    """Roll back if a transaction is still open. SQLite has already rolled back after some
+    errors (SQLITE_FULL among them); a ROLLBACK then fails, and must not replace `cause`."""
+    if not conn.in_transaction:
+        return
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        log.warning("ROLLBACK after %s failed: %s", type(cause).__name__, exc)
 
 
 class _EmbeddedStream(ChangeStream):
