@@ -1,4 +1,10 @@
-"""`/_health` (public: is the engine reachable) and `/_status` (watchers and clients)."""
+"""`/_health` and `/_ready` (public probes) and `/_status` (watchers and clients).
+
+`/_health` (liveness): the engine is reachable; 200 even when writes fail for a full disk
+(a restart would not help), with the cause under `storage`. `/_ready` (readiness): 503 as
+well while the last write found the disk full, so that a load balancer sends the traffic
+elsewhere until space is back (the next successful write, or more free space, clears it).
+"""
 
 from __future__ import annotations
 
@@ -13,13 +19,24 @@ from .common import engine, hub, json_response
 bp = Blueprint("health", __name__)
 
 
-@bp.get("/_health")
 def health():
+    # One view (endpoint "health.health") for both rules: both are public (security.py).
+    ready = request.url_rule is not None and request.url_rule.rule == "/_ready"
     try:
         engine().current_token()
     except Exception as exc:  # the engine's own message says what is wrong
         return json_response({"status": "unavailable", "engine": engine().name, "error": str(exc)}, 503)
-    return json_response({"status": "ok", "engine": engine().name})
+    body = {"status": "ok", "engine": engine().name}
+    problem = engine().storage_problem()
+    if problem is not None:
+        if ready:
+            return json_response({"status": "unavailable", "engine": engine().name, "error": problem}, 503)
+        body["storage"] = problem
+    return json_response(body)
+
+
+bp.add_url_rule("/_health", "health", health, methods=["GET"])
+bp.add_url_rule("/_ready", "health", health, methods=["GET"])
 
 
 @bp.get("/_status")
