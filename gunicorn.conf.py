@@ -30,7 +30,7 @@ worker_class = "worker.Worker"  # pywsgi + gevent-websocket, app answers 401 bef
 worker_connections = 20000  # the default 1000 counts long-lived streams and then hangs everything
 preload_app = False  # the app (and pymongo) must load after gevent patched the worker
 timeout = 30  # the worker's notify loop runs in its own greenlet, so long streams are fine
-graceful_timeout = 10  # open streams are ended by the drain hook below, well within this
+graceful_timeout = 10  # a bound: streams end by the drain hook below, connections close (worker.py)
 keepalive = 5
 control_socket_disable = True  # gunicorn 27's shared ~/.gunicorn/gunicorn.ctl clashes between instances
 
@@ -53,8 +53,12 @@ def post_worker_init(worker):
     gc.freeze()
 
     def drain_on_stop():
-        while worker.alive:
-            gevent.sleep(0.2)
+        drain = getattr(worker, "drain", None)  # worker.Worker: set once it stops accepting
+        if drain is not None:
+            drain.started.wait()
+        else:
+            while worker.alive:
+                gevent.sleep(0.05)
         hub = worker.wsgi.extensions.get("changefeed.hub") if hasattr(worker.wsgi, "extensions") else None
         if hub is not None:
             hub.close_all("shutdown")
