@@ -179,6 +179,8 @@ class Handler(WebSocketHandler, PyWSGIHandler):
     def half_close_if_idle(self) -> bool:
         """Send the FIN now unless bytes of a next request (or the client's close) are here."""
         raw = getattr(self.socket, "_sock", self.socket)
+        if raw is None:
+            return False
         try:
             raw.recv(1, _pysocket.MSG_PEEK | _pysocket.MSG_DONTWAIT)
             return False
@@ -196,14 +198,17 @@ class Handler(WebSocketHandler, PyWSGIHandler):
     def _close_gently(self) -> None:
         """Half-close, then read and drop until the client closes or DRAIN_LINGER_SECONDS
         pass; `handle` then closes the socket with nothing unread."""
+        sock = self.socket
+        if sock is None:
+            return
         try:
-            self.socket.shutdown(_pysocket.SHUT_WR)
+            sock.shutdown(_pysocket.SHUT_WR)
         except OSError:
             pass  # sent already (half_close_if_idle), or the client is gone
         try:
             with gevent.Timeout(DRAIN_LINGER_SECONDS, False):
                 for _ in range(100_000):
-                    if not self.socket.recv(65536):
+                    if not sock.recv(65536):
                         break
         except OSError:
             pass
