@@ -353,34 +353,40 @@ def test_an_idle_keepalive_connection_is_closed_at_once_and_never_reset(live_fac
 def test_a_request_arriving_while_draining_is_answered_then_the_connection_closes(live_factory):
     """A request whose head was on its way when the worker started draining is still
     served, with `Connection: close`, and the connection then closes. A stream request gets
-    the 200 + `end` an EventSource retries after (any other status would stop it for good)."""
+    the 200 + `end` an EventSource retries after (any other status would stop it for good),
+    a WebSocket handshake a 503."""
     server = live_factory()
     assert requests.put(f"{server.url}/feed", auth=ADMIN, json=STREAMS, timeout=10).status_code == 201
-    health, stream = _connect(server.port), _connect(server.port)
+    health, stream, handshake = _connect(server.port), _connect(server.port), _connect(server.port)
     health.sendall(b"GET /_health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-    stream.sendall(
-        f"GET /feed/_streams/all HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {ADMIN_HEADER}\r\n".encode()
-    )
+    stream_head = f"GET /feed/_streams/all HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {ADMIN_HEADER}\r\n"
+    for sock in (stream, handshake):
+        sock.sendall(stream_head.encode())
     gevent.sleep(0.3)  # the server has the request lines and waits for the rest of the heads
     t0 = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     gevent.sleep(0.3)  # draining
     health.sendall(b"\r\n")
     stream.sendall(b"Accept: text/event-stream\r\n\r\n")
+    handshake.sendall(
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
     responses = []
-    for sock in (health, stream):
+    for sock, expected in ((health, 200), (stream, 200), (handshake, 503)):
         data, how = _read_to_eof(sock, b"", time.monotonic() + 10)
         sock.close()
         assert how == "eof" and b"\r\n\r\n" in data, (how, data)
         head, body = data.split(b"\r\n\r\n", 1)
         status, fields = _headers(head)
-        assert status == 200 and fields.get("connection") == "close", head
+        assert status == expected and fields.get("connection") == "close", head
         responses.append((fields, body))
     closed_after = time.monotonic() - t0
-    (_, health_body), (stream_fields, stream_body) = responses
+    (_, health_body), (stream_fields, stream_body), _ = responses
     assert json.loads(health_body)
     assert stream_fields["content-type"].startswith("text/event-stream")
     assert stream_body.startswith(b"retry:3000\n") and b"event:end\n" in stream_body
     assert json.loads(stream_body.split(b"data:")[1].split(b"\n")[0])["reason"] == "shutdown"
+    assert b"id:" not in stream_body  # the client keeps the Last-Event-ID it had
     assert closed_after < 2.0
     assert server.proc.wait(10) == 0
