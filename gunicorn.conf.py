@@ -5,7 +5,6 @@ worker_connections, preload, the control socket and the GC thresholds each avoid
 that was measured.
 """
 
-import gc
 import os
 import sys
 
@@ -47,10 +46,14 @@ def post_worker_init(worker):
     """Tune GC for many connections and end open streams cleanly when the worker stops."""
     import gevent
 
+    from services import memory
+
     # 10k connections hold ~600k GC-tracked objects; gen-2 collections paused the worker
-    # for 150-450 ms (docs/stack-notes.md, section 2). These thresholds removed those pauses.
-    gc.set_threshold(100_000, 50, 1000)
-    gc.freeze()
+    # for 150-450 ms (docs/stack-notes.md, section 2). The thresholds remove those pauses;
+    # the sweep collects cycles and trims the heap while few streams are open (services/memory.py).
+    memory.tune_gc()
+    memory.tune_allocator()
+    memory.keep_tidy(lambda: _open_streams(worker))
 
     def drain_on_stop():
         drain = getattr(worker, "drain", None)  # worker.Worker: set once it stops accepting
@@ -64,6 +67,11 @@ def post_worker_init(worker):
             hub.close_all("shutdown")
 
     gevent.spawn(drain_on_stop)
+
+
+def _open_streams(worker) -> int:
+    hub = worker.wsgi.extensions.get("changefeed.hub") if hasattr(worker.wsgi, "extensions") else None
+    return sum(len(w.subscribers) for w in hub.watchers.values()) if hub is not None else 0
 
 
 def on_starting(server):

@@ -13,6 +13,9 @@ import os
 
 import greenlet
 from flask import Blueprint, request
+from gevent import pywsgi
+
+from services import memory
 
 from .common import engine, hub, json_response
 
@@ -43,6 +46,13 @@ bp.add_url_rule("/_ready", "health", health, methods=["GET"])
 def status():
     body = {"pid": os.getpid(), "engine": engine().name, **hub().status()}
     if request.args.get("detail") == "1":  # walks every object: for benchmarks, not probes
-        body["greenlets"] = sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet))
+        objects = gc.get_objects()
+        body["greenlets"] = sum(1 for o in objects if isinstance(o, greenlet.greenlet))
+        # connection handlers in memory, live or left in reference cycles (closed ones should
+        # be freed at once: services/memory.py)
+        body["handlers"] = sum(1 for o in objects if isinstance(o, pywsgi.WSGIHandler))
+        del objects
         body["open_fds"] = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    if request.args.get("sweep") == "1":  # a full collection and a heap trim, now (services/memory.py)
+        body["collected"] = memory.sweep()
     return json_response(body)

@@ -12,9 +12,10 @@ and projectResponse) is its *view* (services/views.py): subscribers with the sam
 share one, and the watcher's router sends each event only to the views it can match, which
 hand their subscribers the same objects, whatever their transport (each wire form is
 encoded once per message, by the first transport that needs it, and cached on it). The watcher
-keeps the last `STREAM_REPLAY_BUFFER` messages so that a reconnecting client usually
-resumes from memory; older history comes from the engine through a private cursor. It
-stops `STREAM_LINGER_SECONDS` after its last subscriber leaves.
+keeps the last `STREAM_REPLAY_BUFFER` messages, and at most `STREAM_REPLAY_BYTES` of them
+(`Message.size`), so that a reconnecting client usually resumes from memory; older history
+comes from the engine through a private cursor. It stops `STREAM_LINGER_SECONDS` after its
+last subscriber leaves.
 
 Delivery guarantees, per subscriber:
 - change order: one greenlet produces every subscriber's messages, catch-up comes first;
@@ -23,8 +24,10 @@ Delivery guarantees, per subscriber:
   an engine catch-up wait behind it;
 - never silent: every error of the engine's stream becomes an in-band `error`, `reset`
   or `end` for the subscribers, or a logged retry; the watcher swallows nothing;
-- bounded memory: a subscriber more than `STREAM_CLIENT_QUEUE` messages behind is ended
-  (reason `overflow`); it resumes from its last event id and loses nothing.
+- bounded memory: a subscriber more than `STREAM_CLIENT_QUEUE` messages, or
+  `STREAM_CLIENT_QUEUE_BYTES` of them, behind is ended (reason `overflow`); it resumes from
+  its last event id and loses nothing. (An empty queue takes one batch of any size in
+  bytes: an event bigger than the bound still reaches a client that keeps up.)
 
 How a message reaches a subscriber: `Watcher._dispatch` calls `Subscriber.push` for each;
 a subscriber whose transport is idle has its sink attached and the message is handed to
@@ -117,6 +120,8 @@ class Subscriber:
         "watcher",
         "transport",
         "limit",
+        "limit_bytes",
+        "pending_bytes",
         "user",
         "owner",
         "pending",
@@ -149,6 +154,8 @@ class Subscriber:
         self.view = view  # what its events go through: its binding of the stream (services/views.py)
         self.transport = transport  # "sse" | "websocket", for status
         self.limit = hub.queue_limit
+        self.limit_bytes = hub.queue_bytes
+        self.pending_bytes = 0  # the sizes of the messages in `pending`
         self.user = user
         self.owner = owner  # whose limit of open streams this one counts against
         self.access_check = access_check  # does the client still have access? (re-checked)
@@ -189,10 +196,14 @@ class Subscriber:
         if sink is not None:
             sink.write_now(batch)
             return
-        if len(self.pending) + len(batch.items) > self.limit:
+        size = sum(m.size for m in batch.items)
+        if len(self.pending) + len(batch.items) > self.limit or (
+            self.pending and self.pending_bytes + size > self.limit_bytes
+        ):
             self.end("overflow")
             return
         self.pending.extend(batch.items)
+        self.pending_bytes += size
         self.wake.set()
 
     def end(self, reason: str, text: str = "") -> None:
@@ -209,6 +220,7 @@ class Subscriber:
         """Everything queued, in order (the queue is then empty)."""
         items = list(self.pending)
         self.pending.clear()
+        self.pending_bytes = 0
         return items
 
     def attach(self, sink: Sink) -> None:
@@ -323,7 +335,8 @@ class Watcher:
         self.pipeline = pipeline
         self.router = Router()
         self.subscribers: set[Subscriber] = set()
-        self.buffer: deque[Message] = deque(maxlen=max(hub.replay_size, 1))
+        self.buffer: deque[Message] = deque()
+        self.buffer_bytes = 0  # the sizes of the messages in `buffer`
         self.stream = hub.engine.watch(coll, pipeline)
         self.buffer_from = self.stream.position  # the buffer holds every change after this
         self.idle_since = time.monotonic()
@@ -402,6 +415,7 @@ class Watcher:
         """The stream's position left the retained history: go on from now, and say so."""
         self._open(resume=False)
         self.buffer.clear()
+        self.buffer_bytes = 0
         self.buffer_from = self.stream.position
         self._dispatch_message(reset_message(reason, self.hub.engine.token(self.stream.position)))
 
@@ -428,7 +442,7 @@ class Watcher:
 
     def _dispatch(self, changes: list[Change]) -> None:
         items: list[Message] = []
-        replay = self.hub.replay_size
+        replay = self.hub.replay_size and self.hub.replay_bytes
         for change in changes:
             self.events += 1
             message = change_message(change)
@@ -436,14 +450,24 @@ class Watcher:
                 continue
             if message.kind == "change":
                 if replay:
-                    if len(self.buffer) == self.buffer.maxlen:
-                        self.buffer_from = self.buffer[0].position
-                    self.buffer.append(message)
+                    self._keep(message)
             else:
                 log.warning("stream %s/%s: pipeline error: %s", self.coll, self.uri, change.error)
             items.append(message)
         if items:
             self._send(Batch(items))
+
+    def _keep(self, message: Message) -> None:
+        """Add a change to the replay buffer, dropping the oldest beyond its bounds (the
+        buffer then holds every change after `buffer_from`)."""
+        buffer = self.buffer
+        buffer.append(message)
+        self.buffer_bytes += message.size
+        max_events, max_bytes = self.hub.replay_size, self.hub.replay_bytes
+        while buffer and (len(buffer) > max_events or self.buffer_bytes > max_bytes):
+            dropped = buffer.popleft()
+            self.buffer_bytes -= dropped.size
+            self.buffer_from = dropped.position
 
     def _dispatch_message(self, message: Message) -> None:
         self._send(Batch([message]))
@@ -499,7 +523,9 @@ class Hub:
     def __init__(self, engine: Engine, config: dict):
         self.engine = engine
         self.queue_limit = config["STREAM_CLIENT_QUEUE"]
+        self.queue_bytes = config.get("STREAM_CLIENT_QUEUE_BYTES", 16 << 20)
         self.replay_size = config["STREAM_REPLAY_BUFFER"]
+        self.replay_bytes = config.get("STREAM_REPLAY_BYTES", 8 << 20)
         self.linger = config["STREAM_LINGER_SECONDS"]
         self.max_per_user = config["STREAM_MAX_PER_USER"]
         self.max_per_address = config["STREAM_MAX_PER_ADDRESS"]
@@ -628,11 +654,12 @@ class Hub:
         elif resume is not None:
             if resume_pos >= live_from:
                 sub.skip_through = resume_pos
-            elif self.replay_size and resume_pos >= watcher.buffer_from:
+            elif self.replay_size and self.replay_bytes and resume_pos >= watcher.buffer_from:
                 missed = [m for m in watcher.buffer if m.position > resume_pos]
                 kept = view.evaluate(Batch(missed)) if missed else None
                 if kept is not None:
                     sub.pending.extend(kept.items)
+                    sub.pending_bytes += sum(m.size for m in kept.items)
                 # changes the watcher has read but not yet dispatched come live: skip those seen
                 sub.skip_through = resume_pos
             else:

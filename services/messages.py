@@ -41,7 +41,7 @@ class Message:
     many subscribers get it.
     """
 
-    __slots__ = ("kind", "data", "position", "id", "reason", "text", "wire", "event")
+    __slots__ = ("kind", "data", "position", "id", "reason", "text", "wire", "event", "size")
 
     def __init__(
         self,
@@ -60,6 +60,9 @@ class Message:
         self.text = text
         self.wire: dict[str, bytes] = {}
         self.event: dict | None = None  # a change's event as clients see it (per-subscriber filters)
+        # What the byte bounds (STREAM_REPLAY_BYTES, STREAM_CLIENT_QUEUE_BYTES) count: the
+        # JSON text, and as much again for the wire encodings cached with it.
+        self.size = 2 * len(data) + 64
 
     def __repr__(self) -> str:
         return f"Message({self.kind!r}, {self.data!r})"

@@ -590,6 +590,32 @@ def test_catch_up_from_the_table_is_read_in_byte_bounded_batches_and_loses_nothi
         engine.close()
 
 
+def test_the_process_feed_is_bounded_in_bytes_and_a_stream_behind_it_loses_nothing(tmp_path, monkeypatch):
+    """The feed keeps about _FEED_BYTES of row text, however few rows that is; a stream
+    left behind it reads the rest from the table. A large row's decoded event is not kept."""
+    from services.storage import embedded
+
+    monkeypatch.setattr(embedded, "_FEED_BYTES", 1 << 20)
+    engine = EmbeddedEngine(str(tmp_path / "data"))
+    try:
+        engine.put_collection("c", {})
+        early = watch_all(engine)  # not read while the others are written: falls behind the feed
+        big = "x" * (256 << 10)
+        for i in range(20):  # 5 MiB of events, far fewer than _FEED_ROWS rows
+            engine.insert_documents("c", [{"_id": i, "big": big}])
+            engine.tail_once()
+        feed = engine._feed
+        assert feed.bytes == sum(len(r.text) for r in feed.rows) <= (1 << 20) * 1.25
+        assert 0 < len(feed.rows) < 20
+        assert [e["documentKey"]["_id"] for e in drain(engine, early)] == list(range(20))
+        assert all(r._event is None for r in feed.rows)  # 256 KiB rows: decoded per reader
+        engine.insert_documents("c", [{"_id": "small"}])
+        engine.tail_once()
+        assert feed.rows[-1].event() is feed.rows[-1].event()  # a small row's is shared
+    finally:
+        engine.close()
+
+
 # ----------------------------------------------------------------------------- several processes
 
 

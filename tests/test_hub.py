@@ -89,7 +89,8 @@ class FakeEngine:
         self.written = gevent.event.Event()
         self.meta_listeners = []
 
-    def insert(self, *values: int, coll: str = "c") -> None:
+    def insert(self, *values: int, coll: str = "c", pad: int = 0) -> None:
+        """Insert documents {"n": value}, each with a string field of `pad` characters."""
         for n in values:
             pos = len(self.log) + 1
             self.log.append(
@@ -99,7 +100,7 @@ class FakeEngine:
                     {
                         "_id": self.token(pos),
                         "operationType": "insert",
-                        "fullDocument": {"n": n},
+                        "fullDocument": {"n": n, **({"pad": "x" * pad} if pad else {})},
                         "documentKey": {"_id": pos},
                     },
                 )
@@ -315,6 +316,51 @@ def test_a_subscriber_that_falls_behind_is_ended_with_overflow(hub, engine):
     engine.insert(99)
     gevent.sleep(0.05)
     assert sub.take() == []  # nothing after the end
+
+
+def test_a_subscriber_more_bytes_behind_than_its_queue_bound_is_ended_with_overflow(engine):
+    """STREAM_CLIENT_QUEUE_BYTES bounds a queue however few events it holds; an event larger
+    than the bound still reaches a client whose queue is empty (it could never resume past
+    it otherwise)."""
+    hub = Hub(engine, {**CONFIG, "STREAM_CLIENT_QUEUE_BYTES": 100_000})
+    try:
+        sub, _ = subscribe(hub, sink=None)
+        engine.insert(1, pad=150_000)  # bigger than the bound, into an empty queue: taken
+        wait_for(lambda: sub.pending)
+        assert sub.ended is None and numbers(sub.take()) == [1] and sub.pending_bytes == 0
+        for n in range(2, 6):  # 4 x 20 KB, far fewer than the 50 events the queue may hold
+            engine.insert(n, pad=20_000)
+            gevent.sleep(0.02)
+        wait_for(lambda: sub.ended is not None)
+        assert sub.ended.reason == "overflow"
+        assert numbers(sub.take()) == [2, 3]  # what fit in 100 KB (each counts twice its JSON)
+    finally:
+        hub.close_all()
+        for watcher in list(hub.watchers.values()):
+            watcher.stop()
+
+
+def test_the_replay_buffer_keeps_at_most_its_bytes_and_a_resume_before_it_loses_nothing(engine):
+    hub = Hub(engine, {**CONFIG, "STREAM_REPLAY_BUFFER": 1000, "STREAM_REPLAY_BYTES": 200_000})
+    try:
+        _, sink = subscribe(hub)
+        engine.insert(*range(1, 11), pad=30_000)  # 10 x ~60 KB counted: 3 fit in 200 KB
+        wait_for(lambda: len(sink.messages) == 10)
+        watcher = next(iter(hub.watchers.values()))
+        assert [m.position for m in watcher.buffer] == [8, 9, 10]
+        assert watcher.buffer_bytes == sum(m.size for m in watcher.buffer) <= 200_000
+        assert watcher.buffer_from == 7
+        in_memory = hub.subscribe("c", "all", None, engine.token(7), "sse")
+        assert numbers(in_memory.take()) == [8, 9, 10] and engine.watches == [None]
+        older = hub.subscribe("c", "all", None, engine.token(2), "sse")
+        assert numbers([m for batch in older.catch_up() for m in batch]) == list(range(3, 11))
+        engine.insert(11, pad=300_000)  # larger than the whole buffer: not kept at all
+        wait_for(lambda: len(sink.messages) == 11)
+        assert list(watcher.buffer) == [] and watcher.buffer_bytes == 0 and watcher.buffer_from == 11
+    finally:
+        hub.close_all()
+        for watcher in list(hub.watchers.values()):
+            watcher.stop()
 
 
 def test_a_sink_that_blocks_gets_the_rest_queued_in_order(hub, engine):

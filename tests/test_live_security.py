@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import socket
 import time
 
@@ -795,3 +796,15 @@ def test_tokens_stay_out_of_the_log_even_in_invalid_requests(live):
     assert log, live.read_log()[-2000:]
     assert token not in log and sig not in log
     assert "Traceback" not in log
+
+
+def test_the_access_log_line_is_the_configured_format(live):
+    """worker.Handler.log_request writes gunicorn's access line itself (cheaply); its fields
+    are those of gunicorn.conf.py's access_log_format: address, method, path without the
+    query, protocol, status, bytes, seconds and user agent."""
+    r = requests.get(f"{live.url}/_health?x=1", headers={"User-Agent": "probe/1.0"}, timeout=5)
+    assert r.status_code == 200
+    pattern = re.compile(r'^127\.0\.0\.1 "GET /_health HTTP/1\.1" 200 (\d+) (\d+\.\d{6})s "probe/1\.0"$', re.M)
+    found = wait_for(lambda: pattern.search(live.read_log()), timeout=5)
+    assert found, live.read_log()[-2000:]
+    assert int(found.group(1)) > len(r.content)  # pywsgi counts the head too, as before

@@ -471,40 +471,10 @@ def test_websocket_pings_ignores_client_messages_and_is_cleaned_up(live_factory)
     assert time.time() - t0 < 2.0
 
 
-def test_a_stream_request_to_a_draining_worker_ends_cleanly_not_500(live_factory):
-    """A stopping worker still reads requests on kept-alive sockets. An EventSource that
-    reconnects there must get 200 + `end` (and retry later with its Last-Event-ID): any
-    non-200 closes it for good. Found by the browser test (tests/test_browser.py)."""
-    server = live_factory()
-    put_streams(server.url)
-    sse = open_sse(server.url, "/messages/_streams/all")
-    kept = requests.Session()
-    assert kept.get(server.url + "/_health", timeout=5).status_code == 200  # an idle kept-alive socket
-    assert wait_for(lambda: server.status()["clients"] == 1)
-    server.proc.send_signal(15)
-    assert sse.next_event(timeout=10).event == "end"
-    r = kept.get(
-        server.url + "/messages/_streams/all", auth=ADMIN, timeout=5, headers={"Accept": "text/event-stream"}
-    )
-    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream")
-    assert r.text.startswith("retry:3000\n") and "event:end\n" in r.text
-    assert json.loads(r.text.split("data:")[1].split("\n")[0])["reason"] == "shutdown"
-    assert "id:" not in r.text  # the client keeps the Last-Event-ID it had
-    r = kept.get(
-        server.url + "/messages/_streams/all",
-        auth=ADMIN,
-        timeout=5,
-        headers={
-            "Connection": "Upgrade",
-            "Upgrade": "websocket",
-            "Sec-WebSocket-Version": "13",
-            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-        },
-    )
-    assert r.status_code == 503, r.text
-    kept.close()
-    sse.close()
-    assert server.proc.wait(15) == 0
+# A stream request that reaches a draining worker (200 + `end`, which an EventSource retries;
+# 503 for a WebSocket handshake) is tests/test_faults_shutdown.py's
+# test_a_request_arriving_while_draining_is_answered_then_the_connection_closes: an idle
+# kept-alive socket is now closed as soon as the drain starts, so it can no longer carry one.
 
 
 def test_an_http_1_0_client_gets_plain_sse_bytes_until_the_stream_ends(live):

@@ -68,7 +68,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _CANONICAL = json_util.CANONICAL_JSON_OPTIONS
-_FEED_ROWS = 20_000  # rows each process keeps in memory for its streams
+_FEED_ROWS = 20_000  # rows each process keeps in memory for its streams ...
+_FEED_BYTES = 16 << 20  # ... and bytes of their text, whichever bound is reached first
+_SHARED_DECODE_MAX = 64 << 10  # a row's decoded event is kept for its readers up to this size
 _DB_BATCH = 1_000
 _DB_BATCH_BYTES = 8 << 20
 _TAIL_BATCH = 5_000
@@ -115,7 +117,9 @@ def now_utc() -> dt.datetime:
 
 
 class _Row:
-    """One change-log row; the event is decoded once, on first use, and shared."""
+    """One change-log row. A small row's event is decoded once, on first use, and shared by
+    every stream that reads it; a large one is decoded for each reader and not kept, so the
+    feed holds one encoding of it (its text), not two."""
 
     __slots__ = ("seq", "coll", "kind", "text", "_event")
 
@@ -124,30 +128,44 @@ class _Row:
         self._event: dict | None = None
 
     def event(self) -> dict:
-        if self._event is None:
-            self._event = decode(self.text)
-        return self._event
+        if self._event is not None:
+            return self._event
+        event = decode(self.text)
+        if len(self.text) <= _SHARED_DECODE_MAX:
+            self._event = event
+        return event
 
 
 class _Feed:
-    """The recent change-log rows of this process, complete after `start_seq`."""
+    """The recent change-log rows of this process, complete after `start_seq`: at most about
+    `_FEED_ROWS` rows and `_FEED_BYTES` of their text (a stream further behind reads the
+    database)."""
 
     def __init__(self, start_seq: int):
         self.start_seq = start_seq
         self.tail = start_seq
         self.seqs: list[int] = []
         self.rows: list[_Row] = []
+        self.bytes = 0
         self._changed = gevent.event.Event()
 
     def extend(self, rows: list[_Row]) -> None:
         for row in rows:
             self.seqs.append(row.seq)
             self.rows.append(row)
+            self.bytes += len(row.text)
             self.tail = row.seq
-        if len(self.rows) > _FEED_ROWS * 1.25:
-            drop = len(self.rows) - _FEED_ROWS
-            self.start_seq = self.seqs[drop - 1]
-            del self.seqs[:drop], self.rows[:drop]
+        if len(self.rows) > _FEED_ROWS * 1.25 or self.bytes > _FEED_BYTES * 1.25:
+            # trimmed in steps of a quarter, not row by row: the lists shift once per step
+            drop, left = max(0, len(self.rows) - _FEED_ROWS), self.bytes
+            left -= sum(len(r.text) for r in self.rows[:drop])
+            while drop < len(self.rows) and left > _FEED_BYTES:
+                left -= len(self.rows[drop].text)
+                drop += 1
+            if drop:
+                self.start_seq = self.seqs[drop - 1]
+                del self.seqs[:drop], self.rows[:drop]
+                self.bytes = left
         changed, self._changed = self._changed, gevent.event.Event()
         changed.set()
 
@@ -282,6 +300,7 @@ class EmbeddedEngine(Engine):
         self.poll_seconds = poll_seconds
         self.busy_timeout = busy_timeout_seconds
         self._pool: list[sqlite3.Connection] = []
+        self._inline: sqlite3.Connection | None = None  # for point reads on the hub thread (_read_now)
         self._pool_lock = threading.Lock()
         self._pool_slots = threading.BoundedSemaphore(_POOL_MAX)
         self._writer: sqlite3.Connection | None = None  # used by one write at a time
@@ -304,6 +323,31 @@ class EmbeddedEngine(Engine):
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
         return conn
+
+    def _read_now(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a point read `fn(conn, *args)` (rows by key) on the calling thread.
+
+        What a request reads to authenticate and open a stream (the user, the collection's
+        properties, the store's position) takes microseconds; a round trip through the
+        threadpool takes far longer once the worker is busy, because the thread then
+        waits for the GIL (up to the interpreter's 5 ms switch interval) before it can
+        hand the result back: 10,000 clients connecting at once queued behind each other
+        for seconds (bench/robustness.py, storm). Readers never wait for writers under
+        WAL; in the rare case this connection finds the database busy (another process
+        recovering the WAL), the read goes to the threadpool and waits there instead.
+        """
+        if not blocking.patched():
+            return self._run(fn, *args)
+        conn = self._inline
+        if conn is None:
+            conn = self._inline = self._connect()
+            conn.execute("PRAGMA busy_timeout=0")
+        try:
+            return fn(conn, *args)
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                return self._run(fn, *args)
+            raise self._storage_error(exc, "read") from None
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(conn, *args)` on a pooled connection, in the threadpool under gevent."""
@@ -569,7 +613,9 @@ class EmbeddedEngine(Engine):
         return [r[0] for r in rows]
 
     def get_collection(self, coll: str) -> dict:
-        row = self._run(lambda c: c.execute("SELECT props FROM collections WHERE name=?", (coll,)).fetchone())
+        row = self._read_now(
+            lambda c: c.execute("SELECT props FROM collections WHERE name=?", (coll,)).fetchone()
+        )
         if row is None:
             raise CollectionNotFound(coll)
         return json.loads(row[0])
@@ -648,7 +694,7 @@ class EmbeddedEngine(Engine):
             ).fetchone()
             return exists is not None, row[0] if row else None
 
-        exists, text = self._run(run)
+        exists, text = self._read_now(run)
         if not exists:
             raise CollectionNotFound(coll)
         if text is None:
@@ -830,7 +876,7 @@ class EmbeddedEngine(Engine):
         seq = self.position(token)
         if token["_data"][:16].upper() != self.epoch:
             return "the resume token was issued by another data store (or before it was reset)"
-        _, last_seq, pruned = self._run(self._read_meta)
+        _, last_seq, pruned = self._read_now(self._read_meta)
         if seq > last_seq:
             return "the resume token is ahead of every change this store has made"
         if seq < pruned:
