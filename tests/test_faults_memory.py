@@ -110,3 +110,40 @@ def test_large_documents_are_not_kept_after_their_client_left(live_factory):
     # the feed (16 MiB of row text at most) and allocator slack; not 20 x 2 MB x encodings
     assert kept_mb < 40, f"{kept_mb:.0f} MB kept after the client left"
     assert os.path.exists(f"/proc/{pid}")
+
+
+def test_stalled_clients_are_dropped_with_one_log_line_each(live_factory):
+    """Clients that stop reading (SSE and WebSocket) fall behind, are ended (`overflow`)
+    and, after the grace period for their end frame, disconnected. Each leaves its access
+    line and nothing else: no traceback."""
+    server = live_factory(STREAM_CLIENT_QUEUE=5, LOG_LEVEL="info")
+    assert requests.put(f"{server.url}/feed", auth=ADMIN, json=STREAMS, timeout=10).status_code == 201
+    auth = "Basic " + base64.b64encode(b"admin:secret").decode()
+    stalled = []
+    for i in range(10):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never read
+        sock.connect(("127.0.0.1", server.port))
+        upgrade = (
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            if i % 2
+            else "Accept: text/event-stream\r\n"
+        )
+        sock.sendall(
+            f"GET /feed/_streams/all HTTP/1.1\r\nHost: x\r\n{upgrade}Authorization: {auth}\r\n\r\n".encode()
+        )
+        stalled.append(sock)
+    try:
+        assert _wait_for(lambda: server.status()["clients"] == 10)
+        blob = "x" * 100_000
+        with requests.Session() as s:
+            for i in range(40):
+                assert s.post(f"{server.url}/feed", auth=ADMIN, json={"i": i, "blob": blob}, timeout=10).ok
+        assert _wait_for(lambda: server.status()["clients"] == 0, timeout=30)  # grace: 10 s
+    finally:
+        for sock in stalled:
+            sock.close()
+    log = server.read_log()
+    assert "Traceback" not in log and "Error" not in log, log[-3000:]
+    assert log.count("/feed/_streams/all") == 10, log[-3000:]
