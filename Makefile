@@ -7,7 +7,7 @@ PORT ?= 8080
 ADMIN_PASSWORD ?= secret
 export HOST PORT
 
-.PHONY: run test bench lint clean
+.PHONY: run test faults bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q
+
+# The fault suite alone (it is part of `make test` too), printing its report rows.
+faults: $(VENV)/.dev-installed
+	ulimit -n 20000 2>/dev/null; $(BIN)/python -m pytest -q -s tests/test_faults.py tests/test_faults_storage.py tests/test_faults_shutdown.py tests/test_faults_memory.py
 
 bench: $(VENV)/.dev-installed
 	$(BIN)/pip install --quiet -r bench/requirements.txt

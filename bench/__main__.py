@@ -27,7 +27,7 @@ import urllib.parse
 import urllib.request
 from contextlib import closing
 
-from . import loadgen
+from . import loadgen, robustness
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,8 +41,8 @@ def free_port() -> int:
 class Server:
     root = ROOT  # the checkout whose gunicorn.conf.py and code run (--compare swaps it)
 
-    def __init__(self, data_dir: str, **env):
-        self.port = free_port()
+    def __init__(self, data_dir: str, port: int | None = None, **env):
+        self.port = port or free_port()
         self.env = {
             **os.environ,
             "HOST": "127.0.0.1",
@@ -745,8 +745,11 @@ def main() -> int:
     ap.add_argument("--peer-max", type=int, default=5000, help="largest N for the peers")
     ap.add_argument(
         "--only",
-        choices=["churn", "fanout", "scoped"],
+        choices=["churn", "fanout", "scoped", "robustness"],
         help="run one scenario and print it (scoped: the issue-11 rows, appended to --out)",
+    )
+    ap.add_argument(
+        "--scenarios", help="with --only robustness: a comma list of " + ",".join(robustness.SCENARIOS)
     )
     ap.add_argument("--kinds", default="sse", help="with --only fanout: sse, ws or sse,ws (half each)")
     ap.add_argument("--repeat", type=int, default=1, help="with --only fanout: alternate this many times")
@@ -778,6 +781,14 @@ def main() -> int:
         if not args.smoke:
             with open(args.out, "a") as f:
                 f.write(scoped_report(results))
+        return 0
+    if args.only == "robustness":
+        results["robustness"] = robustness.run(Server, data_root, args)
+        print(json.dumps(results, indent=1))
+        shutil.rmtree(data_root, ignore_errors=True)
+        if not args.smoke:
+            with open(args.out, "a") as f:
+                f.write(robustness.report(results))
         return 0
     if args.only == "fanout":  # SSE fan-out alone, alternating with --compare's checkout
         runs = []

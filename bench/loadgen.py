@@ -62,6 +62,7 @@ class Clients:
         timeout: float = 60.0,
         on_connect: bool = False,
         auth: str = AUTH,
+        extra: str = "",
     ) -> float:
         """Open `n` clients; each counts as open at its first stream bytes (or at connect,
         with `on_connect`, for servers that send nothing before the first event)."""
@@ -74,7 +75,7 @@ class Clients:
                 # The kernel's receive time, so the figures do not include this process's delay.
                 s.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
                 s.setblocking(False)
-                s.sendall(_request(path, kind, f"{self.host}:{self.port}", auth=auth))
+                s.sendall(_request(path, kind, f"{self.host}:{self.port}", extra=extra, auth=auth))
                 c = Conn(s, kind, open=on_connect)
                 self.conns[s.fileno()] = c
                 self.ep.register(s.fileno(), select.EPOLLIN)
