@@ -323,7 +323,7 @@ class Handler(WebSocketHandler, PyWSGIHandler):
             "p": f"<{os.getpid()}>",
         }
         try:
-            log.access_log.info(fmt, atoms)
+            log.access_log.info(fmt, log.atoms_wrapper_class(atoms))  # escapes '"' as gunicorn's does
         except Exception:
             log.exception("access log line failed")
 

@@ -12,12 +12,14 @@ import gc
 import os
 
 import greenlet
-from flask import Blueprint, request
+from flask import Blueprint, g, request
 from gevent import pywsgi
 
 from services import memory
+from services.errors import Forbidden
 
 from .common import engine, hub, json_response
+from .security import is_admin
 
 bp = Blueprint("health", __name__)
 
@@ -45,6 +47,9 @@ bp.add_url_rule("/_ready", "health", health, methods=["GET"])
 @bp.get("/_status")
 def status():
     body = {"pid": os.getpid(), "engine": engine().name, **hub().status()}
+    if (request.args.get("detail") == "1" or request.args.get("sweep") == "1") and not is_admin(g.user):
+        # both walk every object (a sweep pauses the worker): not for any role ACL lets in
+        raise Forbidden("detail=1 and sweep=1 are for admins")
     if request.args.get("detail") == "1":  # walks every object: for benchmarks, not probes
         objects = gc.get_objects()
         body["greenlets"] = sum(1 for o in objects if isinstance(o, greenlet.greenlet))

@@ -616,6 +616,41 @@ def test_the_process_feed_is_bounded_in_bytes_and_a_stream_behind_it_loses_nothi
         engine.close()
 
 
+def test_a_stream_reading_behind_the_feed_loses_nothing_when_the_feed_moves_meanwhile(tmp_path, monkeypatch):
+    """A stream behind the feed reads the table up to where the feed starts; the read
+    yields, and the tailer may trim the feed further meanwhile: the rows between the two
+    starts must still be read (they were skipped when the start was read twice)."""
+    from services.storage import embedded
+
+    monkeypatch.setattr(embedded, "_FEED_BYTES", 1 << 20)
+    engine = EmbeddedEngine(str(tmp_path / "data"))
+    try:
+        engine.put_collection("c", {})
+        stream = watch_all(engine)
+        big = "x" * (600 << 10)
+        for i in range(3):
+            engine.insert_documents("c", [{"_id": i, "big": big}])
+            engine.tail_once()
+        read_batch = engine.read_batch
+        moved = []
+
+        def read_batch_while_the_feed_moves(*args):
+            out = read_batch(*args)
+            if not moved:  # what the tailer does while the read is in the threadpool
+                for i in (3, 4):
+                    engine.insert_documents("c", [{"_id": i, "big": big}])
+                    engine.tail_once()
+                moved.append(engine._feed.start_seq)
+            return out
+
+        monkeypatch.setattr(engine, "read_batch", read_batch_while_the_feed_moves)
+        assert engine._feed.start_seq > engine.position(engine.current_token()) - 3  # trimmed
+        assert [e["documentKey"]["_id"] for e in drain(engine, stream)] == [0, 1, 2, 3, 4]
+        assert moved
+    finally:
+        engine.close()
+
+
 # ----------------------------------------------------------------------------- several processes
 
 

@@ -174,6 +174,22 @@ def test_rollback_failure_never_replaces_the_error(data_dir, caplog):
     engine.close()
 
 
+def test_a_rollback_that_leaves_the_transaction_open_does_not_block_later_writes(data_dir, monkeypatch):
+    """Writes share one connection: if a ROLLBACK ever failed and left it inside a
+    transaction, every later BEGIN would fail. The connection is replaced instead."""
+    from services.storage import embedded
+
+    engine = EmbeddedEngine(data_dir)
+    engine.ensure_collection("c")
+    engine.insert_documents("c", [{"_id": 1}])
+    monkeypatch.setattr(embedded, "_rollback", lambda conn, cause: None)  # as if it had failed
+    with pytest.raises(Exception, match="duplicate|exists"):
+        engine.insert_documents("c", [{"_id": 2}, {"_id": 1}])
+    engine.insert_documents("c", [{"_id": 3}])
+    assert [d["_id"] for d in engine.find("c", {}, [("_id", 1)], None, 0, 0)] == [1, 3]
+    engine.close()
+
+
 # -- locked by another process ----------------------------------------------------------
 
 

@@ -804,7 +804,14 @@ def test_the_access_log_line_is_the_configured_format(live):
     query, protocol, status, bytes, seconds and user agent."""
     r = requests.get(f"{live.url}/_health?x=1", headers={"User-Agent": "probe/1.0"}, timeout=5)
     assert r.status_code == 200
-    pattern = re.compile(r'^127\.0\.0\.1 "GET /_health HTTP/1\.1" 200 (\d+) (\d+\.\d{6})s "probe/1\.0"$', re.M)
+    pattern = re.compile(
+        r'^127\.0\.0\.1 "GET /_health HTTP/1\.1" 200 (\d+) (\d+\.\d{6})s "probe/1\.0"$', re.M
+    )
     found = wait_for(lambda: pattern.search(live.read_log()), timeout=5)
     assert found, live.read_log()[-2000:]
     assert int(found.group(1)) > len(r.content)  # pywsgi counts the head too, as before
+    # a quote in a field cannot end it and forge the rest of the line
+    requests.get(f"{live.url}/_health", headers={"User-Agent": 'x" 500 0 0.0s "forged'}, timeout=5)
+    assert wait_for(lambda: 'x\\" 500 0 0.0s \\"forged"' in live.read_log(), timeout=5), live.read_log()[
+        -500:
+    ]

@@ -762,3 +762,15 @@ def test_roles_that_are_not_an_array_of_strings_grant_nothing(client, anon, mess
     assert_error(
         anon.get("/messages", headers=basic("mallory", "pw")), 403, forbidden("mallory", "GET", "/messages")
     )
+
+
+def test_status_detail_and_sweep_are_for_admins_even_where_a_rule_allows_status(client, anon, reader):
+    """`/_status?detail=1` walks every object and `?sweep=1` runs a full collection (a pause
+    of the whole worker under load): a rule that lets a role read /_status does not let it
+    ask for those."""
+    rule = {"_id": "status", "predicate": "path-prefix(/_status)", "roles": ["reader"], "priority": 1}
+    assert client.post("/acl", json=rule).status_code == 201
+    assert anon.get("/_status", headers=reader).status_code == 200
+    for query in ("detail=1", "sweep=1"):
+        assert_error(anon.get(f"/_status?{query}", headers=reader), 403)
+        assert client.get(f"/_status?{query}").status_code == 200

@@ -340,14 +340,19 @@ class EmbeddedEngine(Engine):
             return self._run(fn, *args)
         conn = self._inline
         if conn is None:
-            conn = self._inline = self._connect()
-            conn.execute("PRAGMA busy_timeout=0")
+            # opened (it may wait for the file) in the threadpool, like any connection
+            conn = self._inline = self._run(lambda _: self._connect_for_the_hub())
         try:
             return fn(conn, *args)
         except sqlite3.OperationalError as exc:
             if _is_busy(exc):
                 return self._run(fn, *args)
             raise self._storage_error(exc, "read") from None
+
+    def _connect_for_the_hub(self) -> sqlite3.Connection:
+        conn = self._connect()
+        conn.execute("PRAGMA busy_timeout=0")  # never wait on the hub thread (_read_now)
+        return conn
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(conn, *args)` on a pooled connection, in the threadpool under gevent."""
@@ -442,6 +447,12 @@ class EmbeddedEngine(Engine):
                 conn.execute("COMMIT")
             except BaseException as exc:
                 _rollback(conn, exc)
+                if conn.in_transaction:  # the rollback failed: never reuse a connection mid-transaction
+                    self._writer = None
+                    try:
+                        conn.close()
+                    except sqlite3.Error:
+                        pass
                 raise
             return result, txn.wrote
 
@@ -694,7 +705,9 @@ class EmbeddedEngine(Engine):
             ).fetchone()
             return exists is not None, row[0] if row else None
 
-        exists, text = self._read_now(run)
+        # the accounts and rules every request reads are small: on the hub thread; other
+        # documents may be 16 MB, which the threadpool reads without holding the loop
+        exists, text = self._read_now(run) if coll in ("users", "acl") else self._run(run)
         if not exists:
             raise CollectionNotFound(coll)
         if text is None:
@@ -970,14 +983,17 @@ class _EmbeddedStream(ChangeStream):
             return self._backlog.pop(0)
         feed = self.engine._feed
         if self._pos < feed.start_seq:
+            # read once: the read yields, and the tailer may trim the feed meanwhile; the
+            # rows up to this value are the ones read, wherever the feed starts by then
+            upto = feed.start_seq
             try:
-                rows, complete = self.engine.read_batch(self.coll, self._pos, feed.start_seq)
+                rows, complete = self.engine.read_batch(self.coll, self._pos, upto)
             except HistoryLost as exc:
                 self.ended, self.end_reason = True, exc.message
                 self._closed = True
                 raise
             if complete:
-                rows.append(_Row(feed.start_seq, "", "skip", ""))  # advance to the feed's window
+                rows.append(_Row(upto, "", "skip", ""))  # advance to where the feed was
             self._backlog = rows
             return self._backlog.pop(0)
         i = feed.after(self._pos)
