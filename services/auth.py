@@ -9,7 +9,8 @@ Every check that does not succeed from that memory costs one bcrypt check, wheth
 user exists or not and whether the user logged in recently or not: answering an unknown
 user (or a wrong guess for a remembered user) faster than a wrong password for a real
 one would tell an attacker which user names exist. bcrypt runs in its own one-thread
-pool (services.blocking.run_cpu).
+pool (services.blocking.run_cpu), once for requests that bring the same credentials at
+the same time.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import bcrypt
+import gevent.event
 
 from . import blocking
 from .errors import BadRequest, DuplicateKey, NotFound
@@ -96,6 +98,34 @@ class Users:
     def __init__(self, engine: Engine):
         self.engine = engine
         self._verified: dict[tuple[str, str], bytes] = {}
+        self._checking: dict[tuple[str, str, bytes], gevent.event.AsyncResult] = {}  # in flight
+
+    def _check_once(
+        self,
+        key: tuple[str, str, bytes],
+        given: bytes,
+        stored: str,
+        gate: Callable[[], AbstractContextManager[Any]],
+    ) -> bool:
+        """One bcrypt check for the same credentials however many requests bring them at
+        once: after a restart nothing is remembered, and clients reconnecting together (a
+        worker's streams, or many behind one address) each needed a check, so most got the
+        login throttle's 429 and came back a second later. A request that joins a check in
+        flight waits for its answer (or its error) and does no work of its own."""
+        pending = self._checking.get(key)
+        if pending is not None:
+            return bool(pending.get())
+        pending = self._checking[key] = gevent.event.AsyncResult()
+        try:
+            with gate():
+                ok = blocking.run_cpu(_checkpw, given, stored.encode())
+        except BaseException as exc:
+            pending.set_exception(exc)
+            raise
+        finally:
+            self._checking.pop(key, None)
+        pending.set(ok)
+        return ok
 
     def ensure_default_admin(self, password: str) -> bool:
         """Create `admin` (role admin) when the users collection is empty; True if created."""
@@ -138,8 +168,7 @@ class Users:
         known = self._verified.get(key)
         if known is not None and hmac.compare_digest(known, digest):
             return public_user(user)
-        with gate():
-            ok = blocking.run_cpu(_checkpw, given, stored.encode())
+        ok = self._check_once((username, stored, digest), given, stored, gate)
         if not ok:
             return None
         if len(self._verified) > 10_000:

@@ -451,3 +451,29 @@ def test_keys_projections_never_500(client, keys, status):
     assert r.status_code == status, r.get_data(as_text=True)
     if keys == {"_id": 1}:
         assert r.get_json() == [{"_id": "t"}]
+
+
+def test_the_same_credentials_arriving_together_cost_one_bcrypt_check(client, anon, app, monkeypatch):
+    """After a restart nothing is remembered: twenty clients reconnecting at once with the
+    same Basic credentials share one check instead of each needing one (and most getting
+    the per-address throttle's 429). A wrong password arriving with them still fails."""
+    import gevent
+
+    import services.auth as auth
+
+    client.post("/users", json={"_id": "alice", "password": "right", "roles": []})
+    app.extensions["changefeed.users"]._verified.clear()  # as after a restart
+    real, calls = auth._checkpw, []
+
+    def slow_check(*args):
+        calls.append(args[0])
+        gevent.sleep(0.2)  # bcrypt's time, during which the others arrive
+        return real(*args)
+
+    monkeypatch.setattr("services.auth._checkpw", slow_check)
+    requests = [gevent.spawn(anon.get, "/", headers=basic("alice", "right")) for _ in range(20)]
+    wrong = gevent.spawn(anon.get, "/", headers=basic("alice", "wrong"))
+    gevent.joinall([*requests, wrong], timeout=10)
+    assert [g.value.status_code for g in requests] == [403] * 20  # authenticated; no rule allows /
+    assert wrong.value.status_code == 401
+    assert sorted(calls) == [b"right", b"wrong"]
