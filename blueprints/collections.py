@@ -1,11 +1,17 @@
-"""Collections: list, create or replace properties, merge properties, drop, read `_meta`."""
+"""Collections: list, create or replace properties, merge properties, drop, read `_meta`.
+
+`PUT`/`PATCH /<coll>?dryRun=true` run the same checks as the write (name, permission,
+body, stream definitions, If-Match) and answer 200 `{"valid": true, ...}` or the write's
+error, storing nothing: the console validates a stream definition before saving it.
+"""
 
 from __future__ import annotations
 
-from flask import Blueprint, request
+from flask import Blueprint, Response, request
 
 from services import pipeline
-from services.errors import BadRequest
+from services.errors import BadRequest, CollectionNotFound, EtagMismatch
+from services.query import shown
 
 from . import security
 from .common import check_name, empty_response, engine, json_body, json_response
@@ -40,6 +46,37 @@ def _etag_headers(props: dict) -> dict:
     return {"ETag": str(etag)} if etag else {}
 
 
+def _dry_run() -> bool:
+    """`?dryRun=true`: validate the write exactly as a real one, store nothing. Only `true`
+    and `false` are values; a near miss of the name (`dryrun`, `DRYRUN`) is a 400, since
+    ignoring it would store what its sender meant to test."""
+    for name in request.args:
+        if name != "dryRun" and name.lower() == "dryrun":
+            raise BadRequest(f"unknown query parameter '{shown(name)}'; the dry run is ?dryRun=true")
+    values = request.args.getlist("dryRun")
+    if not values:
+        return False
+    if len(values) > 1:
+        raise BadRequest("dryRun must be given once")
+    if values[0] not in ("true", "false"):
+        raise BadRequest(f"dryRun must be true or false, found {shown(values[0])}")
+    return values[0] == "true"
+
+
+def _check_if_match(props: dict, if_match: str | None, coll: str) -> None:
+    """The If-Match check the engines make inside the write, for a dry run (409 on a mismatch)."""
+    if if_match is None:
+        return
+    tags = {t.strip().strip('"') for t in if_match.split(",")}
+    etag = _etag_headers(props).get("ETag")
+    if "*" not in tags and (etag is None or etag not in tags):
+        raise EtagMismatch(f"collection '{coll}'")
+
+
+def _dry_run_response(coll: str, exists: bool) -> Response:
+    return json_response({"valid": True, "dryRun": True, "collection": coll, "exists": exists}, status=200)
+
+
 @bp.get("/")
 def list_collections():
     return json_response(engine().list_collections())
@@ -49,7 +86,15 @@ def list_collections():
 def put_collection(coll: str):
     check_name(coll)
     _management(coll)
+    dry_run = _dry_run()
     props = _props(json_body(extended=False), coll)
+    if dry_run:
+        try:
+            current = engine().get_collection(coll)
+        except CollectionNotFound:
+            return _dry_run_response(coll, exists=False)
+        _check_if_match(current, request.headers.get("If-Match"), coll)
+        return _dry_run_response(coll, exists=True)
     created, stored = engine().put_collection(coll, props, request.headers.get("If-Match"))
     return json_response({}, status=201 if created else 200, headers=_etag_headers(stored))
 
@@ -58,7 +103,12 @@ def put_collection(coll: str):
 def patch_collection(coll: str):
     check_name(coll)
     _management(coll)
+    dry_run = _dry_run()
     props = _props(json_body(extended=False), coll)
+    if dry_run:
+        current = engine().get_collection(coll)  # 404 as the write would
+        _check_if_match(current, request.headers.get("If-Match"), coll)
+        return _dry_run_response(coll, exists=True)
     stored = engine().patch_collection(coll, props, request.headers.get("If-Match"))
     return json_response({}, status=200, headers=_etag_headers(stored))
 
