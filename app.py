@@ -11,6 +11,7 @@ import gevent
 from flask import Flask
 
 from blueprints import collections, cors, demo, documents, errors, health, security, streams, tokens
+from blueprints.openapi import bp as openapi_bp
 from blueprints.paths import CanonicalPaths
 from services import config as settings
 from services.auth import Users
@@ -108,6 +109,7 @@ def create_app(config: Mapping[str, Any] | None = None, engine=None) -> Flask:
     security.init_app(app)
     hub.access_changes_from(engine)
     app.register_blueprint(health.bp)
+    app.register_blueprint(openapi_bp)
     app.register_blueprint(demo.bp)
     app.register_blueprint(tokens.bp)
     app.register_blueprint(streams.bp)
