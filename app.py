@@ -10,7 +10,7 @@ from typing import Any
 import gevent
 from flask import Flask
 
-from blueprints import collections, cors, demo, documents, errors, health, security, streams, tokens
+from blueprints import collections, cors, demo, documents, errors, health, metrics, security, streams, tokens
 from blueprints.openapi import bp as openapi_bp
 from blueprints.paths import CanonicalPaths
 from services import config as settings
@@ -106,6 +106,7 @@ def create_app(config: Mapping[str, Any] | None = None, engine=None) -> Flask:
     )
 
     cors.init_app(app)
+    metrics.init_app(app)  # first: its timer starts before auth runs
     security.init_app(app)
     hub.access_changes_from(engine)
     app.register_blueprint(health.bp)
@@ -114,6 +115,7 @@ def create_app(config: Mapping[str, Any] | None = None, engine=None) -> Flask:
     app.register_blueprint(tokens.bp)
     app.register_blueprint(streams.bp)
     app.register_blueprint(collections.bp)
+    app.register_blueprint(metrics.bp)
     app.register_blueprint(documents.bp)
     errors.init_app(app)
     log.info("changefeed ready: %s engine", engine.name)

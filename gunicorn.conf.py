@@ -18,6 +18,18 @@ except _settings.ConfigError as _exc:
     print(f"changefeed: bad setting: {_exc}", file=sys.stderr)
     sys.exit(2)
 
+# ---------------------------------------------------------------- metrics
+# Every worker writes its Prometheus samples to files in this directory, which GET /metrics
+# sums up (services/metrics.py). A fresh one per server, made before any worker imports
+# prometheus_client; the master removes it when it exits.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    import tempfile as _tempfile
+
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _tempfile.mkdtemp(prefix="changefeed-metrics-")
+    _OWN_METRICS_DIR = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+else:
+    _OWN_METRICS_DIR = None
+
 # ---------------------------------------------------------------- server socket
 bind = f"{_conf['HOST']}:{_conf['PORT']}"
 backlog = 4096  # many clients reconnect at once after a restart
@@ -54,6 +66,11 @@ def post_worker_init(worker):
     memory.tune_gc()
     memory.tune_allocator()
     memory.keep_tidy(lambda: _open_streams(worker))
+    hub = _hub(worker)
+    if hub is not None:
+        from services import metrics
+
+        metrics.refresh_forever(hub.refresh_metrics)
 
     def drain_on_stop():
         drain = getattr(worker, "drain", None)  # worker.Worker: set once it stops accepting
@@ -69,8 +86,27 @@ def post_worker_init(worker):
     gevent.spawn(drain_on_stop)
 
 
+def child_exit(server, worker):
+    """A worker that exited (or was killed): its live gauges no longer count. (Not through
+    services.metrics: the master makes no samples of its own.)"""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if _OWN_METRICS_DIR:
+        import shutil
+
+        shutil.rmtree(_OWN_METRICS_DIR, ignore_errors=True)
+
+
+def _hub(worker):
+    return worker.wsgi.extensions.get("changefeed.hub") if hasattr(worker.wsgi, "extensions") else None
+
+
 def _open_streams(worker) -> int:
-    hub = worker.wsgi.extensions.get("changefeed.hub") if hasattr(worker.wsgi, "extensions") else None
+    hub = _hub(worker)
     return sum(len(w.subscribers) for w in hub.watchers.values()) if hub is not None else 0
 
 

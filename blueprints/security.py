@@ -28,7 +28,7 @@ from typing import Any
 from flask import Flask, current_app, g, request
 from flask_httpauth import HTTPBasicAuth
 
-from services import acl
+from services import acl, metrics
 from services.errors import BadRequest, ChangefeedError, Forbidden, TooManyRequests, Unauthorized
 from services.permissions import Grant, interpolate
 from services.throttle import FailureThrottle
@@ -105,13 +105,16 @@ def _user_from_token(token: str) -> tuple[dict, int]:
     try:
         claims = current_app.extensions["changefeed.tokens"].verify(token)
     except TokenError as exc:  # a 401 as it is; with the challenge every 401 here carries
+        metrics.AUTH_FAILURES.labels("bearer").inc()
         exc.headers = _challenge_headers()
         raise
     try:
         stored = engine().get_document("users", claims["sub"])
     except Exception:
+        metrics.AUTH_FAILURES.labels("bearer").inc()
         raise unauthorized("the token's user no longer exists") from None
     if not hmac.compare_digest(password_fingerprint(stored), str(claims.get("pwf", ""))):
+        metrics.AUTH_FAILURES.labels("bearer").inc()
         raise unauthorized("the token was revoked by a password change")
     return {k: v for k, v in stored.items() if k != "password"}, int(claims["exp"])
 
@@ -130,6 +133,7 @@ def _basic(auth: Any) -> dict:
     user = users().verify(auth.username, auth.password, gate=lambda: throttle.checking(key))
     if not user:
         throttle.failed(key)
+        metrics.AUTH_FAILURES.labels("basic").inc()
         raise unauthorized("wrong username or password")
     throttle.succeeded(key)
     return user

@@ -50,6 +50,7 @@ import gevent.event
 import gevent.lock
 from bson import json_util
 
+from . import metrics
 from . import pipeline as pipelines
 from .backoff import Backoff
 from .errors import HistoryLost, NotFound, TooManyRequests, Unauthorized, Unavailable
@@ -136,6 +137,7 @@ class Subscriber:
         "on_end",
         "expiry",
         "view",
+        "position_time",
         "__weakref__",
     )
 
@@ -169,6 +171,7 @@ class Subscriber:
         self.sink: Sink | None = None  # attached while the transport is idle
         self.on_end: Callable[[str], None] | None = None  # the transport's hook, told the reason
         self.expiry: gevent.Greenlet | None = None  # ends the subscriber when its token expires
+        self.position_time = time.time()  # about when `position` happened (metrics)
 
     def __enter__(self) -> Subscriber:
         return self
@@ -192,6 +195,7 @@ class Subscriber:
                 batch = Batch(kept)
         if batch.position is not None:
             self.position = batch.position
+            self.position_time = batch.made
         sink = self.sink
         if sink is not None:
             sink.write_now(batch)
@@ -204,12 +208,14 @@ class Subscriber:
             return
         self.pending.extend(batch.items)
         self.pending_bytes += size
+        metrics.CLIENT_QUEUE.observe(len(self.pending))
         self.wake.set()
 
     def end(self, reason: str, text: str = "") -> None:
         """End this subscriber after what it already has; its transport closes with `reason`."""
         if self.ended is None:
             self.ended = end_message(reason, text)
+            metrics.DISCONNECTS.labels(reason if reason in END_REASONS else "other").inc()
             self.wake.set()
             if self.on_end is not None:
                 self.on_end(reason)
@@ -252,6 +258,7 @@ class Subscriber:
                 finally:
                     hub.catch_up_cursors -= 1
         except HistoryLost as exc:
+            metrics.RESETS.labels(metrics.reset_kind(exc.message)).inc()
             yield [reset_message(exc.message, hub.engine.token(upto))]
         except Exception as exc:
             # The history cannot be read now (the database is away): say so and end; the
@@ -342,6 +349,7 @@ class Watcher:
         self.idle_since = time.monotonic()
         self.stopped = False
         self.events = 0
+        self.events_metric = metrics.EVENTS.labels(coll, uri)
         self.greenlet = gevent.spawn(self._run)
 
     @property
@@ -417,6 +425,7 @@ class Watcher:
         self.buffer.clear()
         self.buffer_bytes = 0
         self.buffer_from = self.stream.position
+        metrics.RESETS.labels(metrics.reset_kind(reason)).inc()
         self._dispatch_message(reset_message(reason, self.hub.engine.token(self.stream.position)))
 
     def _open(self, resume: bool) -> str | None:
@@ -443,6 +452,7 @@ class Watcher:
     def _dispatch(self, changes: list[Change]) -> None:
         items: list[Message] = []
         replay = self.hub.replay_size and self.hub.replay_bytes
+        self.events_metric.inc(len(changes))
         for change in changes:
             self.events += 1
             message = change_message(change)
@@ -473,9 +483,15 @@ class Watcher:
         self._send(Batch([message]))
 
     def _send(self, batch: Batch) -> None:
+        delivered = 0
         for view, out in list(self.router.route(batch)):
-            for sub in list(view.subscribers):
+            subs = list(view.subscribers)
+            for sub in subs:
                 sub.push(out)
+            delivered += len(subs) * len(out.items)
+        if delivered:
+            metrics.DELIVERIES.inc(delivered)
+            metrics.observe_lag(m.event for m in batch.items if m.kind == "change")
 
     def stop(self) -> None:
         """Stop the loop and release the stream (subscribers were told why by the caller)."""
@@ -537,6 +553,7 @@ class Hub:
         self.catch_up_cursors = 0  # engine streams open for resumes from far back
         self.closing = False
         self._recheck_pending = False
+        self.stream_gauges = metrics.StreamGauges()
         engine.on_meta_change(self._on_meta_change)
 
     # -- opening --
@@ -650,11 +667,14 @@ class Hub:
         sub = Subscriber(self, watcher, view, transport, user, owner, access_check)
         live_from = watcher.position
         if problem is not None:
+            metrics.RESETS.labels(metrics.reset_kind(problem)).inc()
             sub.pending.append(reset_message(problem, self.engine.token(live_from)))
         elif resume is not None:
             if resume_pos >= live_from:
+                metrics.RESUMES.labels("live").inc()
                 sub.skip_through = resume_pos
             elif self.replay_size and self.replay_bytes and resume_pos >= watcher.buffer_from:
+                metrics.RESUMES.labels("buffer").inc()
                 missed = [m for m in watcher.buffer if m.position > resume_pos]
                 kept = view.evaluate(Batch(missed)) if missed else None
                 if kept is not None:
@@ -663,6 +683,7 @@ class Hub:
                 # changes the watcher has read but not yet dispatched come live: skip those seen
                 sub.skip_through = resume_pos
             else:
+                metrics.RESUMES.labels("engine").inc()
                 sub.catch_up_from = resume
                 sub.catch_up_upto = live_from
                 sub.skip_through = live_from
@@ -780,6 +801,24 @@ class Hub:
         self.closing = True
         for watcher in list(self.watchers.values()):
             watcher.end_subscribers(reason)
+
+    def refresh_metrics(self) -> None:
+        """Set this worker's gauges (services/metrics.py): clients per stream and transport,
+        watchers, cursors, the history window and the oldest position a client holds."""
+        counts: dict[tuple[str, str, str], int] = {}
+        oldest = None
+        for watcher in self.watchers.values():
+            for sub in watcher.subscribers:
+                key = (watcher.coll, watcher.uri, sub.transport)
+                counts[key] = counts.get(key, 0) + 1
+                if oldest is None or sub.position_time < oldest:
+                    oldest = sub.position_time
+        self.stream_gauges.set(counts)
+        metrics.WATCHERS.set(len(self.watchers))
+        metrics.CURSORS.set(len(self.watchers) + self.catch_up_cursors)
+        metrics.OLDEST_CLIENT_POSITION.set(time.time() - oldest if oldest is not None else 0)
+        window = self.engine.history_window()
+        metrics.HISTORY_WINDOW.set(window if window is not None else 0)
 
     def status(self) -> dict:
         streams = []

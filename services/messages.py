@@ -7,6 +7,7 @@ message shared by many subscribers is framed once.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from . import extjson
@@ -73,12 +74,13 @@ class Batch:
     encodings, per wire form, cached by the transports like a message's; `position`: of its
     last change, None if it has none)."""
 
-    __slots__ = ("items", "wire", "position")
+    __slots__ = ("items", "wire", "position", "made")
 
     def __init__(self, items: list[Message]):
         self.items = items
         self.wire: dict[str, bytes] = {}
         self.position = next((m.position for m in reversed(items) if m.position is not None), None)
+        self.made = time.time()  # about when its changes happened (metrics: a client's position age)
 
 
 def payload(event: dict, before: bool = False) -> dict:

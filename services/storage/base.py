@@ -239,6 +239,11 @@ class Engine(ABC):
         :raise HistoryLost: `resume_after` is older than the retained history.
         """
 
+    def history_window(self) -> float | None:  # noqa: B027  (optional: None is a fine answer)
+        """Seconds since the oldest change a client can still resume from, or None when the
+        store cannot tell (metrics: services/metrics.py)."""
+        return None
+
     @abstractmethod
     def resume_problem(self, token: dict) -> str | None:
         """Why `token` cannot be resumed exactly here, or None: issued by another data store

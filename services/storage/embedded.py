@@ -885,6 +885,10 @@ class EmbeddedEngine(Engine):
     def current_token(self) -> dict:
         return self.token(self._feed.tail)
 
+    def history_window(self) -> float | None:
+        row = self._run(lambda c: c.execute("SELECT ts FROM changes ORDER BY seq LIMIT 1").fetchone())
+        return max(0.0, time.time() - row[0]) if row else None
+
     def resume_problem(self, token: dict) -> str | None:
         seq = self.position(token)
         if token["_data"][:16].upper() != self.epoch:

@@ -840,6 +840,22 @@ class MongoEngine(Engine):
             return Position(data, _json_token({"_data": data, "_typeBits": bits}))
         return Position(data, {"_data": data})
 
+    def history_window(self) -> float | None:
+        """The oplog's window (its first entry's age), where the user may read local.oplog.rs;
+        None otherwise (Atlas and least-privilege users usually may not)."""
+        import time as _time
+
+        def read() -> float | None:
+            first = self.client["local"]["oplog.rs"].find({}, {"ts": 1}).sort("$natural", 1).limit(1)
+            for entry in first:
+                return max(0.0, _time.time() - entry["ts"].time)
+            return None
+
+        try:
+            return self._call(read)
+        except Exception:
+            return None
+
     def resume_problem(self, token: dict) -> str | None:
         """A token ahead of the cluster's latest change (from another cluster, or from a
         restored backup) cannot be resumed; anything else is MongoDB's to judge when a
