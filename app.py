@@ -10,7 +10,18 @@ from typing import Any
 import gevent
 from flask import Flask
 
-from blueprints import collections, cors, demo, documents, errors, health, metrics, security, streams, tokens
+from blueprints import (
+    collections,
+    console,
+    cors,
+    documents,
+    errors,
+    health,
+    metrics,
+    security,
+    streams,
+    tokens,
+)
 from blueprints.openapi import bp as openapi_bp
 from blueprints.paths import CanonicalPaths
 from services import config as settings
@@ -38,11 +49,14 @@ def _configure_logging(level: str) -> None:
         logging.getLogger(name).setLevel(level.upper())
 
 
-def _bootstrap(engine, users: Users, conf: dict) -> None:
-    """Create the users and acl collections, and the default admin when there are no users."""
+def _bootstrap(engine, users: Users, conf: dict, state: dict | None = None) -> None:
+    """Create the users and acl collections, and the default admin when there are no users;
+    then the worker is ready (`state["set_up"]`, which `/_ready` reports)."""
     for coll in ("users", "acl"):
         engine.ensure_collection(coll)
     users.ensure_default_admin(conf["ADMIN_PASSWORD"])
+    if state is not None:
+        state["set_up"] = True
 
 
 # gunicorn's arbiter halts the whole server, with this exit code, when a worker exits with it
@@ -56,14 +70,16 @@ def _stop_the_server(message: str) -> None:
     os._exit(WORKER_BOOT_ERROR)
 
 
-def _bootstrap_until_done(engine, users: Users, conf: dict, fatal=_stop_the_server) -> None:
+def _bootstrap_until_done(
+    engine, users: Users, conf: dict, state: dict | None = None, fatal=_stop_the_server
+) -> None:
     """Set up the security collections, retrying while the database is unreachable. A
     reachable server that cannot serve change streams (a standalone mongod) ends start-up:
     `fatal` (default: the worker exits with WORKER_BOOT_ERROR, and gunicorn stops)."""
     backoff = Backoff(0.5, 30.0)
     while True:
         try:
-            _bootstrap(engine, users, conf)
+            _bootstrap(engine, users, conf, state)
             return
         except UnsuitableServer as exc:  # a standalone mongod: no change streams
             fatal(str(exc))
@@ -89,18 +105,20 @@ def create_app(config: Mapping[str, Any] | None = None, engine=None) -> Flask:
 
     engine = engine or open_engine(conf)
     users = Users(engine)
+    state = {"set_up": False}  # the security collections exist (/_ready)
     hub = Hub(engine, conf)
     engine.start()
     if engine.name == "embedded":
-        _bootstrap(engine, users, conf)
+        _bootstrap(engine, users, conf, state)
     else:
         # A MongoDB that is down must not keep the worker from booting (gunicorn would kill
         # it): the security collections are set up in the background, /_health says 503.
-        gevent.spawn(_bootstrap_until_done, engine, users, conf)
+        gevent.spawn(_bootstrap_until_done, engine, users, conf, state)
 
     app.extensions["changefeed.engine"] = engine
     app.extensions["changefeed.users"] = users
     app.extensions["changefeed.hub"] = hub
+    app.extensions["changefeed.state"] = state
     app.extensions["changefeed.tokens"] = Tokens(
         load_key(conf["JWT_SECRET"], conf["DATA_DIR"]), conf["TOKEN_TTL_SECONDS"]
     )
@@ -111,7 +129,7 @@ def create_app(config: Mapping[str, Any] | None = None, engine=None) -> Flask:
     hub.access_changes_from(engine)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi_bp)
-    app.register_blueprint(demo.bp)
+    app.register_blueprint(console.bp)
     app.register_blueprint(tokens.bp)
     app.register_blueprint(streams.bp)
     app.register_blueprint(collections.bp)

@@ -38,7 +38,16 @@ from .common import engine, parsed_body, users
 from .paths import CANONICAL_PATH, RAW_PATH
 
 REALM = "changefeed"
-PUBLIC_ENDPOINTS = {"health.health", "demo.demo", "openapi.spec", "static"}
+PUBLIC_ENDPOINTS = {
+    "health.health",
+    "health.ready",
+    "console.console",
+    "console.asset",
+    "console.favicon",
+    "console.demo",
+    "openapi.spec",
+    "static",
+}
 SELF_SERVICE_ENDPOINTS = {"tokens.issue_token", "tokens.issue_cookie", "tokens.clear_cookie"}
 STREAM_ENDPOINTS = {"streams.stream", "streams.stream_ws"}
 ADMIN_ROLE = "admin"

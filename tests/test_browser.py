@@ -3,8 +3,11 @@ the public page through the ACL rule alone, and a protected stream with a token 
 
 The browser is Debian's `chromium`, driven by Playwright for Python with `executable_path`
 (`playwright install` downloads browsers and is never needed). The page is the app's own
-public `/_demo?src=<stream url>`, a plain `new EventSource(src)` as in the tutorial; the
-tests read what it shows: `li.change` items in `#events`, `#state` and `#errors`.
+public `/_demo?src=<stream url>`, which redirects to the console (`/_console?src=`): a plain
+`new EventSource(src)` as in the tutorial, no login; the tests read what it shows: rows of
+`#events` (`tr.change`, newest first, the event's JSON in `pre.json`), `#state` and
+`#count-errors`. The console runs under a CSP without 'unsafe-eval', so every
+`wait_for_function` here is a function, never an expression string (Playwright evals those).
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ PUBLIC_RULE = {
     "roles": ["$unauthenticated"],
 }
 
-CHANGES = "document.querySelectorAll('#events li.change')"
+CHANGES = "document.querySelectorAll('#events tr.change')"
 
 
 @pytest.fixture(scope="module")
@@ -88,24 +91,23 @@ def demo(base: str, src: str) -> str:
 def open_page(context, url: str):
     page = context.new_page()
     page.goto(url)
-    page.wait_for_function("document.getElementById('state').textContent !== 'connecting'", timeout=10_000)
+    page.wait_for_function(
+        "() => document.getElementById('state').textContent !== 'connecting'", timeout=10_000
+    )
     return page
 
 
 def wait_changes(page, n: int, timeout_ms: int = 15_000) -> None:
-    page.wait_for_function(f"{CHANGES}.length >= {n}", timeout=timeout_ms)
+    page.wait_for_function(f"() => {CHANGES}.length >= {n}", timeout=timeout_ms)
 
 
 def shown(page) -> list[dict]:
-    """The change events the page shows, as the stream's JSON payloads, with their ids."""
+    """The change events the page shows, oldest first, as the stream's JSON payloads, with their ids."""
     items = page.eval_on_selector_all(
-        "#events li.change", "els => els.map(e => ({id: e.dataset.id, text: e.textContent}))"
+        "#events tr.change",
+        "els => els.map(e => ({id: e.dataset.id, text: e.querySelector('pre.json').textContent}))",
     )
-    out = []
-    for item in items:
-        assert item["text"].startswith("change ")
-        out.append({"id": item["id"], **json.loads(item["text"][len("change ") :])})
-    return out
+    return [{"id": item["id"], **json.loads(item["text"])} for item in reversed(items)]
 
 
 def seqs(page) -> list:
@@ -150,12 +152,12 @@ def test_public_page_receives_events_and_resumes_after_a_restart(live_factory, t
     again = restart_on_same_port(server)
     try:
         page.wait_for_function(
-            "document.getElementById('state').textContent === 'reconnecting'", timeout=10_000
+            "() => document.getElementById('state').textContent === 'reconnecting'", timeout=10_000
         )
         again.start()
         post(base, {"seq": 3, "message": "while the page was away"})
         page.wait_for_function(
-            f"document.getElementById('state').textContent === 'open' && {CHANGES}.length >= 3",
+            f"() => document.getElementById('state').textContent === 'open' && {CHANGES}.length >= 3",
             timeout=15_000,
         )
         post(base, {"seq": 4, "message": "after the page is back"})
@@ -166,9 +168,9 @@ def test_public_page_receives_events_and_resumes_after_a_restart(live_factory, t
         assert len({ev["id"] for ev in events}) == 4
         assert all(ev["operationType"] == "insert" for ev in events)
         # the page saw the server's clean `end` and came back by itself: no code beyond EventSource
-        assert page.locator("#events li.end").count() >= 1
-        assert page.locator("#events li.error").count() == 0  # connection errors count in #errors only
-        assert int(page.text_content("#errors")) >= 1
+        assert page.locator("#events tr.end").count() >= 1
+        assert page.locator("#events tr.error").count() == 0  # connection errors are counted, not rows
+        assert int(page.text_content("#count-errors")) >= 1
         assert page.text_content("#state") == "open"
         # and it came back through the browser's own Last-Event-ID, the id of the 2nd event
         sent = [req.all_headers().get("last-event-id") for req in stream_requests]
@@ -189,6 +191,7 @@ def test_token_in_the_url_opens_a_protected_stream_and_nothing_opens_without(liv
         "response",
         lambda resp: (
             "/_streams/" in resp.url
+            and resp.request.method == "GET"  # (the console asks a refused stream's status with HEAD)
             and statuses.setdefault(resp.url.split("/_streams/")[1].split("access_token=")[0], []).append(
                 resp.status
             )
@@ -207,7 +210,8 @@ def test_token_in_the_url_opens_a_protected_stream_and_nothing_opens_without(liv
     assert with_token.text_content("#state") == "open"
     # 401 to an EventSource is fatal: one error, closed, and it does not retry
     assert refused.text_content("#state") == "closed"
-    assert refused.text_content("#errors") == "1"
+    assert refused.text_content("#count-errors") == "1"
+    assert "HTTP 401" in refused.text_content("#state-detail")
 
     post(base, {"seq": 1, "message": "for everyone"})
     post(base, {"seq": 2, "message": "also for everyone"})
@@ -218,9 +222,9 @@ def test_token_in_the_url_opens_a_protected_stream_and_nothing_opens_without(liv
 
     time.sleep(3)  # give the pages without credentials every chance to receive something
     for page in (refused, prompted):
-        assert page.locator("#events li").count() == 0
+        assert page.locator("#events tr").count() == 0
         assert page.text_content("#state") != "open"
-    assert refused.text_content("#state") == "closed" and refused.text_content("#errors") == "1"
+    assert refused.text_content("#state") == "closed" and refused.text_content("#count-errors") == "1"
     assert statuses == {"all": [200], "secret?": [200], "secret?noauthchallenge": [401]}
     # the prompted page's request got its 401 too (the browser holds it back from the page)
     assert live.read_log().count('"GET /messages/_streams/secret HTTP/1.1" 401') == 2
