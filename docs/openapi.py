@@ -409,6 +409,7 @@ PARAMETERS = {
         "`system.`, without `$` or NUL, not `token` (writes refuse such names with a 400; reads of "
         "a collection that does not exist are a 404).",
         "schema": {"type": "string", "minLength": 1},
+        "example": "messages",
     },
     "docId": {
         "name": "doc_id",
@@ -424,6 +425,7 @@ PARAMETERS = {
         "required": True,
         "description": "The stream's `uri` in the collection's `streams`.",
         "schema": {"type": "string", "minLength": 1},
+        "example": "all",
     },
     "filter": {
         "name": "filter",
@@ -518,6 +520,7 @@ PARAMETERS = {
         "description": 'Values of the stream\'s variables as a JSON object (`{"n":"uji"}`); a bound value '
         "is always a value. Names starting with `@` or `$` are a 400.",
         "schema": {"type": "string"},
+        "example": '{"n":"uji"}',
     },
     "lastEventIdQuery": {
         "name": "lastEventId",
@@ -613,8 +616,21 @@ def ok(description: str, s: dict | None = None, headers: dict | None = None, med
     return out
 
 
-def json_body(s: dict, description: str) -> dict:
-    return {"required": True, "description": description, "content": {JSON: {"schema": s}}}
+def json_body(s: dict, description: str, example=None) -> dict:
+    media: dict = {"schema": s}
+    if example is not None:
+        media["example"] = example
+    return {"required": True, "description": description, "content": {JSON: media}}
+
+
+TUTORIAL_STREAMS = {
+    "streams": [
+        {
+            "uri": "all",
+            "stages": [{"_$match": {"_$or": [{"operationType": "insert"}, {"operationType": "update"}]}}],
+        }
+    ]
+}
 
 
 def only(allow: str, op_id: str, methods: list[str], params: list) -> dict:
@@ -849,7 +865,7 @@ PATHS: dict = {
                     "headers": {"Location": header("Location"), "ETag": header("ETag")},
                     "content": json_content({"anyOf": [schema("WriteResult"), schema("BulkInsertResult")]}),
                 },
-                **errors(*AUTH_ERRORS, *BODY_ERRORS, *WRITE_ERRORS),
+                **errors(*AUTH_ERRORS, 404, *BODY_ERRORS, *WRITE_ERRORS),
             },
             SEC_ACL,
             body=json_body(
@@ -860,6 +876,7 @@ PATHS: dict = {
                     ]
                 },
                 "A document, or a non-empty array of documents (bulk insert).",
+                {"message": "Hello SSE!", "name": "uji"},
             ),
         ),
         "put": op(
@@ -880,6 +897,7 @@ PATHS: dict = {
             json_body(
                 schema("CollectionProperties"),
                 "The properties, `streams` included (validated: a 400 names the bad stream).",
+                TUTORIAL_STREAMS,
             ),
             "Needs a permission with mongo.allowManagementRequests.",
         ),
@@ -897,7 +915,7 @@ PATHS: dict = {
             },
             SEC_ACL,
             [param("dryRun"), param("ifMatch")],
-            json_body(schema("CollectionProperties"), "Properties to merge."),
+            json_body(schema("CollectionProperties"), "Properties to merge.", TUTORIAL_STREAMS),
             "Needs a permission with mongo.allowManagementRequests.",
         ),
         "delete": op(
