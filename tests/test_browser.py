@@ -140,7 +140,7 @@ def test_public_page_receives_events_and_resumes_after_a_restart(live_factory, t
     stream_requests = []
     context.on("request", lambda req: "/_streams/" in req.url and stream_requests.append(req))
     page = open_page(context, demo(base, "/messages/_streams/all"))
-    assert page.text_content("#state") == "open"
+    assert page.text_content("#state") == "open", page.text_content("#state-detail")
     post(base, {"seq": 1, "message": "Hello SSE!"})
     post(base, {"seq": 2, "message": "Hello again"})
     wait_changes(page, 2)
@@ -171,7 +171,7 @@ def test_public_page_receives_events_and_resumes_after_a_restart(live_factory, t
         assert page.locator("#events tr.end").count() >= 1
         assert page.locator("#events tr.error").count() == 0  # connection errors are counted, not rows
         assert int(page.text_content("#count-errors")) >= 1
-        assert page.text_content("#state") == "open"
+        assert page.text_content("#state") == "open", page.text_content("#state-detail")
         # and it came back through the browser's own Last-Event-ID, the id of the 2nd event
         sent = [req.all_headers().get("last-event-id") for req in stream_requests]
         assert len(sent) >= 2 and sent[0] is None
@@ -206,8 +206,8 @@ def test_token_in_the_url_opens_a_protected_stream_and_nothing_opens_without(liv
     # With the challenge, headless Chromium waits on the prompt that no one answers.
     prompted = context.new_page()
     prompted.goto(demo(base, "/messages/_streams/secret"))
-    assert public.text_content("#state") == "open"
-    assert with_token.text_content("#state") == "open"
+    assert public.text_content("#state") == "open", public.text_content("#state-detail")
+    assert with_token.text_content("#state") == "open", with_token.text_content("#state-detail")
     # 401 to an EventSource is fatal: one error, closed, and it does not retry
     assert refused.text_content("#state") == "closed"
     assert refused.text_content("#count-errors") == "1"

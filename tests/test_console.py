@@ -149,6 +149,7 @@ def test_watch_inserts_and_updates_live_and_resume_after_a_restart(live_factory,
     assert json.loads(first["id"]).keys() == {"_data"}
     assert console.page.text_content("#last-id") == first["id"]
     assert console.page.text_content("#lag").endswith(" ms")
+    assert console.page.get_by_role("button", name="Reconnect from last id").is_enabled()
     key = first["data"]["documentKey"]["_id"]["$oid"]
     assert console.page.text_content("#events tr td.key") == key
 
@@ -335,3 +336,35 @@ def test_phone_width_and_the_public_pages(live, browser):
     )
     r = requests.get(f"{base}/_demo", allow_redirects=False, timeout=10)
     assert r.status_code == 302 and r.headers["Location"].endswith("/_console")
+
+
+def test_websocket_resumes_by_itself_after_a_restart(live_factory, tmp_path, context):
+    """The console reopens a WebSocket the server closed (1001) with ?lastEventId=<last _id>."""
+    server = live_factory(str(tmp_path / "data"), STREAM_LINGER_SECONDS=0.2)
+    base = server.url
+    assert (
+        requests.put(f"{base}/messages", auth=ADMIN, json={"streams": STREAMS}, timeout=10).status_code == 201
+    )
+    console = Console(context, base)
+    console.login()
+    console.pick("messages", "inserts", transport="WebSocket")
+    console.connect()
+    post(base, {"seq": 1})
+    console.wait_rows(1, "#events tr.change")
+    again = restart_on_same_port(server)
+    try:
+        console.wait_rows(1, "#events tr.end")  # the close frame: 1001, server shutting down
+        assert "server shutting down" in console.page.text_content("#events tr.end")
+        again.start()
+        post(base, {"seq": 2})
+        console.wait_state("open", 20_000)
+        console.wait_rows(2, "#events tr.change", 10_000)
+        post(base, {"seq": 3})
+        console.wait_rows(3, "#events tr.change")
+        time.sleep(0.5)
+        assert seqs(console) == [1, 2, 3]
+        assert len({r["id"] for r in console.rows("#events tr.change")}) == 3
+        assert console.count("reconnects") == 1 and console.count("resets") == 0
+        assert console.violations == []
+    finally:
+        again.stop()

@@ -431,8 +431,10 @@ function wallTime(data) {
 
 function received(kind, data, id, text) {
   if (id) {
+    const first = !conn.lastId;
     conn.lastId = id;
     $("last-id").textContent = id;
+    if (first) setButtons(); // "Reconnect from last id" has an id now
   }
   if (kind === "change") {
     bump("events");
