@@ -17,6 +17,7 @@ SSE_READ_SECONDS and checks the head and the events it got.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 
@@ -39,7 +40,9 @@ pytestmark = pytest.mark.live
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 REQUEST_TIMEOUT = 2.0  # seconds
 SSE_READ_SECONDS = 0.5  # how long an SSE answer (which never ends) is read: its head and `retry:`
-MAX_EXAMPLES = 25  # per operation, in the fuzzing phase (the examples phase adds the spec's examples)
+# per operation, in the fuzzing phase (the examples and coverage phases add their own cases);
+# SCHEMATHESIS_MAX_EXAMPLES=200 for a longer hunt by hand
+MAX_EXAMPLES = int(os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "25"))
 SEED = 13
 
 CONFIG = {
