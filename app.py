@@ -28,19 +28,23 @@ from services import config as settings
 from services.auth import Users
 from services.backoff import Backoff
 from services.hub import Hub
+from services.logs import JsonFormatter
 from services.storage import UnsuitableServer, open_engine
 from services.tokens import Tokens, load_key
 
 log = logging.getLogger("changefeed")
 
 
-def _configure_logging(level: str) -> None:
-    """Give the app's loggers gunicorn's line format on stderr (gunicorn only sets up its own)."""
+def _configure_logging(level: str, form: str = "text") -> None:
+    """Give the app's loggers gunicorn's line format on stderr (gunicorn only sets up its own),
+    or JSON lines (LOG_FORMAT=json: gunicorn.conf.py has then set up the root logger)."""
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(
-            logging.Formatter(
+            JsonFormatter()
+            if form == "json"
+            else logging.Formatter(
                 "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S %z"
             )
         )
@@ -96,8 +100,10 @@ def create_app(config: Mapping[str, Any] | None = None, engine=None) -> Flask:
     The engine is opened here, once per worker process after the fork, never at import.
     """
     conf = settings.load(overrides=config)
-    _configure_logging(conf["LOG_LEVEL"])
-    app = Flask(__name__)
+    _configure_logging(conf["LOG_LEVEL"], conf["LOG_FORMAT"])
+    # no static route: the console serves its own files (with its CSP), and a collection
+    # named "static" is the user's
+    app = Flask(__name__, static_folder=None)
     app.wsgi_app = CanonicalPaths(app.wsgi_app)  # type: ignore[method-assign]
     app.config.update(conf)
     app.config["MAX_CONTENT_LENGTH"] = conf["MAX_CONTENT_LENGTH"]

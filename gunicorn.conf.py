@@ -50,7 +50,12 @@ loglevel = _conf["LOG_LEVEL"]
 accesslog = "-"
 errorlog = "-"
 # %(U)s is the path without the query string: tokens in ?access_token= never reach the log.
+# A stream's line (written when it ends) adds its events and bytes (worker.Handler.log_request).
 access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(L)ss "%(a)s"'
+if _conf["LOG_FORMAT"] == "json":  # one JSON object per line, app and access logs alike
+    from services.logs import logconfig_dict as _json_logs  # noqa: E402
+
+    logconfig_dict = _json_logs(_conf["LOG_LEVEL"])
 
 
 # ---------------------------------------------------------------- hooks

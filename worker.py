@@ -33,6 +33,7 @@ from gunicorn.workers.ggevent import VERSION, GeventPyWSGIWorker, PyWSGIHandler
 from werkzeug.exceptions import ClientDisconnected
 
 from services import config as _settings
+from services.logs import ACCESS_FIELDS
 
 # `access%5Ftoken` is `access_token` to the app too, so the encoded name is hidden as well.
 _SECRET_PARAMS = re.compile(r"(?i)((?:^|[?&;])(?:access|%61ccess)?(?:_|%5f)?(?:token|%74oken)=)[^&;\s'\"]*")
@@ -322,8 +323,27 @@ class Handler(WebSocketHandler, PyWSGIHandler):
             "L": f"{seconds:.6f}",
             "p": f"<{os.getpid()}>",
         }
+        stream = env.get("changefeed.stream_stats")  # blueprints/streams.py: what a stream sent
         try:
-            log.access_log.info(fmt, log.atoms_wrapper_class(atoms))  # escapes '"' as gunicorn's does
+            if _CONF["LOG_FORMAT"] == "json":
+                fields = {
+                    "remote": atoms["h"],
+                    "method": atoms["m"],
+                    "path": atoms["U"],
+                    "protocol": atoms["H"],
+                    "status": atoms["s"],
+                    "bytes": sent,
+                    "seconds": round(seconds, 6),
+                    "user_agent": atoms["a"],
+                }
+                if stream is not None:
+                    fields["events"], fields["stream_bytes"] = stream["events"], stream["bytes"]
+                log.access_log.info("", extra={ACCESS_FIELDS: fields})
+            elif stream is not None:
+                line = fmt % log.atoms_wrapper_class(atoms)  # escapes '"' as gunicorn's does
+                log.access_log.info("%s events=%d bytes=%d", line, stream["events"], stream["bytes"])
+            else:
+                log.access_log.info(fmt, log.atoms_wrapper_class(atoms))
         except Exception:
             log.exception("access log line failed")
 

@@ -1,9 +1,11 @@
 """`/_health` and `/_ready` (public probes) and `/_status` (watchers and clients).
 
-`/_health` (liveness): the engine is reachable; 200 even when writes fail for a full disk
-(a restart would not help), with the cause under `storage`. `/_ready` (readiness): 503 as
-well while the last write found the disk full, so that a load balancer sends the traffic
-elsewhere until space is back (the next successful write, or more free space, clears it).
+`/_health` (liveness): the worker answers; 200 even when the database is away or writes fail
+for a full disk (a restart would not help), with that cause under `storage`. `/_ready`
+(readiness): 503 with the reason while the engine does not answer, the security
+collections are not set up yet, or the last write found the disk full, so that a load
+balancer sends the traffic elsewhere until it is back (for a full disk: the next successful
+write, or more free space).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import gc
 import os
 
 import greenlet
-from flask import Blueprint, g, request
+from flask import Blueprint, current_app, g, request
 from gevent import pywsgi
 
 from services import memory
@@ -25,23 +27,36 @@ bp = Blueprint("health", __name__)
 
 
 def health():
-    # One view (endpoint "health.health") for both rules: both are public (security.py).
-    ready = request.url_rule is not None and request.url_rule.rule == "/_ready"
-    try:
-        engine().current_token()
-    except Exception as exc:  # the engine's own message says what is wrong
-        return json_response({"status": "unavailable", "engine": engine().name, "error": str(exc)}, 503)
+    """Liveness: the worker answers (nothing is asked of the engine: a database that is
+    away is /_ready's to report, and restarting the worker would not bring it back). A
+    full disk shows under `storage`."""
     body = {"status": "ok", "engine": engine().name}
     problem = engine().storage_problem()
     if problem is not None:
-        if ready:
-            return json_response({"status": "unavailable", "engine": engine().name, "error": problem}, 503)
         body["storage"] = problem
     return json_response(body)
 
 
+def ready():
+    """Readiness: the engine answers, the security collections are set up, and writes do
+    not fail for a full disk; else 503 with the reason, so that a load balancer sends the
+    traffic elsewhere."""
+    name = engine().name
+    try:
+        engine().current_token()
+    except Exception as exc:  # the engine's own message says what is wrong
+        return json_response({"status": "unavailable", "engine": name, "error": str(exc)}, 503)
+    if not current_app.extensions.get("changefeed.state", {}).get("set_up", True):
+        error = "the users and acl collections are not set up yet"
+        return json_response({"status": "unavailable", "engine": name, "error": error}, 503)
+    problem = engine().storage_problem()
+    if problem is not None:
+        return json_response({"status": "unavailable", "engine": name, "error": problem}, 503)
+    return json_response({"status": "ok", "engine": name})
+
+
 bp.add_url_rule("/_health", "health", health, methods=["GET"])
-bp.add_url_rule("/_ready", "health", health, methods=["GET"])
+bp.add_url_rule("/_ready", "ready", ready, methods=["GET"])
 
 
 @bp.get("/_status")

@@ -46,7 +46,6 @@ PUBLIC_ENDPOINTS = {
     "console.favicon",
     "console.demo",
     "openapi.spec",
-    "static",
 }
 SELF_SERVICE_ENDPOINTS = {"tokens.issue_token", "tokens.issue_cookie", "tokens.clear_cookie"}
 STREAM_ENDPOINTS = {"streams.stream", "streams.stream_ws"}

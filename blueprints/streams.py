@@ -30,6 +30,8 @@ _WS_VERSIONS = ("13", "8", "7")
 _MAX_TOKEN_CHARS = 1024  # tokens we issue are ~45 characters (MongoDB's a few hundred)
 
 
+# The environ key of a stream's {"events": n, "bytes": n} sent (worker.Handler.log_request)
+STREAM_STATS = "changefeed.stream_stats"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "close"}
 
 
@@ -164,6 +166,7 @@ def stream(coll: str, uri: str):
             "streams are written to the socket by changefeed's worker: run the server "
             "with gunicorn -c gunicorn.conf.py (make run)"
         )
+    stats = environ[STREAM_STATS] = {"events": 0, "bytes": 0}  # for the access line (worker.py)
     if websocket:
         with sub:
             ws = environ["changefeed.websocket_accept"]()
@@ -171,7 +174,7 @@ def stream(coll: str, uri: str):
                 raise BadRequest("WebSocket handshake failed")
             config = current_app.config
             transports.serve_websocket(
-                sub, ws, sock, config["WS_MAX_MESSAGE_BYTES"], config["WS_PING_SECONDS"]
+                sub, ws, sock, config["WS_MAX_MESSAGE_BYTES"], config["WS_PING_SECONDS"], stats
             )
         return Response(b"")
     try:
@@ -179,7 +182,7 @@ def stream(coll: str, uri: str):
         opening = sse.retry(config["SSE_RETRY_MS"]) + sse.comment("connected")
         # pywsgi frames a response without Content-Length as chunked unless the request is HTTP/1.0
         chunked = environ.get("SERVER_PROTOCOL") != "HTTP/1.0"
-        body = transports.sse_body(sub, sock, chunked, opening, config["SSE_HEARTBEAT_SECONDS"])
+        body = transports.sse_body(sub, sock, chunked, opening, config["SSE_HEARTBEAT_SECONDS"], stats)
         # A stream's connection is not reused: when the stream ends (redefinition, shutdown)
         # the socket closes too, so a draining worker is not held by idle keep-alive sockets.
         response = Response(body, status=200, mimetype="text/event-stream", headers=SSE_HEADERS)

@@ -139,9 +139,17 @@ def encode_batch(batch: Batch, form: str) -> bytes:
 class SocketSink:
     """Writes one subscriber's messages to its socket, in one wire form."""
 
-    __slots__ = ("sub", "sock", "raw", "form", "tail", "heartbeat", "interval", "_grace")
+    __slots__ = ("sub", "sock", "raw", "form", "tail", "heartbeat", "interval", "_grace", "stats")
 
-    def __init__(self, sub: Subscriber, sock: Any, form: str, heartbeat: bytes, interval: float):
+    def __init__(
+        self,
+        sub: Subscriber,
+        sock: Any,
+        form: str,
+        heartbeat: bytes,
+        interval: float,
+        stats: dict | None = None,
+    ):
         self.sub = sub
         self.sock = sock  # gevent's socket: cooperative sendall
         self.raw = getattr(sock, "_sock", sock)  # the OS-level socket (non-blocking)
@@ -150,13 +158,21 @@ class SocketSink:
         self.heartbeat = heartbeat  # sent after `interval` seconds without a message
         self.interval = interval
         self._grace: gevent.Greenlet | None = None
+        # events and bytes handed to the socket, for the access line when the stream ends
+        self.stats = stats if stats is not None else {}
+        self.stats.setdefault("events", 0)
+        self.stats.setdefault("bytes", 0)
         sub.on_end = self._on_end
 
     # -- the hub's side: never blocks, never yields --
 
     def write_now(self, batch: Batch) -> None:
         # The hot path of a fan-out: one dict lookup and one send per subscriber.
-        self._send_now(batch.wire.get(self.form) or encode_batch(batch, self.form))
+        data = batch.wire.get(self.form) or encode_batch(batch, self.form)
+        stats = self.stats
+        stats["events"] += len(batch.items)
+        stats["bytes"] += len(data)
+        self._send_now(data)
 
     def send_control(self, frame: bytes) -> None:
         """A frame of the transport's own (a pong) in the same ordered stream: never in the
@@ -201,8 +217,12 @@ class SocketSink:
         end (unless the peer is gone). The response's headers are already on the wire."""
         sub, sock, form = self.sub, self.sock, self.form
         try:
+            stats = self.stats
             for replayed in sub.catch_up():
-                sock.sendall(encode_all(replayed, form))
+                data = encode_all(replayed, form)
+                stats["events"] += len(replayed)
+                stats["bytes"] += len(data)
+                sock.sendall(data)
             while True:
                 if self.tail:
                     data = b"".join(self.tail)
@@ -211,7 +231,10 @@ class SocketSink:
                     continue
                 items = sub.take()
                 if items:
-                    sock.sendall(encode_all(items, form))
+                    data = encode_all(items, form)
+                    stats["events"] += len(items)
+                    stats["bytes"] += len(data)
+                    sock.sendall(data)
                     continue
                 ended = sub.ended
                 if ended is not None:
@@ -299,12 +322,14 @@ def watch_for_hangup(sock: Any, sub: Subscriber) -> Any:
     return watcher
 
 
-def sse_body(sub: Subscriber, sock: Any, chunked: bool, opening: bytes, interval: float) -> Any:
+def sse_body(
+    sub: Subscriber, sock: Any, chunked: bool, opening: bytes, interval: float, stats: dict | None = None
+) -> Any:
     """The body of an SSE response: `opening` through the server (which sends the headers
     with it), then everything else straight to the socket. Unsubscribes when it ends."""
     form = SSE_CHUNKED if chunked else SSE_PLAIN
     heartbeat = sse.comment("hb")
-    sink = SocketSink(sub, sock, form, chunk(heartbeat) if chunked else heartbeat, interval)
+    sink = SocketSink(sub, sock, form, chunk(heartbeat) if chunked else heartbeat, interval, stats)
     # A peer that accepts no byte for this long is gone; its greenlet must not wait forever.
     sock.settimeout(max(30.0, 2 * interval))
 
@@ -324,14 +349,16 @@ def sse_body(sub: Subscriber, sock: Any, chunked: bool, opening: bytes, interval
     return generate()
 
 
-def serve_websocket(sub: Subscriber, ws: Any, sock: Any, max_message: int, ping_seconds: float) -> None:
+def serve_websocket(
+    sub: Subscriber, ws: Any, sock: Any, max_message: int, ping_seconds: float, stats: dict | None = None
+) -> None:
     """Serve an upgraded WebSocket until the subscriber ends; the 101 is on the wire.
 
     Client messages are ignored (never buffered); pings are answered with pongs in the
     outgoing order; a message over `max_message` bytes ends the connection with 1009, a
     protocol error with 1002, a close frame with the reply to it.
     """
-    sink = SocketSink(sub, sock, WEBSOCKET, WS_PING, ping_seconds)
+    sink = SocketSink(sub, sock, WEBSOCKET, WS_PING, ping_seconds, stats)
 
     def read_until_closed() -> None:
         try:

@@ -678,11 +678,10 @@ PATHS: dict = {
     "/_health": {
         "get": op(
             "health",
-            "Liveness: the engine is reachable",
+            "Liveness: the worker answers",
             "probes",
             {
                 "200": ok("Alive (writes may still fail: see `storage`).", schema("Health")),
-                "503": ok("The engine is unreachable.", schema("Health")),
             },
             SEC_PUBLIC,
         )
@@ -690,7 +689,8 @@ PATHS: dict = {
     "/_ready": {
         "get": op(
             "ready",
-            "Readiness: reachable and writes do not fail for a full disk",
+            "Readiness: the engine answers, the security collections are set up, "
+            "writes do not fail for a full disk",
             "probes",
             {
                 "200": ok("Ready.", schema("Health")),

@@ -97,6 +97,16 @@ def _networks(raw: str) -> tuple:
     return tuple(nets)
 
 
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}, got {raw!r}")
+        return value
+
+    return parse
+
+
 def _public_url(raw: str) -> str:
     url = raw.strip().rstrip("/")
     if url and (not url.startswith(("http://", "https://")) or any(c in url for c in " ?#")):
@@ -110,6 +120,7 @@ SETTINGS: dict[str, tuple[Callable[[str], Any], str, str]] = {
     "PORT": (_int(1, 65535), "8080", "port gunicorn binds to"),
     "WORKERS": (_int(1, 64), "1", "gunicorn worker processes"),
     "LOG_LEVEL": (_log_level, "info", "gunicorn and app log level"),
+    "LOG_FORMAT": (_choice("text", "json"), "text", "log lines as text, or one JSON object per line"),
     "DATA_DIR": (_nonempty, "./data", "embedded engine data directory"),
     "MONGO_URI": (_mongo_uri, "", "use the MongoDB engine at this URI (empty: embedded engine)"),
     "MONGO_DB": (_db_name, "restheart", "database that holds the collections"),

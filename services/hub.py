@@ -645,6 +645,9 @@ class Hub:
         # a token the store could not resume from (another store's, one from the future, or
         # a pruned one) must not be skipped through as "already seen": it gets a reset
         problem = self.engine.resume_problem(resume) if resume is not None else None  # may yield
+        # ... and goes on from the store's latest change, not from wherever this worker's
+        # watcher has read to: changes committed before the request are not sent after it
+        reset_at = self.engine.latest_position() if problem is not None else None  # may yield
         watcher = self.watchers.get(key)
         if watcher is None or watcher.stopped:
             if len(self.watchers) >= self.max_watchers:
@@ -668,7 +671,11 @@ class Hub:
         live_from = watcher.position
         if problem is not None:
             metrics.RESETS.labels(metrics.reset_kind(problem)).inc()
-            sub.pending.append(reset_message(problem, self.engine.token(live_from)))
+            if reset_at is not None and reset_at > live_from:
+                sub.skip_through = reset_at  # before the reset's position: not this client's
+            else:
+                reset_at = live_from
+            sub.pending.append(reset_message(problem, self.engine.token(reset_at)))
         elif resume is not None:
             if resume_pos >= live_from:
                 metrics.RESUMES.labels("live").inc()

@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -36,6 +35,10 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+# The text format every Prometheus server reads (prometheus_client's newest says 1.0.0)
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 REFRESH_SECONDS = 1.0
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -168,10 +171,10 @@ def exposition() -> tuple[bytes, str]:
     if os.environ.get(MULTIPROC_ENV):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(registry), CONTENT_TYPE
     from prometheus_client import REGISTRY
 
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE
 
 
 def mark_process_dead(pid: int) -> None:

@@ -114,6 +114,9 @@ class FakeEngine:
     def position(self, token: dict) -> int:
         return int(token["_data"], 16)
 
+    def latest_position(self) -> int:
+        return len(self.log)
+
     def resume_problem(self, token: dict) -> str | None:
         position = self.position(token)
         if position > len(self.log):
@@ -287,6 +290,25 @@ def test_a_resume_point_the_engine_lost_becomes_a_reset_then_live(hub, engine):
     assert [m.kind for m in got] == ["reset", "change"] and "retained" in got[0].data
     assert got[0].id == f'{{"_data":"{12:032X}"}}'  # ids go on from where it joined
     assert numbers(got[1:]) == [13]
+
+
+def test_a_reset_goes_on_from_the_stores_latest_change_not_the_watchers(hub, engine):
+    """Changes committed before the request that the watcher has not read yet come before
+    the reset's position: the client, told to start over from there, does not get them."""
+    _, sink = subscribe(hub)
+    engine.insert(1, 2)
+    wait_for(lambda: len(sink.messages) == 2)
+    engine.insert(3, 4)  # committed; the watcher has not read them (no yield since)
+    watcher = next(iter(hub.watchers.values()))
+    assert watcher.position == 2
+    sub = hub.subscribe("c", "all", None, engine.token(500), "sse")
+    got = sub.take()
+    assert [m.kind for m in got] == ["reset"] and got[0].id == f'{{"_data":"{4:032X}"}}'
+    later = RecordingSink(sub)
+    engine.insert(5)
+    wait_for(lambda: len(sink.messages) == 5)
+    gevent.sleep(0.05)
+    assert numbers(later.messages) == [5]  # not 3 and 4
 
 
 @pytest.mark.parametrize("position", [500, 13])

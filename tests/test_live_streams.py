@@ -297,6 +297,8 @@ def test_history_lost_gets_reset_then_live(live_factory):
     assert "history" in reset.json()["reason"]
     assert reset.id and json.loads(reset.id)["_data"]
     post(base, {"seq": "live"})
+    # the stream goes on from the store's latest change: nothing committed before the
+    # request follows the reset, even if this worker's watcher had not read it yet
     assert sse.next_event().json()["fullDocument"]["seq"] == "live"
     sse.close()
     # the reset's id is a valid position: reconnecting with it does not loop

@@ -665,6 +665,25 @@ def test_health_is_public(anon):
     assert anon.get("/_health").status_code == 200
 
 
+def test_health_is_liveness_and_ready_is_readiness(app, anon, monkeypatch):
+    """/_health answers while the worker does; /_ready is 503, with the reason, while the
+    engine does not answer or the security collections are not set up yet."""
+    assert anon.get("/_ready").get_json() == {"status": "ok", "engine": "embedded"}
+    app.extensions["changefeed.state"]["set_up"] = False
+    r = anon.get("/_ready")
+    assert r.status_code == 503 and "not set up" in r.get_json()["error"]
+    assert anon.get("/_health").status_code == 200
+    app.extensions["changefeed.state"]["set_up"] = True
+
+    def away():
+        raise ConnectionError("the database is away")
+
+    monkeypatch.setattr(app.extensions["changefeed.engine"], "current_token", away)
+    r = anon.get("/_ready")
+    assert r.status_code == 503 and r.get_json()["error"] == "the database is away"
+    assert anon.get("/_health").get_json()["status"] == "ok"
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -921,3 +940,10 @@ def test_expected_errors_print_no_traceback(client, coll, capfd):
     assert_error(client.post("/things", json={"_id": "d"}), 409)
     err = capfd.readouterr().err
     assert "Traceback" not in err and "failed with" not in err, err
+
+
+def test_a_collection_named_static_is_the_users(client):
+    """No static-file route shadows it (the console serves its own files)."""
+    assert client.put("/static", json={}).status_code == 201
+    assert client.post("/static", json={"_id": "x1"}).status_code == 201
+    assert client.get("/static/x1").get_json()["_id"] == "x1"

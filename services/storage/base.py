@@ -239,6 +239,11 @@ class Engine(ABC):
         :raise HistoryLost: `resume_after` is older than the retained history.
         """
 
+    def latest_position(self) -> Any:
+        """The position of the store's latest change, as the store itself has it now (this
+        process's streams may not have read that far yet). A reset goes on from here."""
+        return self.position(self.current_token())
+
     def history_window(self) -> float | None:  # noqa: B027  (optional: None is a fine answer)
         """Seconds since the oldest change a client can still resume from, or None when the
         store cannot tell (metrics: services/metrics.py)."""

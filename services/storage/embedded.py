@@ -885,6 +885,9 @@ class EmbeddedEngine(Engine):
     def current_token(self) -> dict:
         return self.token(self._feed.tail)
 
+    def latest_position(self) -> int:
+        return max(self._feed.tail, self._read_now(self._read_meta)[1])
+
     def history_window(self) -> float | None:
         row = self._run(lambda c: c.execute("SELECT ts FROM changes ORDER BY seq LIMIT 1").fetchone())
         return max(0.0, time.time() - row[0]) if row else None
