@@ -186,3 +186,22 @@ def test_reset_reasons_map_to_a_bounded_label():
     }
     assert {text: metrics.reset_kind(text) for text in cases} == cases
     assert set(cases.values()) <= set(metrics.RESET_KINDS)
+
+
+def test_an_acl_rule_opens_metrics_to_a_scrapers_role(client, anon):
+    """As the README shows it: a role named by a rule on path(/metrics) may scrape, and
+    nothing else; without the rule it is refused like any URL."""
+    basic = "Basic " + base64.b64encode(b"scraper:pw-scraper").decode()
+    assert (
+        client.post(
+            "/users", json={"_id": "scraper", "password": "pw-scraper", "roles": ["scraper"]}
+        ).status_code
+        == 201
+    )
+    assert anon.get("/metrics", headers={"Authorization": basic}).status_code == 403
+    rule = {"_id": "scrape", "predicate": "path(/metrics)", "roles": ["scraper"], "priority": 1}
+    assert client.post("/acl", json=rule).status_code == 201
+    r = anon.get("/metrics", headers={"Authorization": basic})
+    assert r.status_code == 200 and r.content_type.startswith("text/plain; version=0.0.4")
+    assert b"changefeed_http_requests_total" in r.data
+    assert anon.get("/messages", headers={"Authorization": basic}).status_code == 403
