@@ -139,7 +139,19 @@ def encode_batch(batch: Batch, form: str) -> bytes:
 class SocketSink:
     """Writes one subscriber's messages to its socket, in one wire form."""
 
-    __slots__ = ("sub", "sock", "raw", "form", "tail", "heartbeat", "interval", "_grace", "stats")
+    __slots__ = (
+        "sub",
+        "sock",
+        "raw",
+        "form",
+        "tail",
+        "heartbeat",
+        "interval",
+        "_grace",
+        "stats",
+        "events",
+        "sent",
+    )
 
     def __init__(
         self,
@@ -158,10 +170,10 @@ class SocketSink:
         self.heartbeat = heartbeat  # sent after `interval` seconds without a message
         self.interval = interval
         self._grace: gevent.Greenlet | None = None
-        # events and bytes handed to the socket, for the access line when the stream ends
-        self.stats = stats if stats is not None else {}
-        self.stats.setdefault("events", 0)
-        self.stats.setdefault("bytes", 0)
+        # events and bytes handed to the socket, copied to `stats` (the access line's) at the end
+        self.stats = stats
+        self.events = 0
+        self.sent = 0
         sub.on_end = self._on_end
 
     # -- the hub's side: never blocks, never yields --
@@ -169,9 +181,8 @@ class SocketSink:
     def write_now(self, batch: Batch) -> None:
         # The hot path of a fan-out: one dict lookup and one send per subscriber.
         data = batch.wire.get(self.form) or encode_batch(batch, self.form)
-        stats = self.stats
-        stats["events"] += len(batch.items)
-        stats["bytes"] += len(data)
+        self.events += len(batch.items)
+        self.sent += len(data)
         self._send_now(data)
 
     def send_control(self, frame: bytes) -> None:
@@ -217,11 +228,10 @@ class SocketSink:
         end (unless the peer is gone). The response's headers are already on the wire."""
         sub, sock, form = self.sub, self.sock, self.form
         try:
-            stats = self.stats
             for replayed in sub.catch_up():
                 data = encode_all(replayed, form)
-                stats["events"] += len(replayed)
-                stats["bytes"] += len(data)
+                self.events += len(replayed)
+                self.sent += len(data)
                 sock.sendall(data)
             while True:
                 if self.tail:
@@ -232,8 +242,8 @@ class SocketSink:
                 items = sub.take()
                 if items:
                     data = encode_all(items, form)
-                    stats["events"] += len(items)
-                    stats["bytes"] += len(data)
+                    self.events += len(items)
+                    self.sent += len(data)
                     sock.sendall(data)
                     continue
                 ended = sub.ended
@@ -251,6 +261,8 @@ class SocketSink:
             sub.on_end = None
             if self._grace is not None:
                 self._grace.kill(block=False)
+            if self.stats is not None:
+                self.stats["events"], self.stats["bytes"] = self.events, self.sent
 
 
 class HangUps:

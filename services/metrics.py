@@ -40,7 +40,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 # The text format every Prometheus server reads (prometheus_client's newest says 1.0.0)
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
-REFRESH_SECONDS = 1.0
+REFRESH_SECONDS = 5.0  # and at once in the worker that answers a scrape
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
