@@ -76,7 +76,9 @@ def test_metrics_are_protected_and_move_with_a_scenario_across_two_workers(live_
 
     # connect: six clients, wherever the kernel puts them, counted once each
     clients = [open_sse(base, "/messages/_streams/all") for _ in range(6)]
-    assert wait_for(lambda: total(scrape(base), "changefeed_stream_clients", transport="sse") == 6, timeout=15)
+    assert wait_for(
+        lambda: total(scrape(base), "changefeed_stream_clients", transport="sse") == 6, timeout=15
+    )
     assert set(FAMILIES) <= scrape(base)["_families"]
     # insert: three events reach six clients
     for n in range(3):
