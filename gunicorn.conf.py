@@ -84,7 +84,7 @@ def post_worker_init(worker):
         else:
             while worker.alive:
                 gevent.sleep(0.05)
-        hub = worker.wsgi.extensions.get("changefeed.hub") if hasattr(worker.wsgi, "extensions") else None
+        hub = _hub(worker)
         if hub is not None:
             hub.close_all("shutdown")
 

@@ -71,6 +71,13 @@ _QUICK_ATOMS = frozenset("hlmUqHsBbfaTDMLp")
 _ATOM = re.compile(r"%\(([^)]*)\)")
 
 
+def _printable(text: str) -> str:
+    """`text` with every control character escaped (\\n, \\x1b), for a one-line text log."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 @functools.lru_cache(maxsize=4)
 def _quick_format(fmt: str) -> bool:
     return set(_ATOM.findall(fmt)) <= _QUICK_ATOMS
@@ -339,11 +346,15 @@ class Handler(WebSocketHandler, PyWSGIHandler):
                 if stream is not None:
                     fields["events"], fields["stream_bytes"] = stream["events"], stream["bytes"]
                 log.access_log.info("", extra={ACCESS_FIELDS: fields})
-            elif stream is not None:
-                line = fmt % log.atoms_wrapper_class(atoms)  # escapes '"' as gunicorn's does
-                log.access_log.info("%s events=%d bytes=%d", line, stream["events"], stream["bytes"])
             else:
-                log.access_log.info(fmt, log.atoms_wrapper_class(atoms))
+                # one line per request, whatever the client sent: control characters (a
+                # newline decoded from %0a in a path would start a forged line) are escaped,
+                # and '"' as gunicorn's SafeAtoms does
+                shown = {k: _printable(v) if isinstance(v, str) else v for k, v in atoms.items()}
+                line = fmt % log.atoms_wrapper_class(shown)
+                if stream is not None:
+                    line += f" events={stream['events']} bytes={stream['bytes']}"
+                log.access_log.info("%s", line)
         except Exception:
             log.exception("access log line failed")
 
@@ -353,7 +364,12 @@ class Handler(WebSocketHandler, PyWSGIHandler):
             text = msg % args if args else msg
         except Exception:
             text = f"{msg!r} {args!r}"
-        super().log_error(scrub(str(text)))
+        text = scrub(str(text))
+        log = getattr(self.server, "log", None)
+        if _CONF["LOG_FORMAT"] == "json" and log is not None:
+            log.warning("%s: %s", self.client_address, text)  # a JSON line, like every other
+            return
+        super().log_error(text)
 
     def get_environ(self):
         env = super().get_environ()

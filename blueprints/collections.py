@@ -10,11 +10,12 @@ from __future__ import annotations
 from flask import Blueprint, Response, request
 
 from services import pipeline
-from services.errors import BadRequest, CollectionNotFound, EtagMismatch
+from services.errors import BadRequest, CollectionNotFound
 from services.query import shown
+from services.storage.base import check_etag
 
 from . import security
-from .common import check_name, empty_response, engine, json_body, json_response
+from .common import check_name, empty_response, engine, flag_arg, json_body, json_response
 
 bp = Blueprint("collections", __name__)
 
@@ -53,24 +54,7 @@ def _dry_run() -> bool:
     for name in request.args:
         if name != "dryRun" and name.lower() == "dryrun":
             raise BadRequest(f"unknown query parameter '{shown(name)}'; the dry run is ?dryRun=true")
-    values = request.args.getlist("dryRun")
-    if not values:
-        return False
-    if len(values) > 1:
-        raise BadRequest("dryRun must be given once")
-    if values[0] not in ("true", "false"):
-        raise BadRequest(f"dryRun must be true or false, found {shown(values[0])}")
-    return values[0] == "true"
-
-
-def _check_if_match(props: dict, if_match: str | None, coll: str) -> None:
-    """The If-Match check the engines make inside the write, for a dry run (409 on a mismatch)."""
-    if if_match is None:
-        return
-    tags = {t.strip().strip('"') for t in if_match.split(",")}
-    etag = _etag_headers(props).get("ETag")
-    if "*" not in tags and (etag is None or etag not in tags):
-        raise EtagMismatch(f"collection '{coll}'")
+    return flag_arg("dryRun")
 
 
 def _dry_run_response(coll: str, exists: bool) -> Response:
@@ -93,7 +77,7 @@ def put_collection(coll: str):
             current = engine().get_collection(coll)
         except CollectionNotFound:
             return _dry_run_response(coll, exists=False)
-        _check_if_match(current, request.headers.get("If-Match"), coll)
+        check_etag(current, request.headers.get("If-Match"), f"collection '{coll}'")
         return _dry_run_response(coll, exists=True)
     created, stored = engine().put_collection(coll, props, request.headers.get("If-Match"))
     return json_response({}, status=201 if created else 200, headers=_etag_headers(stored))
@@ -107,7 +91,7 @@ def patch_collection(coll: str):
     props = _props(json_body(extended=False), coll)
     if dry_run:
         current = engine().get_collection(coll)  # 404 as the write would
-        _check_if_match(current, request.headers.get("If-Match"), coll)
+        check_etag(current, request.headers.get("If-Match"), f"collection '{coll}'")
         return _dry_run_response(coll, exists=True)
     stored = engine().patch_collection(coll, props, request.headers.get("If-Match"))
     return json_response({}, status=200, headers=_etag_headers(stored))

@@ -140,6 +140,19 @@ def check_field_names(doc: Any, path: str = "") -> None:
             check_field_names(item, path)
 
 
+def flag_arg(name: str, on: str = "true", off: str = "false") -> bool:
+    """A yes/no query parameter: absent or `off` is False, `on` is True; any other value,
+    or the parameter given twice, is a 400 (never read as one or the other)."""
+    values = request.args.getlist(name)
+    if not values:
+        return False
+    if len(values) > 1:
+        raise BadRequest(f"{name} must be given once")
+    if values[0] not in (on, off):
+        raise BadRequest(f"{name} must be {on} or {off}, found {query_shown(values[0])}")
+    return values[0] == on
+
+
 def int_arg(name: str, default: int, lo: int, hi: int) -> int:
     raw = request.args.get(name)
     if raw is None:

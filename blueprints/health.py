@@ -14,13 +14,13 @@ import gc
 import os
 
 import greenlet
-from flask import Blueprint, current_app, g, request
+from flask import Blueprint, current_app, g
 from gevent import pywsgi
 
 from services import memory
 from services.errors import Forbidden
 
-from .common import engine, hub, json_response
+from .common import engine, flag_arg, hub, json_response
 from .security import is_admin
 
 bp = Blueprint("health", __name__)
@@ -62,10 +62,11 @@ bp.add_url_rule("/_ready", "ready", ready, methods=["GET"])
 @bp.get("/_status")
 def status():
     body = {"pid": os.getpid(), "engine": engine().name, **hub().status()}
-    if (request.args.get("detail") == "1" or request.args.get("sweep") == "1") and not is_admin(g.user):
+    detail, sweep = flag_arg("detail", "1", "0"), flag_arg("sweep", "1", "0")
+    if (detail or sweep) and not is_admin(g.user):
         # both walk every object (a sweep pauses the worker): not for any role ACL lets in
         raise Forbidden("detail=1 and sweep=1 are for admins")
-    if request.args.get("detail") == "1":  # walks every object: for benchmarks, not probes
+    if detail:  # walks every object: for benchmarks, not probes
         objects = gc.get_objects()
         body["greenlets"] = sum(1 for o in objects if isinstance(o, greenlet.greenlet))
         # connection handlers in memory, live or left in reference cycles (closed ones should
@@ -73,6 +74,6 @@ def status():
         body["handlers"] = sum(1 for o in objects if isinstance(o, pywsgi.WSGIHandler))
         del objects
         body["open_fds"] = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
-    if request.args.get("sweep") == "1":  # a full collection and a heap trim, now (services/memory.py)
+    if sweep:  # a full collection and a heap trim, now (services/memory.py)
         body["collected"] = memory.sweep()
     return json_response(body)

@@ -22,7 +22,7 @@ from services.hub import end_message, find_stream
 from services.query import shown
 
 from . import security, transports
-from .common import engine, hub, json_response
+from .common import engine, flag_arg, hub, json_response
 
 bp = Blueprint("streams", __name__)
 
@@ -79,15 +79,6 @@ def _resume_token(raw: str | None):
     return token
 
 
-def _wants_pre_images(raw: str | None) -> bool:
-    """`?fullDocumentBeforeChange=true`: the client wants the pre-image in its events."""
-    if raw is None or raw == "false":
-        return False
-    if raw == "true":
-        return True
-    raise BadRequest(f"fullDocumentBeforeChange must be true or false, found {shown(raw)}")
-
-
 def _check_ws_handshake(environ: dict) -> None:
     if environ.get("SERVER_PROTOCOL") != "HTTP/1.1":
         raise BadRequest("a WebSocket handshake needs HTTP/1.1")
@@ -127,7 +118,7 @@ def stream(coll: str, uri: str):
     grant = security.grant(coll)
     query_vars = pipelines.query_variables(request.args.items(multi=True))
     server_vars = pipelines.server_variables(g.user, grant.read_filter)
-    before = _wants_pre_images(request.args.get("fullDocumentBeforeChange"))
+    before = flag_arg("fullDocumentBeforeChange")  # the client wants the pre-image in its events
     if request.method == "HEAD":
         # The headers a GET would get, after the same checks, and nothing subscribed: the
         # server sends no body for HEAD, so a subscription would never be served or ended.

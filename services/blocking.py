@@ -26,32 +26,29 @@ def patched() -> bool:
     return monkey.is_module_patched("socket")
 
 
-_cpu_pool: Any = None
-_write_pool: Any = None
+_pools: dict[str, Any] = {}  # one-thread pools by purpose, made on first use
+
+
+def _run_alone(purpose: str, fn: Callable[..., T], args: tuple) -> T:
+    """`fn(*args)` in the one-thread pool for `purpose` when patched, else directly."""
+    if not patched():
+        return fn(*args)
+    pool = _pools.get(purpose)
+    if pool is None:
+        from gevent.threadpool import ThreadPool
+
+        pool = _pools[purpose] = ThreadPool(1)
+    return pool.apply(fn, args)
 
 
 def run_cpu(fn: Callable[..., T], *args: Any) -> T:
     """Call a CPU-bound `fn(*args)` (bcrypt) in its own one-thread pool when patched."""
-    global _cpu_pool
-    if not patched():
-        return fn(*args)
-    if _cpu_pool is None:
-        from gevent.threadpool import ThreadPool
-
-        _cpu_pool = ThreadPool(1)
-    return _cpu_pool.apply(fn, args)
+    return _run_alone("cpu", fn, args)
 
 
 def run_write(fn: Callable[..., T], *args: Any) -> T:
     """Call a database write `fn(*args)` in the one-thread write pool when patched."""
-    global _write_pool
-    if not patched():
-        return fn(*args)
-    if _write_pool is None:
-        from gevent.threadpool import ThreadPool
-
-        _write_pool = ThreadPool(1)
-    return _write_pool.apply(fn, args)
+    return _run_alone("write", fn, args)
 
 
 def run(fn: Callable[..., T], *args: Any) -> T:

@@ -73,7 +73,6 @@ class Unavailable(ChangefeedError):
 
     def __init__(self, message: str, retry_after: float | None = None):
         super().__init__(message)
-        self.retry_after = retry_after
         if retry_after is not None:
             self.headers = retry_after_header(retry_after)
 

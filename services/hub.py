@@ -200,7 +200,7 @@ class Subscriber:
         if sink is not None:
             sink.write_now(batch)
             return
-        size = sum(m.size for m in batch.items)
+        size = batch.size  # summed once per batch, for every subscriber that gets it
         if len(self.pending) + len(batch.items) > self.limit or (
             self.pending and self.pending_bytes + size > self.limit_bytes
         ):
@@ -453,8 +453,8 @@ class Watcher:
         items: list[Message] = []
         replay = self.hub.replay_size and self.hub.replay_bytes
         self.events_metric.inc(len(changes))
+        self.events += len(changes)
         for change in changes:
-            self.events += 1
             message = change_message(change)
             if message is None:
                 continue
@@ -580,7 +580,8 @@ class Hub:
         definition = find_stream(self.engine.get_collection(coll), uri)
         stored = list(definition.get("stages", []))
         scoping = [*stored, definition.get("notify_when")]  # where @user variables may be
-        if "@user" not in (server_vars or {}) and pipelines.account_variables(scoping)[1]:
+        uses_account, needs_account = pipelines.account_variables(scoping)
+        if "@user" not in (server_vars or {}) and needs_account:
             raise Unauthorized("this stream is scoped to the logged-in user: authenticate to open it")
         avars = {**(query_vars or {}), **pipelines.parse_avars(avars_raw), **(server_vars or {})}
         # The leading stages every subscriber runs alike go to the engine, once per stream;
@@ -611,7 +612,7 @@ class Hub:
             notify=notify,
             read_filter=read_filter,
             before=before,
-            account_bound="@user" in (server_vars or {}) and pipelines.account_variables(scoping)[0],
+            account_bound="@user" in (server_vars or {}) and uses_account,
         )
 
     def subscribe(
@@ -686,7 +687,7 @@ class Hub:
                 kept = view.evaluate(Batch(missed)) if missed else None
                 if kept is not None:
                     sub.pending.extend(kept.items)
-                    sub.pending_bytes += sum(m.size for m in kept.items)
+                    sub.pending_bytes += kept.size
                 # changes the watcher has read but not yet dispatched come live: skip those seen
                 sub.skip_through = resume_pos
             else:

@@ -74,13 +74,14 @@ class Batch:
     encodings, per wire form, cached by the transports like a message's; `position`: of its
     last change, None if it has none)."""
 
-    __slots__ = ("items", "wire", "position", "made")
+    __slots__ = ("items", "wire", "position", "made", "size")
 
     def __init__(self, items: list[Message]):
         self.items = items
         self.wire: dict[str, bytes] = {}
         self.position = next((m.position for m in reversed(items) if m.position is not None), None)
         self.made = time.time()  # about when its changes happened (metrics: a client's position age)
+        self.size = sum(m.size for m in items)  # what it counts against a queue's byte bound
 
 
 def payload(event: dict, before: bool = False) -> dict:

@@ -21,6 +21,7 @@ What is measured where:
 
 from __future__ import annotations
 
+import calendar
 import os
 import re
 import time
@@ -107,7 +108,7 @@ _RESET_KINDS = (
 )
 
 
-RESET_KINDS = ("foreign", "ahead", "history_lost", "other")
+RESET_KINDS = (*(kind for _, kind in _RESET_KINDS), "other")
 
 
 def _show_every_label_set() -> None:
@@ -146,8 +147,6 @@ def observe_lag(events: Iterable[dict | None], now: float | None = None) -> None
 
 
 def _naive_utc_timestamp(value: Any) -> float:
-    import calendar
-
     return calendar.timegm(value.timetuple()) + value.microsecond / 1e6
 
 
@@ -175,11 +174,6 @@ def exposition() -> tuple[bytes, str]:
     from prometheus_client import REGISTRY
 
     return generate_latest(REGISTRY), CONTENT_TYPE
-
-
-def mark_process_dead(pid: int) -> None:
-    if os.environ.get(MULTIPROC_ENV):
-        multiprocess.mark_process_dead(pid)
 
 
 def refresh_forever(read: Callable[[], None]) -> None:

@@ -445,11 +445,16 @@ def query_variables(params: Iterable[tuple[str, str]]) -> dict:
     ``n``. A value that parses as JSON is that JSON (``?v=5`` is the number 5), anything else
     the string. The server's own parameters (SERVER_PARAMETERS) are skipped; an ``@`` name
     (server-side variables) or a ``$`` key in a value is a 400, as in ``avars``, and so is a
-    name given twice. ``avars`` wins over a parameter of the same name (the caller merges).
+    name given twice, a server parameter's included. ``avars`` wins over a parameter of the
+    same name (the caller merges).
     """
     out: dict = {}
+    own: set[str] = set()
     for name, value in params:
         if name in SERVER_PARAMETERS:
+            if name in own:  # which one counts would be a guess: ?avars=a&avars=b
+                raise AvarsError(f"illegal query parameter {name!r}: it may be given once")
+            own.add(name)
             continue
         if name.startswith("@"):
             raise AvarsError(

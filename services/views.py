@@ -173,6 +173,7 @@ class View:
         "entries",
         "subscribers",
         "reuses_messages",
+        "identity",
     )
 
     def __init__(
@@ -195,17 +196,11 @@ class View:
         self.reuses_messages = (
             visibility is None and not before and (pipeline is None or pipeline.filters_only)
         )
-        self.entries = self._index_entries()
-
-    @property
-    def identity(self) -> bool:
-        return (
-            self.read_filter is None
-            and self.pipeline is None
-            and self.visibility is None
-            and self.notify is None
-            and not self.before
+        # nothing of its own: every event goes out as the watcher's message
+        self.identity = (
+            read_filter is None and pipeline is None and visibility is None and notify is None and not before
         )
+        self.entries = self._index_entries()
 
     def _index_entries(self) -> list[tuple[str, Any]] | None:
         leading = []

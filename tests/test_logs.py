@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 
 import pytest
 import requests
@@ -39,6 +40,10 @@ def test_log_format_json_writes_one_object_per_line(live_factory):
     server = live_factory(LOG_FORMAT="json", LOG_LEVEL="info")
     _stream_three_events_and_close(server.url)
     assert requests.get(f"{server.url}/_health", timeout=5).status_code == 200
+    # a request gevent refuses itself (a header line without a colon): its message too
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        s.sendall(b"GET /_health HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 400")
 
     def lines() -> list[dict]:
         return [json.loads(text) for text in server.read_log().splitlines() if text.strip()]
@@ -53,6 +58,20 @@ def test_log_format_json_writes_one_object_per_line(live_factory):
     messages = [e for e in lines() if "message" in e]
     assert any(e["logger"] == "gunicorn.error" for e in messages)  # gunicorn's own lines too
     assert all({"time", "level", "pid"} <= e.keys() for e in lines())
+
+
+def test_a_text_access_line_cannot_be_split_by_what_the_client_sent(live):
+    """A newline decoded from %0a in the path, or a control character in the User-Agent, is
+    escaped: one request, one line, and no forged second line."""
+    forged = '127.0.0.1 "GET /admin HTTP/1.1" 200 146 0.000500s "curl'
+    requests.get(f"{live.url}/zz%0a{forged.replace(' ', '%20')}", headers={"User-Agent": "a\x1bb"}, timeout=5)
+    line = wait_for(
+        lambda: next((x for x in live.read_log().splitlines() if x.startswith('127.0.0.1 "GET /zz')), None)
+    )
+    assert line and "/zz\\n127.0.0.1" in line and "a\\x1bb" in line, live.read_log()[-1000:]
+    assert not any(
+        x.startswith('127.0.0.1 \\"GET /admin') or x.startswith(forged) for x in live.read_log().splitlines()
+    )
 
 
 def test_log_format_takes_text_or_json_only():

@@ -952,6 +952,8 @@ def test_query_parameters_bind_variables_as_json_or_strings():
         ([("@user", "x")], "variable names starting with '@' are reserved"),
         ([("@user._id", '"admin"')], "variable names starting with '@' are reserved"),
         ([("n", "1"), ("n", "2")], "a variable may be given once"),
+        ([("avars", '{"n": "a"}'), ("avars", '{"n": "b"}')], "'avars': it may be given once"),
+        ([("lastEventId", "a"), ("lastEventId", "b")], "'lastEventId': it may be given once"),
         ([("x", '{"$gt": 1}')], "cannot include operators"),
         ([("x", '[{"$ne": null}]')], "cannot include operators"),
         ([("x", "NaN")], None),  # not JSON here (constants are refused): the string "NaN"

@@ -774,3 +774,10 @@ def test_status_detail_and_sweep_are_for_admins_even_where_a_rule_allows_status(
     for query in ("detail=1", "sweep=1"):
         assert_error(anon.get(f"/_status?{query}", headers=reader), 403)
         assert client.get(f"/_status?{query}").status_code == 200
+    # a value that is neither 1 nor 0 is refused, not read as "no"
+    for query, message in (
+        ("detail=2", "detail must be 1 or 0, found 2"),
+        ("sweep=yes", "sweep must be 1 or 0, found yes"),
+        ("detail=1&detail=0", "detail must be given once"),
+    ):
+        assert_error(client.get(f"/_status?{query}"), 400, message)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DocumentNotFound
+from ..errors import DocumentNotFound, EtagMismatch
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
@@ -33,6 +33,21 @@ if TYPE_CHECKING:
 # else looks at it (the ETag, the update's operators: their errors would describe it), and
 # guard(stored, new) once the new document is known.
 WriteGuard = Callable[[dict | None, dict | None], None]
+
+
+def check_etag(stored: dict, if_match: str | None, what: str) -> None:
+    """An `If-Match` (a list of tags, or `*`) against a stored document's or collection's
+    `_etag` (collection properties keep it as {"$oid": hex}): 409 when none matches."""
+    if if_match is None:
+        return
+    etag = stored.get("_etag")
+    if isinstance(etag, dict):
+        etag = etag.get("$oid")
+    tags = {t.strip().strip('"') for t in if_match.split(",")}
+    if "*" in tags:
+        return
+    if etag is None or str(etag) not in tags:
+        raise EtagMismatch(what)
 
 
 class UnsuitableServer(RuntimeError):

@@ -54,13 +54,12 @@ from ..errors import (
     Conflict,
     DocumentNotFound,
     DuplicateKey,
-    EtagMismatch,
     HistoryLost,
     InsufficientStorage,
     Unavailable,
 )
 from ..query import run_query
-from .base import Change, ChangeStream, Engine, MetaChange, WriteGuard
+from .base import Change, ChangeStream, Engine, MetaChange, WriteGuard, check_etag
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
@@ -264,17 +263,13 @@ class _Txn:
             self.conn.execute("UPDATE documents SET doc=? WHERE coll=? AND key=?", (encode(doc), coll, key))
 
 
-def _check_etag(stored: dict, if_match: str | None, what: str) -> None:
-    if if_match is None:
-        return
-    etag = stored.get("_etag")
-    if isinstance(etag, dict):  # collection properties keep it as plain {"$oid": hex}
-        etag = etag.get("$oid")
-    tags = {t.strip().strip('"') for t in if_match.split(",")}
-    if "*" in tags:
-        return
-    if etag is None or str(etag) not in tags:
-        raise EtagMismatch(what)
+def _as_result(fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
+    """`fn(*args)` in a threadpool thread, its error travelling back as a value: an exception
+    raised there is printed with a traceback by gevent (every 404/409 would spam the log)."""
+    try:
+        return True, fn(*args)
+    except Exception as exc:
+        return False, exc
 
 
 class EmbeddedEngine(Engine):
@@ -369,16 +364,8 @@ class EmbeddedEngine(Engine):
                 self._pool_slots.release()
                 raise
 
-        def guarded() -> tuple[bool, Any]:
-            # Errors travel back as values: an exception raised in a threadpool thread is
-            # printed with a traceback by gevent (every 404/409 would spam the log).
-            try:
-                return True, fn(conn, *args)
-            except Exception as exc:
-                return False, exc
-
         try:
-            ok, result = blocking.run(guarded)
+            ok, result = blocking.run(_as_result, fn, conn, *args)
         finally:
             with self._pool_lock:
                 self._pool.append(conn)
@@ -456,13 +443,7 @@ class EmbeddedEngine(Engine):
                 raise
             return result, txn.wrote
 
-        def guarded() -> tuple[bool, Any]:
-            try:
-                return True, run()
-            except Exception as exc:  # returned, not raised: see _run
-                return False, exc
-
-        ok, result = blocking.run_write(guarded)
+        ok, result = blocking.run_write(_as_result, run)
         if not ok:
             raise result
         return result
@@ -638,7 +619,7 @@ class EmbeddedEngine(Engine):
             except CollectionNotFound:
                 old = None
             if old is not None:
-                _check_etag(old, if_match, f"collection '{coll}'")
+                check_etag(old, if_match, f"collection '{coll}'")
             stored = {"_id": "_meta", **{k: v for k, v in props.items() if k not in ("_id", "_etag")}}
             stored["_etag"] = _new_etag()
             if old is None:
@@ -655,7 +636,7 @@ class EmbeddedEngine(Engine):
     def patch_collection(self, coll: str, props: dict, if_match: str | None = None) -> dict:
         def run(txn: _Txn) -> dict:
             old = txn.collection(coll)
-            _check_etag(old, if_match, f"collection '{coll}'")
+            check_etag(old, if_match, f"collection '{coll}'")
             stored = {**old, **{k: v for k, v in props.items() if k not in ("_id", "_etag")}}
             stored["_etag"] = _new_etag()
             txn.conn.execute("UPDATE collections SET props=? WHERE name=?", (json.dumps(stored), coll))
@@ -669,7 +650,7 @@ class EmbeddedEngine(Engine):
             old = txn.collection(coll)
             if not if_match:
                 raise Conflict("The collection's ETag must be provided using the 'If-Match' header")
-            _check_etag(old, if_match, f"collection '{coll}'")
+            check_etag(old, if_match, f"collection '{coll}'")
             txn.conn.execute("DELETE FROM documents WHERE coll=?", (coll,))
             txn.conn.execute("DELETE FROM collections WHERE name=?", (coll,))
             txn.emit(coll, "drop")
@@ -740,7 +721,7 @@ class EmbeddedEngine(Engine):
             if old is not None:
                 if guard is not None:
                     guard(old, None)
-                _check_etag(old, if_match, f"document '{_show_id(doc_id)}'")
+                check_etag(old, if_match, f"document '{_show_id(doc_id)}'")
             new = {"_id": doc_id, **{k: v for k, v in doc.items() if k not in ("_id", "_etag")}}
             new["_etag"] = ObjectId()
             if guard is not None:
@@ -787,7 +768,7 @@ class EmbeddedEngine(Engine):
             return True, new
         if guard is not None:
             guard(old, None)  # before the ETag and the operators look at it
-        _check_etag(old, if_match, f"document '{_show_id(doc_id)}'")
+        check_etag(old, if_match, f"document '{_show_id(doc_id)}'")
         _, desc = updates.apply_update(old, spec, txn.now)  # dry run: is it a no-op?
         if desc is None:
             return False, old  # a no-op writes nothing and emits nothing (MongoDB logs no oplog entry)
@@ -808,7 +789,7 @@ class EmbeddedEngine(Engine):
                 raise DocumentNotFound(coll, _show_id(doc_id))
             if guard is not None:
                 guard(old, None)
-            _check_etag(old, if_match, f"document '{_show_id(doc_id)}'")
+            check_etag(old, if_match, f"document '{_show_id(doc_id)}'")
             txn.conn.execute("DELETE FROM documents WHERE coll=? AND key=?", (coll, _key(doc_id)))
             txn.emit(coll, "delete", doc_id, before=old)
 
